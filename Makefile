@@ -1,0 +1,51 @@
+# Two commands on a fresh machine: `make run` and `make test`. Both set themselves up first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+CONFIG ?= configs/default.yaml
+PDFS   ?=
+ARGS   ?=
+
+export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup system-deps run test compile lint bench clean
+
+setup: $(STAMP)
+
+# torch is pinned in the same pip command as everything else, so pip takes the CPU wheel here.
+$(STAMP): pyproject.toml requirements/lock.txt
+	@$(MAKE) --no-print-directory system-deps
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -c requirements/lock.txt -e ".[dev]" torch==2.13.0
+	touch $(STAMP)
+
+# OCR for image-only pages: Debian's tesseract where we can install it; ingest flags such pages otherwise.
+system-deps:
+	@if command -v tesseract >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  (apt-get update -qq && apt-get install -y -qq tesseract-ocr tesseract-ocr-eng >/dev/null) \
+	  || echo "note: could not install tesseract-ocr; image-only pages will be flagged, not OCR'd"; \
+	else echo "note: tesseract-ocr is not installed; image-only pages will be flagged, not OCR'd"; fi
+
+run: $(STAMP)
+	$(BIN)/doctune run --config $(CONFIG) $(if $(PDFS),--pdfs $(PDFS)) $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(ARGS)
+
+compile: $(STAMP)
+	$(BIN)/doctune compile
+
+lint: $(STAMP)
+	$(BIN)/ruff check src components pipelines tests bench
+	$(BIN)/ruff format --check src components pipelines tests bench
+
+bench: $(STAMP)
+	$(BIN)/python bench/ingest_bench.py
+
+clean:
+	rm -rf $(VENV) .doctune .pytest_cache .ruff_cache

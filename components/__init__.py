@@ -1,0 +1,1 @@
+"""Thin KFP lightweight components: each imports doctune and calls one function of it."""

@@ -1,0 +1,26 @@
+"""The doctune DAG. Compile with `doctune compile`; the IR YAML beside this file must stay in step."""
+
+from pathlib import Path
+
+from kfp import compiler, dsl
+
+from components.close_run.component import close_run
+from components.ingest.component import ingest
+from components.open_run.component import open_run
+
+IR_YAML = Path(__file__).with_name("doctune_pipeline.yaml")
+
+
+@dsl.pipeline(name="doctune", description="PDFs to a tuned, aligned, quantized LLM, promoted only when it beats the champion.")
+def doctune_pipeline(config: str = "", parent_run_id: str = ""):
+    """config: the run YAML (empty: built-in defaults); parent_run_id: an MLflow run to adopt (empty: create one)."""
+    closing = close_run(config=config, parent_run_id=parent_run_id, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
+    with dsl.ExitHandler(closing, name="doctune-run"):
+        opened = open_run(config=config, parent_run_id=parent_run_id, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
+        opened.set_caching_options(False)  # a new pipeline run always gets its own parent run
+        ingest(config=config, parent_run_id=opened.output).set_display_name("ingest + chunk")
+
+
+def compile_pipeline(path: Path = IR_YAML) -> Path:
+    compiler.Compiler().compile(doctune_pipeline, str(path))
+    return path

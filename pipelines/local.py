@@ -1,0 +1,32 @@
+"""Run the DAG on this machine with kfp.local: every component in a subprocess of this Python."""
+
+import os
+import sys
+from pathlib import Path
+
+from kfp import local
+
+from doctune.config import RunConfig
+from doctune.tracking import Tracker
+from pipelines.doctune_pipeline import doctune_pipeline
+
+
+class LocalRunError(RuntimeError):
+    def __init__(self, parent_run_id: str, message: str):
+        super().__init__(message)
+        self.parent_run_id = parent_run_id
+
+
+def run_local(config: RunConfig, run_name: str = "local") -> str:
+    """Run the pipeline locally; returns the MLflow parent run id, or raises LocalRunError naming it."""
+    # Components run `python3 -m kfp.dsl.executor_main`: make that this environment's python.
+    bin_dir = str(Path(sys.executable).parent)
+    os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+    tracker = Tracker(config)
+    parent = tracker.open_pipeline_run(run_name=run_name)
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(config.project.workdir / "kfp"))
+    try:
+        doctune_pipeline(config=config.to_yaml(), parent_run_id=parent)
+    except RuntimeError as exc:  # kfp.local reports a failed task this way; the exit handler closed the run
+        raise LocalRunError(parent, str(exc)) from exc
+    return parent

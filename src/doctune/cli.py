@@ -1,0 +1,151 @@
+"""`doctune` command line: run the pipeline locally, compile it, run or rerun one stage."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from doctune.artifacts import ArtifactIntegrityError
+from doctune.config import ConfigError, RunConfig, load_config
+from doctune.models import ModelResolutionError
+from doctune.stages import STAGES, StageError, execute_stage, resolve_from_run
+from doctune.tracking import TAG, Tracker
+
+USER_ERRORS = (ConfigError, StageError, ModelResolutionError, ArtifactIntegrityError, FileNotFoundError)
+
+
+def _config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="run YAML (default: built-in defaults, as in configs/default.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite store under project.workdir)")
+    parser.add_argument("--pdfs", type=Path, help="folder of PDFs to ingest (same as --set ingest.pdfs=...)")
+
+
+def _load(args: argparse.Namespace) -> RunConfig:
+    overrides = list(args.overrides)
+    if args.tracking_uri:
+        overrides.append(f"tracking.uri={args.tracking_uri}")
+    if args.pdfs:
+        overrides.append(f"ingest.pdfs={args.pdfs}")
+    return load_config(args.config, overrides)
+
+
+def _table(header: list[str], rows: list[list[object]]) -> str:
+    cells = [[str(c) for c in row] for row in [header, *rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def summarize(tracker: Tracker, parent_run_id: str) -> str:
+    """Stage table, ingest summary and skipped files of one pipeline run."""
+    out = []
+    runs = tracker.client.search_runs(
+        [tracker.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'", order_by=["attributes.start_time ASC"]
+    )
+    rows = []
+    for run in runs:
+        tags = run.data.tags
+        seconds = (run.info.end_time - run.info.start_time) / 1000 if run.info.end_time else 0
+        reused = tags.get(f"{TAG}reused_from", "")
+        rows.append([tags.get(f"{TAG}stage", "?"), run.info.status, f"{seconds:.1f}s", f"reused {reused}" if reused else "", run.info.run_id])
+    out.append(_table(["stage", "status", "time", "note", "mlflow run"], rows))
+    ingest_runs = [r for r in runs if r.data.tags.get(f"{TAG}stage") == "ingest"]
+    if ingest_runs and "report" in (outputs := tracker.outputs_of(ingest_runs[-1])):
+        report = json.loads((tracker.fetch(outputs["report"]) / "ingest_report.json").read_text())
+        s = report["summary"]
+        out.append("")
+        out.append(
+            _table(
+                ["documents", "pages", "flagged pages", "OCR pages", "chunks", "skipped files"],
+                [[s["documents"], s["pages"], s["flagged_pages"], s["ocr_pages"], s["chunks"], s["skipped_files"]]],
+            )
+        )
+        skipped = [[f["source"], f["status"], f["reason"]] for f in report["files"] if f["status"] not in ("ok",)]
+        if skipped:
+            out.append("")
+            out.append(_table(["file", "status", "reason"], skipped))
+    out.append("")
+    out.append(f"pipeline run: {parent_run_id}  (tracking: {tracker.uri}, experiment {tracker.config.experiment_name!r})")
+    if tracker.uri.startswith("sqlite:"):
+        out.append(f"browse it:    mlflow ui --backend-store-uri {tracker.uri}")
+    return "\n".join(out)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pipelines.local import LocalRunError, run_local
+
+    config = _load(args)
+    tracker = Tracker(config)
+    try:
+        parent = run_local(config)
+    except LocalRunError as exc:
+        print(summarize(tracker, exc.parent_run_id), file=sys.stderr)
+        print(f"error: the pipeline failed: {exc}", file=sys.stderr)
+        return 1
+    print(summarize(tracker, parent))
+    return 0
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from pipelines.doctune_pipeline import IR_YAML, compile_pipeline
+
+    path = compile_pipeline(args.output or IR_YAML)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    config = _load(args)
+    tracker = Tracker(config)
+    if args.from_run:
+        parent, inputs, replaced = resolve_from_run(args.name, tracker, args.from_run)
+        result = execute_stage(args.name, config, tracker, parent, inputs, replaces=replaced)
+        if replaced:
+            print(f"{args.name}: new run {result.run_id} replaces {replaced} in pipeline run {parent}")
+    else:
+        parent = tracker.open_pipeline_run(run_name=f"stage-{args.name}")
+        try:
+            execute_stage(args.name, config, tracker, parent, {})
+        except BaseException as exc:
+            tracker.close_pipeline_run(parent, succeeded=False, error=f"{type(exc).__name__}: {exc}")
+            raise
+        tracker.close_pipeline_run(parent, succeeded=True)
+    print(summarize(tracker, parent))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="doctune", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the whole pipeline locally (kfp.local)")
+    _config_args(run)
+    run.set_defaults(func=cmd_run)
+    comp = sub.add_parser("compile", help="write the pipeline's KFP IR YAML")
+    comp.add_argument("--output", type=Path, help="default: pipelines/doctune_pipeline.yaml")
+    comp.set_defaults(func=cmd_compile)
+    stage = sub.add_parser("stage", help="run one stage directly, or rerun it against an earlier run's artifacts")
+    stage.add_argument("name", choices=sorted(STAGES))
+    _config_args(stage)
+    stage.add_argument("--from-run", help="pipeline (or stage) run id whose recorded outputs feed this stage")
+    stage.set_defaults(func=cmd_stage)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:  # stage errors such as IngestError: say what, not a traceback
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""PDF ingest and chunking (the pipeline's first stage: see stage.py)."""

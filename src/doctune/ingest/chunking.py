@@ -1,0 +1,165 @@
+"""Chunking in token space over the cleaned document text.
+
+The document is tokenized once; every chunk is a slice doc_text[char_start:char_end] of it.
+- `tokens`: fixed windows of `size` tokens overlapping by `overlap`;
+- `sections`: never crosses a heading; packs whole paragraphs up to `size`, windows only
+  paragraphs longer than that.
+"""
+
+from __future__ import annotations
+
+import bisect
+import re
+from dataclasses import dataclass
+
+from doctune.config import ChunkingConfig
+from doctune.ingest.clean import Heading
+
+
+@dataclass
+class Span:
+    first: int  # first token index
+    last: int  # one past the last token index
+
+    @property
+    def size(self) -> int:
+        return self.last - self.first
+
+
+def windows(first: int, last: int, size: int, overlap: int) -> list[Span]:
+    """Token windows covering [first, last); the final one is end-aligned rather than short."""
+    if last - first <= size:
+        return [Span(first, last)]
+    step = size - overlap
+    spans = []
+    start = first
+    while start + size < last:
+        spans.append(Span(start, start + size))
+        start += step
+    spans.append(Span(max(first, last - size), last))
+    return spans
+
+
+def _paragraphs(text: str, start: int, end: int) -> list[tuple[int, int]]:
+    return [(start + m.start(), start + m.end()) for m in re.finditer(r"\S(?:.*?\S)?(?=\n\n|$)", text[start:end], re.S)]
+
+
+class DocumentChunker:
+    def __init__(self, text: str, offsets: list[tuple[int, int]], config: ChunkingConfig):
+        self.text = text
+        self.offsets = offsets
+        self.token_starts = [start for start, _ in offsets]
+        self.config = config
+
+    def token_at(self, char: int) -> int:
+        """Index of the first token starting at or after a character offset."""
+        return bisect.bisect_left(self.token_starts, char)
+
+    def token_spans(self, headings: list[Heading]) -> list[Span]:
+        n = len(self.offsets)
+        cfg = self.config
+        if cfg.mode == "tokens":
+            return windows(0, n, cfg.size, cfg.overlap) if n else []
+        bounds = sorted({0, len(self.text), *(h.offset for h in headings)})
+        spans: list[Span] = []
+        for sec_start, sec_end in zip(bounds, bounds[1:]):
+            current: Span | None = None
+            for p_start, p_end in _paragraphs(self.text, sec_start, sec_end):
+                para = Span(self.token_at(p_start), self.token_at(p_end))
+                if para.size == 0:
+                    continue
+                if current is not None and para.last - current.first <= cfg.size:
+                    current = Span(current.first, para.last)
+                    continue
+                if current is not None:
+                    spans.append(current)
+                    current = None
+                if para.size <= cfg.size:
+                    current = para
+                else:
+                    spans.extend(windows(para.first, para.last, cfg.size, cfg.overlap))
+            if current is not None:
+                spans.append(current)
+        return self._merge_small(spans)
+
+    def _merge_small(self, spans: list[Span]) -> list[Span]:
+        """Fold chunks under min_tokens into a neighbour when the result still fits."""
+        cfg = self.config
+        out: list[Span] = []
+        pending: Span | None = None
+        for span in spans:
+            if pending is not None:
+                if span.last - pending.first <= cfg.size:
+                    span = Span(pending.first, span.last)
+                else:
+                    out.append(pending)
+                pending = None
+            if span.size < cfg.min_tokens:
+                if out and span.last - out[-1].first <= cfg.size:
+                    out[-1] = Span(out[-1].first, span.last)
+                else:
+                    pending = span
+                continue
+            out.append(span)
+        if pending is not None:
+            out.append(pending)
+        return out
+
+    def char_range(self, span: Span) -> tuple[int, int]:
+        start = self.offsets[span.first][0]
+        end = self.offsets[span.last - 1][1]
+        # Byte-level BPE tokens carry their leading space: trim so chunks start and end on text.
+        while start < end and self.text[start].isspace():
+            start += 1
+        while end > start and self.text[end - 1].isspace():
+            end -= 1
+        return start, end
+
+
+def chunk_document(
+    doc_id: str,
+    text: str,
+    offsets: list[tuple[int, int]],
+    page_spans: list[tuple[int, int, int]],
+    headings: list[Heading],
+    config: ChunkingConfig,
+) -> list[dict]:
+    chunker = DocumentChunker(text, offsets, config)
+    page_starts = [start for _, start, _ in page_spans]
+    heading_offsets = [h.offset for h in headings]
+
+    def page_of(char: int) -> int:
+        return page_spans[max(0, bisect.bisect_right(page_starts, char) - 1)][0]
+
+    def section_of(start: int, end: int) -> str:
+        # The heading whose region covers most of the chunk.
+        best, best_len = "", 0
+        i = bisect.bisect_right(heading_offsets, start) - 1
+        while i < len(headings) and (i < 0 or headings[i].offset < end):
+            region_start = headings[i].offset if i >= 0 else 0
+            region_end = headings[i + 1].offset if i + 1 < len(headings) else len(text)
+            covered = min(end, region_end) - max(start, region_start)
+            if i >= 0 and covered > best_len:
+                best, best_len = headings[i].title, covered
+            i += 1
+        return best
+
+    chunks = []
+    for span in chunker.token_spans(headings):
+        start, end = chunker.char_range(span)
+        if start >= end:
+            continue
+        chunks.append(
+            {
+                "chunk_id": f"{doc_id}-{len(chunks):04d}",
+                "doc_id": doc_id,
+                "page_start": page_of(start),
+                "page_end": page_of(end - 1),
+                "char_start": start,
+                "char_end": end,
+                "n_tokens": span.size,
+                "section": section_of(start, end),
+                "text": text[start:end],
+            }
+        )
+    return chunks

