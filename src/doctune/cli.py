@@ -53,6 +53,9 @@ def summarize(tracker: Tracker, parent_run_id: str) -> str:
         reused = tags.get(f"{TAG}reused_from", "")
         rows.append([tags.get(f"{TAG}stage", "?"), run.info.status, f"{seconds:.1f}s", f"reused {reused}" if reused else "", run.info.run_id])
     out.append(_table(["stage", "status", "time", "note", "mlflow run"], rows))
+    for run in runs:
+        if error := run.data.tags.get(f"{TAG}error"):
+            out.append(f"\n{run.data.tags.get(f'{TAG}stage', '?')} failed: {error}")
     ingest_runs = [r for r in runs if r.data.tags.get(f"{TAG}stage") == "ingest"]
     if ingest_runs and "report" in (outputs := tracker.outputs_of(ingest_runs[-1])):
         report = json.loads((tracker.fetch(outputs["report"]) / "ingest_report.json").read_text())

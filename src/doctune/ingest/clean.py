@@ -70,7 +70,13 @@ def remove_furniture(pages: list[list[list[str]]], lines_per_edge: int, min_repe
         for edge, positions in (("top", top), ("bottom", bottom)):
             for b, i in positions:
                 line = blocks[b][i]
-                if is_page_number(line) or counts[(edge, furniture_key(line))] >= min_repeats:
+                if is_page_number(line):
+                    drop.add((b, i))
+                    # A short first/last block around a page number is the running header or footer
+                    # ("Chapter 3: Invoking Gri" + "7"), even when its title is too rare to repeat.
+                    if b in (0, len(blocks) - 1) and len(blocks[b]) <= lines_per_edge:
+                        drop.update((b, j) for j in range(len(blocks[b])))
+                elif counts[(edge, furniture_key(line))] >= min_repeats:
                     drop.add((b, i))
         kept = [[line for i, line in enumerate(lines) if (b, i) not in drop] for b, lines in enumerate(blocks)]
         cleaned.append([lines for lines in kept if lines])
