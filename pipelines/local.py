@@ -2,6 +2,7 @@
 
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from kfp import local
@@ -24,6 +25,9 @@ def run_local(config: RunConfig, run_name: str = "local") -> str:
     os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
     tracker = Tracker(config)
     parent = tracker.open_pipeline_run(run_name=run_name)
+    # Running components in this environment instead of their images is the point of a local run.
+    warnings.filterwarnings("ignore", message=".*custom or non-Python base image.*")
+    warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(config.project.workdir / "kfp"))
     try:
         doctune_pipeline(config=config.to_yaml(), parent_run_id=parent)

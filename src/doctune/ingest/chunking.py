@@ -1,7 +1,7 @@
 """Chunking in token space over the cleaned document text.
 
 The document is tokenized once; every chunk is a slice doc_text[char_start:char_end] of it.
-- `tokens`: fixed windows of `size` tokens overlapping by `overlap`;
+- `tokens`: windows of `size` tokens, evenly spaced, overlapping by at least `overlap`;
 - `sections`: never crosses a heading; packs whole paragraphs up to `size`, windows only
   paragraphs longer than that.
 """
@@ -9,6 +9,7 @@ The document is tokenized once; every chunk is a slice doc_text[char_start:char_
 from __future__ import annotations
 
 import bisect
+import math
 import re
 from dataclasses import dataclass
 
@@ -27,17 +28,13 @@ class Span:
 
 
 def windows(first: int, last: int, size: int, overlap: int) -> list[Span]:
-    """Token windows covering [first, last); the final one is end-aligned rather than short."""
-    if last - first <= size:
+    """Token windows covering [first, last), evenly spaced so that consecutive ones share at least `overlap`."""
+    length = last - first
+    if length <= size:
         return [Span(first, last)]
-    step = size - overlap
-    spans = []
-    start = first
-    while start + size < last:
-        spans.append(Span(start, start + size))
-        start += step
-    spans.append(Span(max(first, last - size), last))
-    return spans
+    count = math.ceil((length - size) / (size - overlap)) + 1
+    stride = (length - size) / (count - 1)
+    return [Span(first + round(i * stride), first + round(i * stride) + size) for i in range(count)]
 
 
 def _paragraphs(text: str, start: int, end: int) -> list[tuple[int, int]]:
