@@ -41,8 +41,8 @@ compile: $(STAMP)
 	$(BIN)/doctune compile
 
 lint: $(STAMP)
-	$(BIN)/ruff check src components pipelines tests bench
-	$(BIN)/ruff format --check src components pipelines tests bench
+	$(BIN)/ruff check src components pipelines tests bench conftest.py
+	$(BIN)/ruff format --check src components pipelines tests bench conftest.py
 
 bench: $(STAMP)
 	$(BIN)/python bench/ingest_bench.py

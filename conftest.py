@@ -11,7 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from doctune.config import build_config  # noqa: E402
+from doctune.config import build_config
 
 REPO = Path(__file__).resolve().parent
 CORPUS = (REPO.parent / "shared" / "corpus").resolve()
@@ -32,7 +32,9 @@ def tiny_tokenizer_dir(tmp_path_factory, corpus) -> Path:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=600, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     with pymupdf.open(corpus / "camlidl-1.04.doc.pdf") as doc:
         text = [doc[i].get_text() for i in range(6)]
     tokenizer.train_from_iterator(text, trainer=trainer)

@@ -43,7 +43,11 @@ def test_every_corpus_file_is_ingested(corpus_result, corpus):
 
 def test_gri_running_headers_and_page_numbers_are_removed(corpus_result, corpus):
     with pymupdf.open(corpus / "gri.pdf") as doc:
-        printed = {i + 1: page.get_text("blocks", sort=True)[0][4].split("\n")[0] for i, page in enumerate(doc) if page.get_text().strip()}
+        printed = {
+            i + 1: page.get_text("blocks", sort=True)[0][4].split("\n")[0]
+            for i, page in enumerate(doc)
+            if page.get_text().strip()
+        }
     printed = {page: line for page, line in printed.items() if is_page_number(line)}
     assert len(printed) > 150  # gri prints its page number at the top of most pages
     pages = {p["page"]: p["text"].split("\n") for p in _pages(corpus_result, "gri.pdf") if p["text"]}
@@ -110,7 +114,9 @@ def _doc_texts(result) -> dict[str, str]:
 
 @pytest.mark.parametrize("mode", ["sections", "tokens"])
 def test_every_chunk_is_an_exact_slice_of_its_document(corpus, tiny_tokenizer_dir, corpus_result, mode):
-    result = corpus_result if mode == "sections" else _ingest(corpus, tiny_tokenizer_dir, ocr="never", chunking={"mode": "tokens"})
+    result = (
+        corpus_result if mode == "sections" else _ingest(corpus, tiny_tokenizer_dir, ocr="never", chunking={"mode": "tokens"})
+    )
     texts = _doc_texts(result)
     size = IngestConfig().chunking.size
     assert len(result.chunks) > 500

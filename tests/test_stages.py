@@ -30,7 +30,7 @@ def test_stage_run_records_lineage(make_config, small_corpus):
 
 def test_unchanged_stage_is_reused_and_a_changed_one_is_not(make_config, small_corpus):
     config = make_config(small_corpus)
-    tracker, _, first = _run_ingest(config)
+    _tracker, _, first = _run_ingest(config)
     _, _, again = _run_ingest(config)
     assert again.reused_from == first.run_id and again.outputs == first.outputs
     _, _, changed = _run_ingest(make_config(small_corpus, **{"ingest.chunking.size": 128}))

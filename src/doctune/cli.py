@@ -44,14 +44,24 @@ def summarize(tracker: Tracker, parent_run_id: str) -> str:
     """Stage table, ingest summary and skipped files of one pipeline run."""
     out = []
     runs = tracker.client.search_runs(
-        [tracker.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'", order_by=["attributes.start_time ASC"]
+        [tracker.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
+        order_by=["attributes.start_time ASC"],
     )
     rows = []
     for run in runs:
         tags = run.data.tags
         seconds = (run.info.end_time - run.info.start_time) / 1000 if run.info.end_time else 0
         reused = tags.get(f"{TAG}reused_from", "")
-        rows.append([tags.get(f"{TAG}stage", "?"), run.info.status, f"{seconds:.1f}s", f"reused {reused}" if reused else "", run.info.run_id])
+        rows.append(
+            [
+                tags.get(f"{TAG}stage", "?"),
+                run.info.status,
+                f"{seconds:.1f}s",
+                f"reused {reused}" if reused else "",
+                run.info.run_id,
+            ]
+        )
     out.append(_table(["stage", "status", "time", "note", "mlflow run"], rows))
     for run in runs:
         if error := run.data.tags.get(f"{TAG}error"):

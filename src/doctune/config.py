@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+
 class ConfigError(ValueError):
     """A run config that cannot be used; the message names the key path."""
 

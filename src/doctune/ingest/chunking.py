@@ -9,6 +9,7 @@ The document is tokenized once; every chunk is a slice doc_text[char_start:char_
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 import re
 from dataclasses import dataclass
@@ -59,7 +60,7 @@ class DocumentChunker:
             return windows(0, n, cfg.size, cfg.overlap) if n else []
         bounds = sorted({0, len(self.text), *(h.offset for h in headings)})
         spans: list[Span] = []
-        for sec_start, sec_end in zip(bounds, bounds[1:]):
+        for sec_start, sec_end in itertools.pairwise(bounds):
             current: Span | None = None
             for p_start, p_end in _paragraphs(self.text, sec_start, sec_end):
                 para = Span(self.token_at(p_start), self.token_at(p_end))

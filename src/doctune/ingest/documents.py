@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import itertools
+from dataclasses import dataclass, field
 from functools import cache
 
 from doctune.config import IngestConfig
 from doctune.ingest.chunking import chunk_document
-from doctune.ingest.clean import clean_pages, document_text, find_headings
+from doctune.ingest.clean import Heading, clean_pages, document_text, find_headings
 from doctune.ingest.pdf import FileProbe, RawPage, extract_pages
 
 PAGES_PER_TASK = 24  # small enough that one large file spreads over every worker
+SEGMENT_CHARS = 200_000  # tokenized per task: a large document's tokenization spreads too
 
 
 @dataclass
@@ -20,6 +22,9 @@ class DocumentResult:
     chunks: list[dict]
     lang: str
     flag_counts: dict[str, int]
+    text: str = ""  # the cleaned document text chunk offsets index
+    spans: list[tuple[int, int, int]] = field(default_factory=list)
+    headings: list[Heading] = field(default_factory=list)
 
 
 def page_tasks(probe: FileProbe) -> list[tuple[int, int]]:
@@ -37,6 +42,14 @@ def _tokenizer(path: str):
     return Tokenizer.from_file(path)
 
 
+def warm_up(tokenizer_file: str) -> None:
+    """Load the tokenizer and langdetect's language profiles once, before workers fork and inherit them."""
+    from langdetect.detector_factory import init_factory
+
+    _tokenizer(tokenizer_file)
+    init_factory()
+
+
 def detect_language(text: str, sample_chars: int) -> str:
     if not text.strip():
         return "und"
@@ -49,17 +62,14 @@ def detect_language(text: str, sample_chars: int) -> str:
         return "und"
 
 
-def finish_document(probe: FileProbe, raw: list[RawPage], config: IngestConfig, tokenizer_file: str) -> DocumentResult:
+def clean_document(probe: FileProbe, raw: list[RawPage], config: IngestConfig) -> DocumentResult:
+    """Cleaned pages, document text, headings and language; chunks come after tokenization."""
     doc_id = probe.sha256[:16]
-    raw = sorted(raw, key=lambda p: p.page)
-    pages = clean_pages(raw, config.furniture_lines, config.furniture_min_repeats, config.min_page_chars)
+    pages = clean_pages(
+        sorted(raw, key=lambda p: p.page), config.furniture_lines, config.furniture_min_repeats, config.min_page_chars
+    )
     text, spans = document_text(pages)
     lang = detect_language(text, config.lang_sample_chars)
-    chunks = []
-    if text:
-        encoding = _tokenizer(tokenizer_file).encode(text, add_special_tokens=False)
-        headings = find_headings(text, spans, probe.toc)
-        chunks = chunk_document(doc_id, text, encoding.offsets, spans, headings, config.chunking)
     flag_counts: dict[str, int] = {}
     for page in pages:
         for flag in page.flags:
@@ -76,4 +86,31 @@ def finish_document(probe: FileProbe, raw: list[RawPage], config: IngestConfig, 
         }
         for page in pages
     ]
-    return DocumentResult(doc_id=doc_id, pages=page_rows, chunks=chunks, lang=lang, flag_counts=flag_counts)
+    return DocumentResult(
+        doc_id=doc_id, pages=page_rows, chunks=[], lang=lang, flag_counts=flag_counts,
+        text=text, spans=spans, headings=find_headings(text, spans, probe.toc) if text else [],
+    )  # fmt: skip
+
+
+def segments(doc: DocumentResult, target_chars: int = SEGMENT_CHARS) -> list[tuple[int, int]]:
+    """Cut the document text at page starts into pieces of about target_chars, tokenized in parallel.
+
+    A cut falls right after a page separator, where whitespace already splits pre-tokens.
+    """
+    cuts = [0]
+    for _, start, _ in doc.spans[1:]:
+        if start - cuts[-1] >= target_chars:
+            cuts.append(start)
+    cuts.append(len(doc.text))
+    return list(itertools.pairwise(cuts))
+
+
+def tokenize_segment(tokenizer_file: str, text: str, start: int) -> list[tuple[int, int]]:
+    """Token character offsets of one segment, shifted to document coordinates."""
+    encoding = _tokenizer(tokenizer_file).encode(text, add_special_tokens=False)
+    return [(a + start, b + start) for a, b in encoding.offsets]
+
+
+def chunk_clean_document(doc: DocumentResult, offsets: list[tuple[int, int]], config: IngestConfig) -> DocumentResult:
+    doc.chunks = chunk_document(doc.doc_id, doc.text, offsets, doc.spans, doc.headings, config.chunking) if doc.text else []
+    return doc

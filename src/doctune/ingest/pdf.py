@@ -88,6 +88,11 @@ def _open(path: Path) -> pymupdf.Document:
     return pymupdf.open(path, filetype="pdf")
 
 
+def close_cached() -> None:
+    """Close the documents _open keeps; run in each new worker so none is shared with its parent."""
+    _open.cache_clear()
+
+
 def extract_pages(path: Path, first: int, last: int, ocr: str, ocr_language: str, ocr_dpi: int, min_chars: int) -> list[RawPage]:
     """Pages first..last (0-based, inclusive) of one file."""
     pages = []

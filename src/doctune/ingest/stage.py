@@ -9,7 +9,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections import Counter
+from collections import Counter, deque
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,8 +18,17 @@ from tqdm import tqdm
 
 from doctune.artifacts import ArtifactRef, build_manifest, manifest_digest
 from doctune.config import IngestConfig, RunConfig
-from doctune.ingest.documents import DocumentResult, extract_task, finish_document, page_tasks
-from doctune.ingest.pdf import FileProbe, probe, tesseract_available
+from doctune.ingest.documents import (
+    DocumentResult,
+    chunk_clean_document,
+    clean_document,
+    extract_task,
+    page_tasks,
+    segments,
+    tokenize_segment,
+    warm_up,
+)
+from doctune.ingest.pdf import FileProbe, close_cached, probe, tesseract_available
 from doctune.models import resolve_model
 from doctune.tracking import StageRun
 
@@ -115,8 +124,13 @@ def ingest_folder(folder: Path, config: IngestConfig, tokenizer_file: Path, prog
     root = Path(folder)
     files = list_pdfs(root)
     workers = config.workers or os.cpu_count() or 1
+    warm_up(str(tokenizer_file))
     # fork: spawn would re-import the caller's __main__ (a KFP executor); workers touch only pymupdf and tokenizers.
-    pool = _Inline() if workers == 1 else ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+    pool = (
+        _Inline()
+        if workers == 1
+        else ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=close_cached)
+    )
     ocr_note = ""
     if config.ocr != "never" and not tesseract_available():
         ocr_note = "; OCR unavailable: tesseract is not installed"
@@ -133,29 +147,58 @@ def ingest_folder(folder: Path, config: IngestConfig, tokenizer_file: Path, prog
             else:
                 first_seen[item.sha256] = item.source
         usable = sorted((p for p in probes if p.status == "ok"), key=lambda p: -p.page_count)
-        extract: dict[Future, FileProbe] = {}
-        for item in usable:
-            for first, last in page_tasks(item):
-                extract[pool.submit(extract_task, item, first, last, config)] = item
+        # Per document: extract page ranges -> clean -> tokenize segments -> chunk. Extractions are fed
+        # `workers` at a time so a finished document's later steps start at once instead of queueing
+        # behind every extraction; a large document's tokenization is split over workers too.
+        jobs = deque((item, first, last) for item in usable for first, last in page_tasks(item))
+        remaining = Counter(item.sha256 for item, _, _ in jobs)
         raw: dict[str, list] = {p.sha256: [] for p in usable}
-        remaining = Counter(p.sha256 for p in extract.values())
-        finishing: list[tuple[FileProbe, Future]] = []
+        cleaned: dict[str, DocumentResult] = {}
+        offsets: dict[str, dict[int, list]] = {}
+        running: dict[Future, tuple[str, FileProbe, int]] = {}
+        docs: dict[str, DocumentResult] = {}
         bar = tqdm(total=sum(p.page_count for p in usable), unit="page", desc="ingest", disable=not progress, file=sys.stderr)
-        pending = set(extract)
-        while pending:
-            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+
+        def feed() -> None:
+            while jobs and sum(kind == "extract" for kind, _, _ in running.values()) < workers:
+                item, first, last = jobs.popleft()
+                running[pool.submit(extract_task, item, first, last, config)] = ("extract", item, first)
+
+        feed()
+        while running:
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in done:
-                item = extract[future]
-                pages = future.result()
-                raw[item.sha256].extend(pages)
-                bar.update(len(pages))
-                remaining[item.sha256] -= 1
-                if remaining[item.sha256] == 0:
-                    finishing.append((item, pool.submit(finish_document, item, raw.pop(item.sha256), config, str(tokenizer_file))))
+                kind, item, position = running.pop(future)
+                key = item.sha256
+                if kind == "extract":
+                    pages = future.result()
+                    raw[key].extend(pages)
+                    bar.update(len(pages))
+                    remaining[key] -= 1
+                    if remaining[key] == 0:
+                        running[pool.submit(clean_document, item, raw.pop(key), config)] = ("clean", item, 0)
+                elif kind == "clean":
+                    doc = cleaned[key] = future.result()
+                    pieces = segments(doc)
+                    offsets[key] = {}
+                    remaining[key] = len(pieces)
+                    for start, end in pieces:
+                        task = pool.submit(tokenize_segment, str(tokenizer_file), doc.text[start:end], start)
+                        running[task] = ("tokenize", item, start)
+                    if not pieces:
+                        docs[key] = chunk_clean_document(cleaned.pop(key), [], config)
+                else:
+                    offsets[key][position] = future.result()
+                    remaining[key] -= 1
+                    if remaining[key] == 0:
+                        pieces_by_start = offsets.pop(key)
+                        merged = [pair for start in sorted(pieces_by_start) for pair in pieces_by_start[start]]
+                        docs[key] = chunk_clean_document(cleaned.pop(key), merged, config)
+            feed()
         bar.close()
-        docs = {item.sha256: future.result() for item, future in finishing}
     finally:
         pool.shutdown(wait=True)
+        close_cached()
 
     result = IngestResult()
     for item in probes:  # report and outputs in input order, whatever order workers finished
@@ -197,7 +240,15 @@ def _write_parquet(rows: list[dict], features: dict, path: Path) -> None:
     Dataset.from_list(rows, features=Features({k: as_feature(v) for k, v in features.items()})).to_parquet(str(path))
 
 
-PAGE_FEATURES = {"doc_id": "string", "source": "string", "sha256": "string", "page": "int32", "text": "string", "flags": "list", "lang": "string"}
+PAGE_FEATURES = {
+    "doc_id": "string",
+    "source": "string",
+    "sha256": "string",
+    "page": "int32",
+    "text": "string",
+    "flags": "list",
+    "lang": "string",
+}
 CHUNK_FEATURES = {
     "chunk_id": "string",
     "doc_id": "string",
