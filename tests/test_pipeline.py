@@ -54,3 +54,24 @@ def test_local_pipeline_failure_closes_the_run_as_failed(make_config, tmp_path, 
     assert "only.pdf" in err and "empty file (0 bytes)" in err
     (parent,) = _pipeline_runs(Tracker(config))
     assert parent.info.status == "FAILED"
+
+
+def test_a_run_without_a_parent_id_opens_and_closes_its_own(make_config, small_corpus, tmp_path):
+    """What a scheduled run on a cluster does: no submitter created the MLflow parent run."""
+    import os
+    import sys
+    from pathlib import Path
+
+    from kfp import local
+
+    from pipelines.doctune_pipeline import doctune_pipeline
+
+    config = make_config(small_corpus)
+    os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"]
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "kfp"))
+    doctune_pipeline(config=config.to_yaml(), parent_run_id="")
+    tracker = Tracker(config)
+    (parent,) = _pipeline_runs(tracker)
+    assert parent.info.status == "FINISHED"
+    assert parent.info.run_name == f"kfp-{parent.data.tags['doctune.kfp_run_id']}"
+    assert tracker.stage_runs(parent.info.run_id, "ingest")
