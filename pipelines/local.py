@@ -18,17 +18,23 @@ class LocalRunError(RuntimeError):
         self.parent_run_id = parent_run_id
 
 
-def run_local(config: RunConfig, run_name: str = "local") -> str:
-    """Run the pipeline locally; returns the MLflow parent run id, or raises LocalRunError naming it."""
+def init_local(pipeline_root: Path) -> None:
+    """Make kfp.local run components as subprocesses of this Python environment."""
     # Components run `python3 -m kfp.dsl.executor_main`: make that this environment's python.
     bin_dir = str(Path(sys.executable).parent)
-    os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
-    tracker = Tracker(config)
-    parent = tracker.open_pipeline_run(run_name=run_name)
+    if not os.environ.get("PATH", "").startswith(bin_dir + os.pathsep):
+        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
     # Running components in this environment instead of their images is the point of a local run.
     warnings.filterwarnings("ignore", message=".*custom or non-Python base image.*")
     warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(config.project.workdir / "kfp"))
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root))
+
+
+def run_local(config: RunConfig, run_name: str = "local") -> str:
+    """Run the pipeline locally; returns the MLflow parent run id, or raises LocalRunError naming it."""
+    tracker = Tracker(config)
+    parent = tracker.open_pipeline_run(run_name=run_name)
+    init_local(config.project.workdir / "kfp")
     try:
         doctune_pipeline(config=config.to_yaml(), parent_run_id=parent)
     except RuntimeError as exc:  # kfp.local reports a failed task this way; the exit handler closed the run

@@ -24,15 +24,18 @@ def test_ir_declares_the_stages_and_an_exit_handler():
     assert inner["ingest"]["cachingOptions"]["enableCache"] is True
 
 
+def _run_args(config, pdfs) -> list[str]:
+    return ["run", "--pdfs", str(pdfs), "--set", f"project.workdir={config.project.workdir}",
+            "--set", f"model.base_model={config.model.base_model}"]  # fmt: skip
+
+
 def _pipeline_runs(tracker):
     return tracker.client.search_runs([tracker.experiment_id], "tags.`doctune.kind` = 'pipeline'")
 
 
 def test_local_pipeline_run_end_to_end(make_config, small_corpus, capsys):
     config = make_config(small_corpus)
-    args = ["run", "--pdfs", str(small_corpus), "--set", f"project.workdir={config.project.workdir}",
-            "--set", f"model.base_model={config.model.base_model}"]  # fmt: skip
-    assert main(args) == 0
+    assert main(_run_args(config, small_corpus)) == 0
     out = capsys.readouterr().out
     assert "ingest  FINISHED" in out and "documents" in out
     tracker = Tracker(config)
@@ -47,9 +50,7 @@ def test_local_pipeline_run_end_to_end(make_config, small_corpus, capsys):
 def test_local_pipeline_failure_closes_the_run_as_failed(make_config, tmp_path, capsys):
     (tmp_path / "only.pdf").write_bytes(b"")
     config = make_config(tmp_path)
-    args = ["run", "--pdfs", str(tmp_path), "--set", f"project.workdir={config.project.workdir}",
-            "--set", f"model.base_model={config.model.base_model}"]  # fmt: skip
-    assert main(args) == 1
+    assert main(_run_args(config, tmp_path)) == 1
     err = capsys.readouterr().err
     assert "only.pdf" in err and "empty file (0 bytes)" in err
     (parent,) = _pipeline_runs(Tracker(config))
@@ -58,17 +59,11 @@ def test_local_pipeline_failure_closes_the_run_as_failed(make_config, tmp_path, 
 
 def test_a_run_without_a_parent_id_opens_and_closes_its_own(make_config, small_corpus, tmp_path):
     """What a scheduled run on a cluster does: no submitter created the MLflow parent run."""
-    import os
-    import sys
-    from pathlib import Path
-
-    from kfp import local
-
     from pipelines.doctune_pipeline import doctune_pipeline
+    from pipelines.local import init_local
 
     config = make_config(small_corpus)
-    os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"]
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "kfp"))
+    init_local(tmp_path / "kfp")
     doctune_pipeline(config=config.to_yaml(), parent_run_id="")
     tracker = Tracker(config)
     (parent,) = _pipeline_runs(tracker)

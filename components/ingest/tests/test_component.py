@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import sys
-from pathlib import Path
-
-from kfp import local
-
 from components.ingest.component import ingest
 from doctune.artifacts import refs_from_json
 from doctune.tracking import Tracker
+from pipelines.local import init_local
 
 
 def test_component_function_returns_verified_references(make_config, small_corpus):
@@ -26,8 +21,7 @@ def test_component_function_returns_verified_references(make_config, small_corpu
 def test_component_runs_under_kfp_local(make_config, small_corpus, tmp_path):
     config = make_config(small_corpus)
     parent = Tracker(config).open_pipeline_run("component-test")
-    os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"]
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "kfp"))
+    init_local(tmp_path / "kfp")
     task = ingest(config=config.to_yaml(), parent_run_id=parent)
     refs = refs_from_json(task.output)
     assert refs["chunks"].run_id == refs["pages"].run_id
