@@ -176,3 +176,21 @@ def test_one_and_two_workers_give_identical_output(small_corpus, tiny_tokenizer_
     one = _ingest(small_corpus, tiny_tokenizer_dir, workers=1)
     two = _ingest(small_corpus, tiny_tokenizer_dir, workers=2)
     assert one.pages == two.pages and one.chunks == two.chunks and one.files == two.files
+
+
+def test_a_document_whose_processing_fails_is_skipped_with_the_reason(small_corpus, tiny_tokenizer_dir, monkeypatch):
+    from doctune.ingest import stage
+
+    original = stage.clean_document
+
+    def broken(probe, raw, config):
+        if probe.source == "sample-plain.pdf":
+            raise ValueError("unexpected layout")
+        return original(probe, raw, config)
+
+    monkeypatch.setattr(stage, "clean_document", broken)
+    result = _ingest(small_corpus, tiny_tokenizer_dir, workers=1)
+    rows = {row["source"]: row for row in result.files}
+    assert rows["sample-plain.pdf"]["status"] == "skipped"
+    assert rows["sample-plain.pdf"]["reason"] == "clean step failed: ValueError: unexpected layout"
+    assert rows["camlidl-1.04.doc.pdf"]["status"] == "ok" and result.chunks

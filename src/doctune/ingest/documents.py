@@ -97,6 +97,8 @@ def segments(doc: DocumentResult, target_chars: int = SEGMENT_CHARS) -> list[tup
 
     A cut falls right after a page separator, where whitespace already splits pre-tokens.
     """
+    if not doc.text:
+        return []
     cuts = [0]
     for _, start, _ in doc.spans[1:]:
         if start - cuts[-1] >= target_chars:

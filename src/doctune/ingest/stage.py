@@ -84,7 +84,10 @@ class _Inline:
 
     def submit(self, fn, *args) -> Future:
         future: Future = Future()
-        future.set_result(fn(*args))
+        try:
+            future.set_result(fn(*args))
+        except Exception as exc:  # as a process pool would: the caller sees it on result()
+            future.set_exception(exc)
         return future
 
     def shutdown(self, wait: bool = True) -> None:
@@ -170,15 +173,24 @@ def ingest_folder(folder: Path, config: IngestConfig, tokenizer_file: Path, prog
             for future in done:
                 kind, item, position = running.pop(future)
                 key = item.sha256
+                if item.status != "ok":
+                    continue  # an earlier step of this document failed
+                try:
+                    value = future.result()
+                except Exception as exc:  # one document's failure must not cost the others
+                    item.status, item.reason = "skipped", f"{kind} step failed: {type(exc).__name__}: {exc}"
+                    for state in (raw, cleaned, offsets):
+                        state.pop(key, None)
+                    continue
                 if kind == "extract":
-                    pages = future.result()
+                    pages = value
                     raw[key].extend(pages)
                     bar.update(len(pages))
                     remaining[key] -= 1
                     if remaining[key] == 0:
                         running[pool.submit(clean_document, item, raw.pop(key), config)] = ("clean", item, 0)
                 elif kind == "clean":
-                    doc = cleaned[key] = future.result()
+                    doc = cleaned[key] = value
                     pieces = segments(doc)
                     offsets[key] = {}
                     remaining[key] = len(pieces)
@@ -188,7 +200,7 @@ def ingest_folder(folder: Path, config: IngestConfig, tokenizer_file: Path, prog
                     if not pieces:
                         docs[key] = chunk_clean_document(cleaned.pop(key), [], config)
                 else:
-                    offsets[key][position] = future.result()
+                    offsets[key][position] = value
                     remaining[key] -= 1
                     if remaining[key] == 0:
                         pieces_by_start = offsets.pop(key)
