@@ -43,15 +43,47 @@ def tiny_tokenizer_dir(tmp_path_factory, corpus) -> Path:
     return folder
 
 
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
+    "{{ '\\n' }}{% else %}{{ message['content'] + '<|im_end|>' + '\\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
+    """A randomly initialised two-layer Llama with the tiny tokenizer and a ChatML template: a model folder in seconds."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_file=str(tiny_tokenizer_dir / "tokenizer.json"), eos_token="<|im_end|>", pad_token="<|im_end|>",
+        bos_token="<|im_start|>", additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )  # fmt: skip
+    tokenizer.chat_template = CHATML
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+    )  # fmt: skip
+    folder = tmp_path_factory.mktemp("tiny-model")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture
-def make_config(tmp_path, tiny_tokenizer_dir, corpus):
-    """Build a RunConfig in a fresh workdir with the tiny tokenizer; extra keys as dotted overrides."""
+def make_config(tmp_path, tiny_model_dir, corpus):
+    """Build a RunConfig in a fresh workdir with the tiny model; extra keys as dotted overrides."""
 
     def factory(pdfs: Path | None = None, **overrides: object):
         data = {
             "project": {"workdir": str(tmp_path / "work")},
-            "model": {"base_model": str(tiny_tokenizer_dir)},
+            "model": {"base_model": str(tiny_model_dir)},
             "ingest": {"pdfs": str(pdfs or corpus)},
+            "synth": {"replay": {"share": 0.0}},  # a random model's rehearsal is empty: tests opt in
         }
         return build_config(data, [f"{key}={value}" for key, value in overrides.items()])
 

@@ -7,6 +7,7 @@ from kfp import compiler, dsl
 from components.close_run.component import close_run
 from components.ingest.component import ingest
 from components.open_run.component import open_run
+from components.synth.component import synth
 
 IR_YAML = Path(__file__).with_name("doctune_pipeline.yaml")
 
@@ -18,7 +19,8 @@ def doctune_pipeline(config: str = "", parent_run_id: str = ""):
     with dsl.ExitHandler(closing, name="doctune-run"):
         opened = open_run(config=config, parent_run_id=parent_run_id, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
         opened.set_caching_options(False)  # a new pipeline run always gets its own parent run
-        ingest(config=config, parent_run_id=opened.output).set_display_name("ingest + chunk")
+        ingested = ingest(config=config, parent_run_id=opened.output).set_display_name("ingest + chunk")
+        synth(config=config, parent_run_id=opened.output, ingest=ingested.output).set_display_name("synthetic data")
 
 
 def compile_pipeline(path: Path = IR_YAML) -> Path:

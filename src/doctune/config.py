@@ -83,11 +83,89 @@ class IngestConfig(Section):
         return value.expanduser().resolve()
 
 
+class RetrievalConfig(Section):
+    """How contexts are retrieved: shared by the RAG training data and the eval, so both see the same."""
+
+    embedding_model: str = "bundled:all-minilm-l6-v2"
+    top_k: int = Field(4, ge=1, le=32, description="passages per context")
+
+
+class EndpointConfig(Section):
+    """An OpenAI-compatible chat API (vLLM, TGI, llama.cpp server, ...)."""
+
+    base_url: str = "http://127.0.0.1:8080/v1"
+    model: str = "default"
+    api_key_env: str = Field("DOCTUNE_TEACHER_API_KEY", description="environment variable holding the key; never logged")
+    max_concurrency: int = Field(4, ge=1, le=256)
+    timeout_s: float = Field(120.0, gt=0)
+    max_retries: int = Field(3, ge=0, le=10)
+    temperature: float = Field(0.2, ge=0, le=2)
+    max_tokens: int = Field(768, ge=16)
+    # json_object (+ schema: llama.cpp, vLLM), json_schema (OpenAI structured outputs) or none.
+    response_format: Literal["json_object", "json_schema", "none"] = "json_object"
+
+
+class LocalTeacherConfig(Section):
+    model: str = "bundled:smollm2-135m-instruct"
+    max_new_tokens: int = Field(384, ge=16)
+
+
+class ReplayConfig(Section):
+    """General text mixed into CPT against forgetting."""
+
+    share: float = Field(0.2, ge=0, lt=1, description="share of CPT characters that is replay text")
+    # A JSONL/Parquet dataset with a "text" column; null: the base model's own answers to shipped general prompts.
+    dataset: Path | None = None
+    max_new_tokens: int = Field(160, ge=8)
+    batch_size: int = Field(16, ge=1)
+    max_prompts: int = Field(0, ge=0, description="use the first N shipped prompts; 0 = all")
+
+    @field_validator("dataset")
+    @classmethod
+    def _absolute(cls, value: Path | None) -> Path | None:
+        return value.expanduser().resolve() if value else None
+
+
+class DedupConfig(Section):
+    minhash_threshold: float = Field(0.8, gt=0, le=1, description="Jaccard similarity of question shingles")
+    minhash_permutations: int = Field(64, ge=16, le=512)
+    embedding_threshold: float = Field(0.95, gt=0, le=1, description="cosine similarity of question embeddings")
+
+
+class SynthConfig(Section):
+    teacher: Literal["extractive", "endpoint", "local"] = "extractive"
+    endpoint: EndpointConfig = Field(default_factory=EndpointConfig)
+    local: LocalTeacherConfig = Field(default_factory=LocalTeacherConfig)
+    min_questions: int = Field(3, ge=1, le=8, description="per chunk, asked of LLM teachers")
+    max_questions: int = Field(8, ge=1, le=16)
+    split_by: Literal["chunk", "document"] = "chunk"
+    eval_fraction: float = Field(0.15, gt=0, lt=0.5, description="share of chunks (or documents) held out for eval sets")
+    validation_fraction: float = Field(0.05, ge=0, lt=0.5, description="share of training chunks for validation splits")
+    abstention_share: float = Field(0.175, ge=0.15, le=0.2, description="share of SFT examples that abstain")
+    rag_share: float = Field(0.5, ge=0, le=1, description="share of answerable SFT examples with retrieved context")
+    unanswerable_share: float = Field(0.4, gt=0, lt=1, description="share of held-out questions turned unanswerable")
+    judge: bool = Field(False, description="pairwise-judge DPO pairs through the endpoint, both orders")
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
+    ngram: int = Field(8, ge=4, le=32, description="n for the golden/training contamination check")
+    max_contamination: float = Field(0.0, ge=0, le=1)
+    languages: list[str] = Field(default_factory=lambda: ["en"], description="documents in other languages are dropped")
+    replay: ReplayConfig = Field(default_factory=ReplayConfig)
+    seed: int = 13
+
+    @model_validator(mode="after")
+    def _question_range(self) -> SynthConfig:
+        if self.min_questions > self.max_questions:
+            raise ValueError(f"min_questions ({self.min_questions}) must not exceed max_questions ({self.max_questions})")
+        return self
+
+
 class RunConfig(Section):
     project: ProjectConfig = Field(default_factory=ProjectConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
+    retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
+    synth: SynthConfig = Field(default_factory=SynthConfig)
 
     @property
     def tracking_uri(self) -> str:

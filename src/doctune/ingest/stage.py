@@ -249,7 +249,8 @@ def _write_parquet(rows: list[dict], features: dict, path: Path) -> None:
     def as_feature(kind):
         return List(Value("string")) if kind == "list" else Value(kind)
 
-    Dataset.from_list(rows, features=Features({k: as_feature(v) for k, v in features.items()})).to_parquet(str(path))
+    columns = {name: [row[name] for row in rows] for name in features}  # column-wise: an empty table works too
+    Dataset.from_dict(columns, features=Features({k: as_feature(v) for k, v in features.items()})).to_parquet(str(path))
 
 
 PAGE_FEATURES = {

@@ -1,0 +1,349 @@
+"""From filtered QA to the datasets: leak-free splits, SFT, DPO, eval sets and CPT text.
+
+Splits are by source chunk (or document): eval chunks never feed training, not as answers, not as retrieved
+context, not as CPT text. Contamination is then measured with word n-grams and must stay within its bound.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from doctune.config import SynthConfig
+from doctune.retrieval import ChunkIndex
+from doctune.synth.extractive import QA, fold
+from doctune.synth.filters import words
+from doctune.synth.prompts import ABSTENTION, SYSTEM_PROMPT, edge_order, rag_user_message
+
+
+class ContaminationError(RuntimeError):
+    """Golden items overlap training data beyond synth.max_contamination."""
+
+
+def unit_fraction(seed: int, key: str) -> float:
+    """A stable pseudo-random number in [0, 1) for a key: splits and choices that never move between runs."""
+    return int.from_bytes(hashlib.sha256(f"{seed}|{key}".encode()).digest()[:8], "big") / 2**64
+
+
+def assign_splits(chunks: list[dict], config: SynthConfig) -> dict[str, str]:
+    """chunk_id -> eval | validation | train, decided per chunk or per document."""
+    out = {}
+    for chunk in chunks:
+        unit = chunk["chunk_id"] if config.split_by == "chunk" else chunk["doc_id"]
+        u = unit_fraction(config.seed, f"split|{unit}")
+        if u < config.eval_fraction:
+            out[chunk["chunk_id"]] = "eval"
+        elif u < config.eval_fraction + config.validation_fraction:
+            out[chunk["chunk_id"]] = "validation"
+        else:
+            out[chunk["chunk_id"]] = "train"
+    return out
+
+
+def ngrams(text: str, n: int) -> set[int]:
+    tokens = words(text)
+    return {hash(" ".join(tokens[i : i + n])) for i in range(len(tokens) - n + 1)}
+
+
+def content_text(qa: QA) -> str:
+    """What a QA item says, without template boilerplate that every item shares."""
+    fields = qa.meta.get("fields") if qa.template >= 0 else None
+    asked = " ".join(str(v) for v in fields.values()) if fields else qa.question
+    return f"{asked} {qa.answer} {qa.evidence}"
+
+
+@dataclass
+class Datasets:
+    sft: dict[str, list[dict]] = field(default_factory=lambda: {"train": [], "validation": []})
+    dpo: dict[str, list[dict]] = field(default_factory=lambda: {"train": [], "validation": []})
+    cpt: list[dict] = field(default_factory=list)
+    golden: list[dict] = field(default_factory=list)
+    unanswerable: list[dict] = field(default_factory=list)
+    counts: Counter = field(default_factory=Counter)
+    contamination_rate: float = 0.0
+
+
+class Builder:
+    def __init__(self, config: SynthConfig, chunks: list[dict], index: ChunkIndex, top_k: int):
+        self.config = config
+        self.chunks = chunks
+        self.by_id = {c["chunk_id"]: i for i, c in enumerate(chunks)}
+        self.folded = [fold(c["text"]).lower() for c in chunks]
+        self.index = index
+        self.top_k = top_k
+        self.split = assign_splits(chunks, config)
+
+    def retrieve(self, question_vectors: np.ndarray, allowed: Callable[[int], bool], exclude: list[set[int]]) -> list[list[int]]:
+        """Top-k chunk indices per question among allowed chunks, minus each question's excluded ones."""
+        wanted = self.top_k + max(len(e) for e in exclude) if exclude else self.top_k
+        indices, _ = self.index.search(question_vectors, min(len(self.chunks), 4 * wanted + 8))
+        out = []
+        for row, skip in zip(indices, exclude):
+            out.append([int(i) for i in row if allowed(int(i)) and int(i) not in skip][: self.top_k])
+        return out
+
+    def holding(self, qa: QA) -> set[int]:
+        """Chunks that state the item's evidence: none of them may stand in an abstention context."""
+        evidence = fold(qa.evidence).lower()
+        found = {self.by_id[qa.chunk_id]}
+        if len(evidence) >= 12:
+            found.update(i for i, text in enumerate(self.folded) if evidence in text)
+        return found
+
+    def passages(self, ids: list[int]) -> list[str]:
+        return [self.chunks[i]["text"] for i in ids]
+
+    # -- SFT -------------------------------------------------------------
+
+    @staticmethod
+    def chat(user: str, assistant: str, meta: dict) -> dict:
+        messages = [
+            {"role": "system", "content": SYSTEM_PROMPT},
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": assistant},
+        ]
+        return {"messages": messages, "meta": meta}
+
+    def sft_records(self, items: list[QA], vectors: np.ndarray) -> tuple[list[dict], list[dict]]:
+        """(answerable, abstention) SFT records for one split's QA."""
+        cfg = self.config
+        trainable = lambda i: self.split[self.chunks[i]["chunk_id"]] != "eval"  # noqa: E731
+        holds = [self.holding(qa) for qa in items]
+        with_gold = self.retrieve(vectors, trainable, [set() for _ in items])
+        without = self.retrieve(vectors, trainable, holds)
+        answerable, abstaining = [], []
+        for qa, ranked, distractors, held in zip(items, with_gold, without, holds):
+            base = {"chunk_id": qa.chunk_id, "qtype": qa.qtype, "question": qa.question, "evidence": qa.evidence}
+            gold = self.by_id[qa.chunk_id]
+            if unit_fraction(cfg.seed, f"rag|{qa.question}|{qa.chunk_id}") < cfg.rag_share:
+                ranked = ranked if gold in ranked else [*ranked[: self.top_k - 1], gold]
+                ids = [self.chunks[i]["chunk_id"] for i in ranked]
+                user = rag_user_message(qa.question, edge_order(self.passages(ranked)))
+                answerable.append(self.chat(user, qa.answer, {**base, "form": "rag", "context_chunk_ids": edge_order(ids)}))
+            else:
+                answerable.append(self.chat(qa.question, qa.answer, {**base, "form": "closed_book"}))
+            if distractors and not held & set(distractors):
+                ids = [self.chunks[i]["chunk_id"] for i in distractors]
+                user = rag_user_message(qa.question, edge_order(self.passages(distractors)))
+                meta = {**base, "form": "abstention", "context_chunk_ids": edge_order(ids), "withheld_answer": qa.answer}
+                abstaining.append(self.chat(user, ABSTENTION, meta))
+        wanted = round(cfg.abstention_share / (1 - cfg.abstention_share) * len(answerable))
+        abstaining.sort(key=lambda r: unit_fraction(cfg.seed, f"abstain|{r['meta']['question']}|{r['meta']['chunk_id']}"))
+        return answerable, abstaining[:wanted]
+
+    # -- DPO -------------------------------------------------------------
+
+    def dpo_pairs(self, records: list[dict], pool: list[QA]) -> tuple[list[dict], Counter]:
+        """One preference pair per SFT record: chosen is the SFT reply, rejected a plausible wrong one."""
+        by_chunk: dict[str, list[QA]] = {}
+        by_type: dict[str, list[QA]] = {}
+        for qa in pool:
+            by_chunk.setdefault(qa.chunk_id, []).append(qa)
+            by_type.setdefault(qa.qtype, []).append(qa)
+        capitals = sorted({w for qa in pool for w in re.findall(r"\b[A-Z][a-z]{3,}\b", qa.answer)})
+        strategies = Counter()
+        pairs = []
+        for record in records:
+            meta = record["meta"]
+            prompt, chosen = record["messages"][:2], record["messages"][2]["content"]
+            key = f"{meta['question']}|{meta['chunk_id']}"
+            if meta["form"] == "abstention":
+                strategy, rejected = "unsupported_answer", meta["withheld_answer"]
+            else:
+                strategy, rejected = self._rejected(chosen, meta, by_chunk, by_type, capitals, key)
+            if rejected is None or fold(rejected) == fold(chosen):
+                strategies["no_rejected_found"] += 1
+                continue
+            strategies[strategy] += 1
+            pairs.append(
+                {
+                    "prompt": prompt,
+                    "chosen": [{"role": "assistant", "content": chosen}],
+                    "rejected": [{"role": "assistant", "content": rejected}],
+                    "meta": {**{k: v for k, v in meta.items() if k != "withheld_answer"}, "strategy": strategy},
+                }
+            )
+        return pairs, strategies
+
+    def _rejected(self, chosen, meta, by_chunk, by_type, capitals, key) -> tuple[str, str | None]:
+        seed = self.config.seed
+        order = ["other_chunk", "altered", "other_question"]
+        start = int(unit_fraction(seed, f"strategy|{key}") * len(order))
+        for strategy in order[start:] + order[:start]:
+            if strategy == "altered":
+                altered = alter(chosen, capitals, unit_fraction(seed, f"alter|{key}"))
+                if altered:
+                    return strategy, altered
+            elif strategy == "other_question":
+                others = [qa.answer for qa in by_chunk.get(meta["chunk_id"], []) if fold(qa.answer) != fold(chosen)]
+                if others:
+                    return strategy, others[int(unit_fraction(seed, f"oq|{key}") * len(others))]
+            else:
+                others = [qa.answer for qa in by_type.get(meta["qtype"], []) if qa.chunk_id != meta["chunk_id"]]
+                if others:
+                    return strategy, others[int(unit_fraction(seed, f"oc|{key}") * len(others))]
+        return "none", None
+
+    # -- eval ------------------------------------------------------------
+
+    def eval_items(self, items: list[QA], vectors: np.ndarray) -> tuple[list[dict], list[dict]]:
+        everything = lambda i: True  # noqa: E731  (serving retrieves over the whole corpus)
+        holds = [self.holding(qa) for qa in items]
+        ranked_all = self.retrieve(vectors, everything, [set() for _ in items])
+        distractors_all = self.retrieve(vectors, everything, holds)
+        golden, unanswerable = [], []
+        for qa, ranked, distractors in zip(items, ranked_all, distractors_all):
+            meta = {"qtype": qa.qtype, "evidence": qa.evidence}
+            if unit_fraction(self.config.seed, f"unanswerable|{qa.question}|{qa.chunk_id}") < self.config.unanswerable_share:
+                if distractors:
+                    ids = [self.chunks[i]["chunk_id"] for i in distractors]
+                    unanswerable.append(
+                        {"question": qa.question, "answer": ABSTENTION, "chunk_ids": [qa.chunk_id], "answerable": False,
+                         "meta": {**meta, "context_chunk_ids": edge_order(ids), "withheld_answer": qa.answer}}
+                    )  # fmt: skip
+                continue
+            gold = self.by_id[qa.chunk_id]
+            ranked = ranked if gold in ranked else [*ranked[: self.top_k - 1], gold]
+            ids = [self.chunks[i]["chunk_id"] for i in ranked]
+            golden.append(
+                {"question": qa.question, "answer": qa.answer, "chunk_ids": [qa.chunk_id], "answerable": True,
+                 "meta": {**meta, "context_chunk_ids": edge_order(ids)}}
+            )  # fmt: skip
+        return golden, unanswerable
+
+
+def alter(answer: str, capitals: list[str], u: float) -> str | None:
+    """The answer with a number changed or a name swapped for another from the corpus; None if it has neither."""
+    numbers = list(re.finditer(r"\d+(?:\.\d+)?", answer))
+    if numbers:
+        m = numbers[int(u * len(numbers))]
+        value = m.group(0)
+        if "." in value:
+            whole, frac = value.split(".")
+            changed = f"{whole}.{(int(frac) + 1 + int(u * 7)) % 10 ** len(frac):0{len(frac)}d}"
+        else:
+            number = int(value)  # near the truth is what makes a wrong number plausible
+            changed = str(number + 1 + int(u * max(8, number // 10)))
+        return answer[: m.start()] + changed + answer[m.end() :]
+    names = [m for m in re.finditer(r"\b[A-Z][a-z]{3,}\b", answer) if m.start() > 0]
+    if names and capitals:
+        m = names[int(u * len(names))]
+        candidates = [c for c in capitals if c != m.group(0)]
+        if candidates:
+            return answer[: m.start()] + candidates[int(u * len(candidates))] + answer[m.end() :]
+    return None
+
+
+def build(
+    config: SynthConfig,
+    chunks: list[dict],
+    qas: list[QA],
+    index: ChunkIndex,
+    top_k: int,
+    replay: list[str],
+    judge: Callable[[str, str, str], str | None] | None = None,
+) -> Datasets:
+    builder = Builder(config, chunks, index, top_k)
+    out = Datasets()
+    counts = out.counts
+    pools: dict[str, list[QA]] = {"train": [], "validation": [], "eval": []}
+    for qa in qas:
+        pools[builder.split[qa.chunk_id]].append(qa)
+    counts.update({f"chunks_{name}": sum(1 for s in builder.split.values() if s == name) for name in pools})
+
+    vectors = {name: index.embed([qa.question for qa in pool]) for name, pool in pools.items()}
+    for name in ("train", "validation"):
+        answerable, abstaining = builder.sft_records(pools[name], vectors[name])
+        out.sft[name] = sorted(
+            answerable + abstaining, key=lambda r: unit_fraction(config.seed, "order|" + r["meta"]["question"])
+        )
+        pairs, strategies = builder.dpo_pairs(out.sft[name], pools[name])
+        counts.update({f"dpo_{name}_{k}": v for k, v in strategies.items()})
+        if judge is not None:
+            pairs = judged(pairs, judge, counts)
+        out.dpo[name] = pairs
+    counts["sft_abstention"] = sum(r["meta"]["form"] == "abstention" for split in out.sft.values() for r in split)
+
+    # CPT text: every chunk outside the eval split, in document order, plus replay.
+    domain = [{"text": c["text"], "source": "domain"} for c in chunks if builder.split[c["chunk_id"]] != "eval"]
+    out.cpt = domain + replay_records(replay, sum(len(r["text"]) for r in domain), config.replay.share, counts)
+
+    golden, unanswerable = builder.eval_items(pools["eval"], vectors["eval"])
+    # Held-out content that recurs in training (repeated pages, boilerplate, the same fact in two chunks)
+    # is not held out: drop those eval items, counted in the report.
+    n = config.ngram
+    eval_qa = {(qa.question, qa.chunk_id): qa for qa in pools["eval"]}
+    grams = lambda item: ngrams(content_text(eval_qa[(item["question"], item["chunk_ids"][0])]), n)  # noqa: E731
+    seen = set().union(
+        *(ngrams(r["text"], n) for r in domain), *(ngrams(content_text(qa), n) for qa in pools["train"] + pools["validation"])
+    )
+    for name, items in (("golden", golden), ("unanswerable", unanswerable)):
+        kept = [item for item in items if not grams(item) & seen]
+        counts[f"{name}_dropped_seen_in_training"] = len(items) - len(kept)
+        setattr(out, name, kept)
+
+    # The check: n-gram overlap between eval items and every training record as written.
+    training: set[int] = set()
+    for record in out.cpt:
+        training |= ngrams(record["text"], n)
+    for split in ("train", "validation"):
+        for record in out.sft[split]:
+            training |= ngrams(" ".join(m["content"] for m in record["messages"]), n)
+        for pair in out.dpo[split]:
+            training |= ngrams(" ".join(m["content"] for key in ("prompt", "chosen", "rejected") for m in pair[key]), n)
+    items = out.golden + out.unanswerable
+    contaminated = sum(1 for item in items if grams(item) & training)
+    out.contamination_rate = contaminated / len(items) if items else 0.0
+    counts["eval_contaminated"] = contaminated
+    total = len(items)
+    shared = {item["chunk_ids"][0] for item in out.golden + out.unanswerable} & {
+        r["meta"]["chunk_id"] for split in out.sft.values() for r in split
+    }
+    if shared:  # cannot happen by construction; a bug here must not ship a leaky eval
+        raise ContaminationError(f"eval items share source chunks with SFT items: {sorted(shared)[:5]}")
+    if out.contamination_rate > config.max_contamination:
+        raise ContaminationError(
+            f"{contaminated} of {total} eval items share {config.ngram}-grams with training data "
+            f"(rate {out.contamination_rate:.4f} > synth.max_contamination {config.max_contamination})"
+        )
+    return out
+
+
+def replay_records(texts: list[str], domain_chars: int, share: float, counts: Counter) -> list[dict]:
+    """Replay text reaching `share` of CPT characters; repeated whole when there is less (counted)."""
+    if share <= 0 or not texts:
+        return []
+    wanted = share / (1 - share) * domain_chars
+    have = sum(len(t) for t in texts)
+    repeats = max(1, int(np.ceil(wanted / have)))
+    records, total = [], 0
+    for _ in range(repeats):
+        for text in texts:
+            if total >= wanted:
+                break
+            records.append({"text": text, "source": "replay"})
+            total += len(text)
+    counts["replay_texts"] = len(texts)
+    counts["replay_repeats"] = repeats
+    return records
+
+
+def judged(pairs: list[dict], judge: Callable[[str, str, str], str | None], counts: Counter) -> list[dict]:
+    """Keep pairs whose judge verdicts agree in both orders (A/B swapped) that chosen is better."""
+    kept = []
+    for pair in pairs:
+        question = pair["prompt"][-1]["content"]
+        chosen, rejected = pair["chosen"][0]["content"], pair["rejected"][0]["content"]
+        first, second = judge(question, chosen, rejected), judge(question, rejected, chosen)
+        if first is None or second is None or (first == "A") != (second == "B"):
+            counts["judge_disagreed"] += 1
+        elif first == "B":
+            counts["judge_prefers_rejected"] += 1
+        else:
+            kept.append(pair)
+    return kept

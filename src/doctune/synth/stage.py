@@ -1,0 +1,206 @@
+"""The synth stage: chunks -> QA (teacher) -> filters -> cpt, sft, dpo, golden, unanswerable, with a report."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from doctune.artifacts import ArtifactRef
+from doctune.config import RunConfig
+from doctune.retrieval import ChunkIndex
+from doctune.synth import filters
+from doctune.synth.build import Datasets, build
+from doctune.synth.extractive import QA
+from doctune.synth.prompts import ABSTENTION, SYSTEM_PROMPT
+from doctune.synth.replay import replay_texts
+from doctune.synth.teachers import EndpointTeacher, generate, make_teacher
+from doctune.tracking import StageRun
+
+
+class SynthError(RuntimeError):
+    """Nothing to generate from, or nothing left after filtering."""
+
+
+def read_parquet(path: Path) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path).to_pylist()
+
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def apply_filters(qas: list[QA], config: RunConfig, lang_of: dict[str, str], index: ChunkIndex) -> tuple[list[QA], dict]:
+    cfg = config.synth
+    counts = {"generated": len(qas)}
+    steps = [
+        ("language", lambda items: filters.language_filter(items, lambda cid: lang_of.get(cid, "und"), cfg.languages)),
+        ("exact_duplicate", filters.exact_dedup),
+        (
+            "near_duplicate_minhash",
+            lambda items: filters.minhash_dedup(items, cfg.dedup.minhash_threshold, cfg.dedup.minhash_permutations),
+        ),
+        (
+            "near_duplicate_embedding",
+            lambda items: filters.embedding_dedup(items, index.embed([q.question for q in items]), cfg.dedup.embedding_threshold),
+        ),
+        ("length", filters.length_filter),
+        ("label_leakage", filters.leakage_filter),
+    ]
+    for name, step in steps:
+        kept = step(qas)
+        counts[f"dropped_{name}"] = len(qas) - len(kept)
+        qas = kept
+    counts["kept"] = len(qas)
+    return qas, counts
+
+
+def _spread(values: list[int]) -> dict:
+    if not values:
+        return {}
+    p = np.percentile(values, [5, 50, 95])
+    return {"n": len(values), "p5": int(p[0]), "p50": int(p[1]), "p95": int(p[2]), "max": int(max(values))}
+
+
+def report(data: Datasets, filter_counts: dict, teacher_counts: Counter, teacher: str) -> dict:
+    sft_all = data.sft["train"] + data.sft["validation"]
+    abstaining = sum(r["meta"]["form"] == "abstention" for r in sft_all)
+    forms = Counter(r["meta"]["form"] for r in sft_all)
+    return {
+        "teacher": teacher,
+        "filters": filter_counts,
+        "teacher_counts": dict(teacher_counts),
+        "datasets": {
+            "cpt": len(data.cpt),
+            "cpt_replay": sum(r["source"] == "replay" for r in data.cpt),
+            "sft_train": len(data.sft["train"]),
+            "sft_validation": len(data.sft["validation"]),
+            "dpo_train": len(data.dpo["train"]),
+            "dpo_validation": len(data.dpo["validation"]),
+            "golden": len(data.golden),
+            "unanswerable": len(data.unanswerable),
+        },
+        "sft_forms": dict(forms),
+        "abstention_share": round(abstaining / len(sft_all), 4) if sft_all else 0.0,
+        "replay_share": round(
+            sum(len(r["text"]) for r in data.cpt if r["source"] == "replay") / max(1, sum(len(r["text"]) for r in data.cpt)), 4
+        ),
+        "contamination_rate": data.contamination_rate,
+        "build": dict(data.counts),
+        "lengths_chars": {
+            "sft_question": _spread([len(r["meta"]["question"]) for r in sft_all]),
+            "sft_answer": _spread([len(r["messages"][2]["content"]) for r in sft_all]),
+            "cpt_text": _spread([len(r["text"]) for r in data.cpt]),
+            "golden_answer": _spread([len(r["answer"]) for r in data.golden]),
+        },
+        "examples": {
+            "sft": [r["messages"][1:] for r in sft_all[:3]],
+            "dpo": [
+                {k: p[k] for k in ("chosen", "rejected")} | {"strategy": p["meta"]["strategy"]} for p in data.dpo["train"][:3]
+            ],
+            "golden": [{k: g[k] for k in ("question", "answer")} for g in data.golden[:3]],
+            "unanswerable": [{k: g[k] for k in ("question", "answer")} for g in data.unanswerable[:3]],
+        },
+    }
+
+
+def report_markdown(rep: dict) -> str:
+    lines = [f"# Synthetic data report (teacher: {rep['teacher']})", "", "## Filters", "", "| step | count |", "|---|---:|"]
+    lines += [f"| {k} | {v} |" for k, v in rep["filters"].items()]
+    lines += ["", "## Datasets", "", "| dataset | records |", "|---|---:|"]
+    lines += [f"| {k} | {v} |" for k, v in rep["datasets"].items()]
+    lines += [
+        "",
+        f"Abstention share of SFT: {rep['abstention_share']:.3f}; replay share of CPT characters: {rep['replay_share']:.3f}; "
+        f"golden/training contamination rate: {rep['contamination_rate']:.4f}.",
+        "",
+        "## Lengths (characters)",
+        "",
+        "| field | n | p5 | p50 | p95 | max |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {k} | {v.get('n', 0)} | {v.get('p5', '')} | {v.get('p50', '')} | {v.get('p95', '')} | {v.get('max', '')} |"
+        for k, v in rep["lengths_chars"].items()
+    ]
+    lines += ["", "## Build counts", "", "| count | value |", "|---|---:|"]
+    lines += [f"| {k} | {v} |" for k, v in sorted(rep["build"].items())]
+    lines += ["", "## Examples", "", "```json", json.dumps(rep["examples"], indent=1, ensure_ascii=False)[:6000], "```"]
+    return "\n".join(lines) + "\n"
+
+
+def run(config: RunConfig, inputs: dict[str, ArtifactRef], tracker: StageRun) -> dict[str, ArtifactRef]:
+    cfg = config.synth
+    cache = config.project.workdir / "cache"
+    chunks_dir = tracker.fetch(inputs["chunks"])
+    chunks = read_parquet(chunks_dir / "chunks.parquet")
+    if not chunks:
+        raise SynthError(
+            f"no chunks in {inputs['chunks'].artifact_path} of run {inputs['chunks'].run_id}: nothing to generate from"
+        )
+    pages = read_parquet(tracker.fetch(inputs["pages"]) / "pages.parquet")
+    doc_lang = {p["doc_id"]: p["lang"] for p in pages}
+    lang_of = {c["chunk_id"]: doc_lang.get(c["doc_id"], "und") for c in chunks}
+    tracker.log_dataset_input(inputs["chunks"], chunks_dir / "chunks.parquet", context="synth")
+
+    teacher = make_teacher(cfg, cache)
+    settings = cfg.model_dump(mode="json", include={"teacher", "endpoint", "local", "min_questions", "max_questions"})
+    settings["endpoint"].pop("api_key_env", None)
+    key = hashlib.sha256(json.dumps([inputs["chunks"].digest, settings], sort_keys=True).encode()).hexdigest()[:24]
+    concurrency = cfg.endpoint.max_concurrency if cfg.teacher == "endpoint" else 1
+    qas, exchanges, teacher_counts = generate(teacher, chunks, cache / "synth" / key / "generated.jsonl", concurrency)
+
+    index = ChunkIndex([c["text"] for c in chunks], config.retrieval.embedding_model, cache)
+    kept, filter_counts = apply_filters(qas, config, lang_of, index)
+    if not kept:
+        raise SynthError(f"all {len(qas)} generated questions were filtered out ({filter_counts})")
+    replay = replay_texts(config.model.base_model, cfg.replay, cache)
+    judge = teacher.judge if cfg.judge and isinstance(teacher, EndpointTeacher) else None
+    if cfg.judge and judge is None:
+        raise SynthError("synth.judge needs synth.teacher=endpoint: the judge is asked through the teacher endpoint")
+    data = build(cfg, chunks, kept, index, config.retrieval.top_k, replay, judge)
+    rep = report(data, filter_counts, teacher_counts, cfg.teacher)
+    tracker.log_metrics(
+        {f"filter.{k}": v for k, v in filter_counts.items()}
+        | {f"records.{k}": v for k, v in rep["datasets"].items()}
+        | {
+            "abstention_share": rep["abstention_share"],
+            "contamination_rate": rep["contamination_rate"],
+            "replay_share": rep["replay_share"],
+        }
+    )
+
+    outputs = {}
+    with tempfile.TemporaryDirectory(prefix="doctune-synth-") as tmp:
+        out = Path(tmp)
+        for split in ("train", "validation"):
+            write_jsonl(out / "sft" / f"{split}.jsonl", data.sft[split])
+            write_jsonl(out / "dpo" / f"{split}.jsonl", data.dpo[split])
+        for name in ("sft", "dpo"):
+            (out / name / "system_prompt.txt").write_text(SYSTEM_PROMPT)
+            (out / name / "abstention.txt").write_text(ABSTENTION)
+        write_jsonl(out / "cpt" / "train.jsonl", data.cpt)
+        write_jsonl(out / "golden" / "golden.jsonl", data.golden)
+        write_jsonl(out / "unanswerable" / "unanswerable.jsonl", data.unanswerable)
+        (out / "golden" / "system_prompt.txt").write_text(SYSTEM_PROMPT)
+        (out / "unanswerable" / "system_prompt.txt").write_text(SYSTEM_PROMPT)
+        write_jsonl(out / "raw" / "qa.jsonl", [q.to_dict() for q in qas])
+        if exchanges:
+            write_jsonl(out / "raw" / "exchanges.jsonl", exchanges)
+        (out / "report").mkdir()
+        (out / "report" / "synth_report.json").write_text(json.dumps(rep, indent=1, ensure_ascii=False))
+        (out / "report" / "synth_report.md").write_text(report_markdown(rep))
+        kinds = {"cpt": "cpt_dataset", "sft": "sft_dataset", "dpo": "dpo_dataset", "golden": "eval_dataset",
+                 "unanswerable": "eval_dataset", "raw": "synth_raw", "report": "synth_report"}  # fmt: skip
+        for name, kind in kinds.items():
+            outputs[name] = tracker.log_output(name, out / name, kind=kind)
+    return outputs

@@ -1,0 +1,259 @@
+"""Teachers turn a chunk into question/answer pairs; generation is checkpointed per chunk and resumable.
+
+- extractive: deterministic, no model (extractive.py);
+- endpoint: any OpenAI-compatible chat API, bounded concurrency, timeouts, retries with backoff;
+- local: a transformers model named in config, same prompts as the endpoint.
+LLM output must be JSON of the QA schema: malformed output is retried once, then dropped and counted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Protocol
+
+import requests
+
+from doctune.config import EndpointConfig, SynthConfig
+from doctune.synth.extractive import QA, extractive_questions, fold
+from doctune.synth.prompts import JUDGE_SCHEMA, JUDGE_SYSTEM, QA_SCHEMA, TEACHER_SYSTEM, judge_prompt, teacher_prompt
+
+
+class TeacherError(RuntimeError):
+    """The teacher cannot be used at all (endpoint unreachable after retries, missing key...)."""
+
+
+class Teacher(Protocol):
+    name: str
+
+    def questions(self, chunk: dict) -> tuple[list[QA], dict]:
+        """QA for one chunk, and a record of the exchange (kept as an artifact)."""
+        ...
+
+
+class ExtractiveTeacher:
+    name = "extractive"
+
+    def __init__(self, config: SynthConfig):
+        self.limit = config.max_questions
+
+    def questions(self, chunk: dict) -> tuple[list[QA], dict]:
+        return extractive_questions(chunk, self.limit), {}
+
+
+def parse_questions(content: str, chunk: dict, limit: int) -> list[QA] | None:
+    """QA from an LLM reply, or None when the reply is not JSON of the expected shape."""
+    try:
+        data = json.loads(content)
+    except (json.JSONDecodeError, TypeError):
+        return None
+    items = data.get("questions") if isinstance(data, dict) else None
+    if not isinstance(items, list):
+        return None
+    out = []
+    for item in items[:limit]:
+        if not isinstance(item, dict):
+            continue
+        question, answer = fold(str(item.get("question", ""))), fold(str(item.get("answer", "")))
+        if len(question) < 8 or not answer:
+            continue
+        start = chunk["text"].find(answer)
+        out.append(
+            QA(
+                question=question,
+                answer=answer,
+                chunk_id=chunk["chunk_id"],
+                qtype="generated",
+                answer_start=start,
+                answer_end=start + len(answer) if start >= 0 else -1,
+                evidence=answer,
+            )
+        )
+    return out
+
+
+class ChatClient:
+    """POST /chat/completions with bounded retries and backoff; errors name the URL."""
+
+    def __init__(self, config: EndpointConfig):
+        self.config = config
+        self.url = config.base_url.rstrip("/") + "/chat/completions"
+        self.headers = {"Content-Type": "application/json"}
+        key = os.environ.get(config.api_key_env, "")
+        if key:
+            self.headers["Authorization"] = f"Bearer {key}"
+        self.local = threading.local()
+
+    def _session(self) -> requests.Session:
+        if not hasattr(self.local, "session"):
+            self.local.session = requests.Session()
+        return self.local.session
+
+    def response_format(self, schema: dict) -> dict | None:
+        kind = self.config.response_format
+        if kind == "json_object":
+            return {"type": "json_object", "schema": schema}
+        if kind == "json_schema":
+            return {"type": "json_schema", "json_schema": {"name": "reply", "schema": schema}}
+        return None
+
+    def complete(self, system: str, user: str, schema: dict) -> str:
+        body = {
+            "model": self.config.model,
+            "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
+            "temperature": self.config.temperature,
+            "max_tokens": self.config.max_tokens,
+        }
+        if (fmt := self.response_format(schema)) is not None:
+            body["response_format"] = fmt
+        last = ""
+        for attempt in range(self.config.max_retries + 1):
+            try:
+                response = self._session().post(self.url, json=body, headers=self.headers, timeout=self.config.timeout_s)
+                if response.status_code == 200:
+                    return response.json()["choices"][0]["message"]["content"] or ""
+                last = f"HTTP {response.status_code}: {response.text[:200]}"
+                if response.status_code in (400, 401, 403, 404):
+                    break  # the request itself is wrong: retrying cannot help
+            except (requests.RequestException, ValueError, KeyError, IndexError) as exc:
+                last = f"{type(exc).__name__}: {exc}"
+            if attempt < self.config.max_retries:
+                time.sleep(min(8.0, 0.5 * 2**attempt) * (1 + random.random() * 0.25))
+        raise TeacherError(f"teacher endpoint {self.url} failed after {self.config.max_retries + 1} attempts: {last}")
+
+
+class EndpointTeacher:
+    name = "endpoint"
+
+    def __init__(self, config: SynthConfig):
+        self.config = config
+        self.client = ChatClient(config.endpoint)
+
+    def _ask(self, chunk: dict) -> str:
+        prompt = teacher_prompt(chunk["text"], chunk.get("section", ""), self.config.min_questions, self.config.max_questions)
+        return self.client.complete(TEACHER_SYSTEM, prompt, QA_SCHEMA)
+
+    def questions(self, chunk: dict) -> tuple[list[QA], dict]:
+        replies = []
+        for _ in range(2):  # malformed -> one retry -> dropped
+            content = self._ask(chunk)
+            replies.append(content)
+            parsed = parse_questions(content, chunk, self.config.max_questions)
+            if parsed is not None:
+                return parsed, {"chunk_id": chunk["chunk_id"], "replies": replies, "malformed": len(replies) - 1}
+        return [], {"chunk_id": chunk["chunk_id"], "replies": replies, "malformed": len(replies)}
+
+    def judge(self, question: str, first: str, second: str) -> str | None:
+        """'A', 'B', or None when the reply is unusable."""
+        content = self.client.complete(JUDGE_SYSTEM, judge_prompt(question, first, second), JUDGE_SCHEMA)
+        try:
+            better = json.loads(content).get("better")
+        except (json.JSONDecodeError, AttributeError):
+            return None
+        return better if better in ("A", "B") else None
+
+
+class LocalTeacher:
+    """A transformers model generating with the endpoint's prompts (no server needed, slow on CPU)."""
+
+    name = "local"
+
+    def __init__(self, config: SynthConfig, cache_dir: Path):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from doctune.models import resolve_model
+
+        folder = resolve_model(config.local.model, cache_dir)
+        self.config = config
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.model = AutoModelForCausalLM.from_pretrained(folder)
+        self.model.eval()
+
+    def _generate(self, user: str) -> str:
+        import torch
+
+        messages = [{"role": "system", "content": TEACHER_SYSTEM}, {"role": "user", "content": user}]
+        inputs = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        with torch.no_grad():
+            output = self.model.generate(**inputs, max_new_tokens=self.config.local.max_new_tokens, do_sample=False)
+        return self.tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+    def questions(self, chunk: dict) -> tuple[list[QA], dict]:
+        prompt = teacher_prompt(chunk["text"], chunk.get("section", ""), self.config.min_questions, self.config.max_questions)
+        replies = []
+        for _ in range(2):
+            content = self._generate(prompt)
+            replies.append(content)
+            # Small models wrap JSON in prose: take the outermost object.
+            start, end = content.find("{"), content.rfind("}")
+            parsed = parse_questions(content[start : end + 1], chunk, self.config.max_questions) if start >= 0 else None
+            if parsed is not None:
+                return parsed, {"chunk_id": chunk["chunk_id"], "replies": replies, "malformed": len(replies) - 1}
+        return [], {"chunk_id": chunk["chunk_id"], "replies": replies, "malformed": len(replies)}
+
+
+def make_teacher(config: SynthConfig, cache_dir: Path) -> Teacher:
+    if config.teacher == "endpoint":
+        return EndpointTeacher(config)
+    if config.teacher == "local":
+        return LocalTeacher(config, cache_dir)
+    return ExtractiveTeacher(config)
+
+
+def generate(
+    teacher: Teacher, chunks: list[dict], checkpoint: Path, concurrency: int = 1
+) -> tuple[list[QA], list[dict], Counter]:
+    """Questions for every chunk, resuming from `checkpoint` (JSONL, one line per finished chunk).
+
+    A chunk is written once it is done, so a crash loses at most the chunks in flight and a rerun neither
+    repeats nor duplicates finished ones. Raises TeacherError with everything done so far kept.
+    """
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    done: dict[str, dict] = {}
+    if checkpoint.is_file():
+        for line in checkpoint.read_text().splitlines():
+            try:
+                record = json.loads(line)
+                done[record["chunk_id"]] = record
+            except (json.JSONDecodeError, KeyError):
+                continue  # a line cut short by a crash: that chunk is simply redone
+    todo = [c for c in chunks if c["chunk_id"] not in done]
+    lock = threading.Lock()
+    stop = threading.Event()  # the endpoint is down: queued chunks should not each retry first
+
+    def work(chunk: dict) -> None:
+        if stop.is_set():
+            return
+        try:
+            qas, exchange = teacher.questions(chunk)
+        except TeacherError:
+            stop.set()
+            raise
+        record = {"chunk_id": chunk["chunk_id"], "qa": [q.to_dict() for q in qas], "exchange": exchange}
+        with lock, open(checkpoint, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+            done[chunk["chunk_id"]] = record
+
+    if concurrency <= 1:
+        for chunk in todo:
+            work(chunk)
+    else:
+        with ThreadPoolExecutor(concurrency) as pool:
+            for future in [pool.submit(work, chunk) for chunk in todo]:
+                future.result()
+    counts: Counter = Counter(resumed_chunks=len(chunks) - len(todo))
+    qas, exchanges = [], []
+    for chunk in chunks:  # chunk order, whatever order they finished in
+        record = done[chunk["chunk_id"]]
+        qas.extend(QA.from_dict(q) for q in record["qa"])
+        if record["exchange"]:
+            exchanges.append(record["exchange"])
+            counts["malformed_replies"] += record["exchange"].get("malformed", 0)
+            counts["dropped_malformed_chunks"] += 1 if record["exchange"].get("malformed", 0) >= 2 else 0
+    return qas, exchanges, counts

@@ -1,0 +1,367 @@
+"""Synthetic data: the extractive teacher, filters, leak-free datasets on the real corpus, endpoint teachers."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from doctune.config import EndpointConfig, SynthConfig
+from doctune.stages import execute_stage
+from doctune.synth import filters
+from doctune.synth.build import alter, judged, replay_records
+from doctune.synth.extractive import QA, TEMPLATES, extractive_questions, fold
+from doctune.synth.prompts import ABSTENTION, SYSTEM_PROMPT, edge_order
+from doctune.synth.stage import SynthError
+from doctune.synth.teachers import EndpointTeacher, TeacherError, generate
+from doctune.tracking import Tracker
+
+CHUNK = {
+    "chunk_id": "doc-0001",
+    "doc_id": "doc",
+    "section": "8.1 Box plots",
+    "text": (
+        "8.1 Box plots\n\n"
+        "A box plot is a graph that shows the median and the quartiles of a data set.\n"
+        "The draw command draws the box plot on the current axes.\n"
+        "Whiskers extend to points within 1.5 inter-quartile ranges of the box.\n\n"
+        "The following options are available:\n"
+        "-u graylevel -- set graylevel for underlay beneath panels.\n"
+        "-h -- print this help message and quit.\n"
+    ),
+}
+
+
+def test_every_question_type_has_five_phrasings():
+    assert set(TEMPLATES) == {"definition", "command", "list", "numeric", "section"}
+    assert all(len(set(t)) >= 5 for t in TEMPLATES.values())
+
+
+def test_extractive_answers_are_spans_of_the_chunk():
+    qas = extractive_questions(CHUNK, limit=16)
+    kinds = Counter(qa.qtype for qa in qas)
+    assert {"definition", "command", "list", "numeric", "section"} <= set(kinds)
+    for qa in qas:
+        assert fold(CHUNK["text"][qa.answer_start : qa.answer_end]) == fold(qa.answer), qa
+    numeric = next(qa for qa in qas if qa.qtype == "numeric")
+    assert numeric.answer == "1.5" and "___" in numeric.question and "1.5" not in numeric.question
+    assert any(qa.question.endswith("the -u option do?") or "-u option" in qa.question for qa in qas)
+    assert extractive_questions(CHUNK, limit=16) == qas  # deterministic
+
+
+def _qa(question, answer, chunk="c1"):
+    return QA(question=question, answer=answer, chunk_id=chunk, qtype="generated", evidence=answer)
+
+
+def test_filters_drop_what_they_should():
+    items = [
+        _qa("What is a box plot?", "A graph of quartiles."),
+        _qa("what is a BOX plot", "a graph of quartiles"),  # exact duplicate once normalized
+        _qa("Which value is 42 here?", "42"),  # leaks its answer
+        _qa("Describe the median line position.", "It marks the middle of the box."),
+    ]
+    assert [q.answer for q in filters.exact_dedup(items)] == ["A graph of quartiles.", "42", "It marks the middle of the box."]
+    assert [q.answer for q in filters.leakage_filter(items)] == [
+        "A graph of quartiles.",
+        "a graph of quartiles",
+        "It marks the middle of the box.",
+    ]
+    near = [
+        _qa("What does the draw box command draw on the axes?", "A box."),
+        _qa("What does the draw box command draw on the axis?", "A box."),
+    ]
+    assert len(filters.minhash_dedup(near, threshold=0.5, permutations=64)) == 1
+    assert (
+        filters.length_filter([_qa("Question one here?", "cut off..."), _qa("Question two here?", "Fine.")])[0].answer == "Fine."
+    )
+
+
+def test_embedding_dedup_finds_near_duplicates_only():
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((50, 16)).astype(np.float32)
+    near = base[:10] + 0.01 * rng.standard_normal((10, 16)).astype(np.float32)
+    vectors = np.vstack([base, near])
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    items = [_qa(f"question {i}?", f"answer {i}") for i in range(60)]
+    kept = filters.embedding_dedup(items, vectors, threshold=0.99)
+    assert [q.question for q in kept] == [f"question {i}?" for i in range(50)]
+
+
+def test_edge_order_puts_the_best_passages_at_both_ends():
+    assert edge_order(["r1", "r2", "r3", "r4", "r5"]) == ["r1", "r3", "r5", "r4", "r2"]
+
+
+def test_altered_answers_change_a_number_or_a_name():
+    assert alter("Whiskers extend 1.5 ranges.", [], 0.0) != "Whiskers extend 1.5 ranges."
+    assert alter("It was written by Tukey in 1977.", ["Barnes"], 0.0) == "It was written by Tukey in 1978."
+    assert alter("Invented by Tukey for data.", ["Barnes", "Tukey"], 0.0) == "Invented by Barnes for data."
+    assert alter("no numbers or names here", ["Barnes"], 0.5) is None
+
+
+def test_replay_reaches_its_share_by_repeating_whole_texts():
+    counts = Counter()
+    records = replay_records(["a" * 100, "b" * 100], domain_chars=1600, share=0.2, counts=counts)
+    replay_chars = sum(len(r["text"]) for r in records)
+    assert 400 <= replay_chars < 500 and counts["replay_repeats"] == 2
+    assert replay_records(["x"], 100, 0.0, Counter()) == []
+
+
+def test_replay_dataset_errors_name_the_file(tmp_path):
+    from doctune.synth.replay import ReplayError, load_replay_dataset
+
+    bad = tmp_path / "replay.jsonl"
+    bad.write_text(json.dumps({"body": "no text column"}) + "\n")
+    with pytest.raises(ReplayError, match=rf"{bad}: no 'text' column \(columns: body\)"):
+        load_replay_dataset(bad)
+    with pytest.raises(ReplayError, match="expected an existing .jsonl or .parquet"):
+        load_replay_dataset(tmp_path / "missing.csv")
+
+
+def test_a_model_that_rehearses_nothing_is_an_error(tiny_model_dir, tmp_path):
+    from doctune.config import ReplayConfig
+    from doctune.synth.replay import ReplayError, rehearsal
+
+    with pytest.raises(ReplayError, match="answered none of 2 rehearsal prompts"):
+        rehearsal(str(tiny_model_dir), ReplayConfig(max_new_tokens=8, max_prompts=2), tmp_path)
+
+
+@pytest.mark.real_model
+def test_bundled_model_rehearses_general_prompts(tmp_path):
+    from doctune.config import ReplayConfig
+    from doctune.synth.replay import general_prompts, rehearsal
+
+    texts = rehearsal("bundled:smollm2-135m-instruct", ReplayConfig(max_new_tokens=32, max_prompts=4), tmp_path)
+    assert len(texts) == 4 and len(general_prompts()) >= 100
+    for prompt, text in zip(general_prompts(), texts):
+        assert text.startswith(prompt + "\n\n") and len(text) > len(prompt) + 20
+
+
+def test_judge_keeps_only_pairs_both_orders_agree_on():
+    pair = {"prompt": [{"role": "user", "content": "q"}], "chosen": [{"content": "good"}], "rejected": [{"content": "bad"}]}
+    consistent = lambda q, a, b: "A" if a == "good" else "B"  # noqa: E731
+    positional = lambda q, a, b: "A"  # noqa: E731  (always prefers the first answer shown)
+    counts = Counter()
+    assert judged([pair], consistent, counts) == [pair]
+    assert judged([pair], positional, counts) == [] and counts["judge_disagreed"] == 1
+
+
+# -- the stage on the real corpus ----------------------------------------------
+
+GENERAL_TEXT = [
+    "Water boils at 100 degrees Celsius at sea level; at higher altitudes the lower air pressure lets it boil sooner.",
+    "Photosynthesis lets plants turn sunlight, water and carbon dioxide into sugar, releasing oxygen as a by-product.",
+    "The Pacific is the largest and deepest of the Earth's oceans, covering about a third of the planet's surface.",
+    "A prime number has exactly two divisors, one and itself; 2, 3, 5, 7 and 11 are the first five primes.",
+]
+
+
+@pytest.fixture(scope="module")
+def corpus_synth(tmp_path_factory, tiny_model_dir, corpus):
+    from doctune.config import build_config
+
+    work = tmp_path_factory.mktemp("synth-corpus")
+    replay = work / "general.jsonl"
+    replay.write_text("".join(json.dumps({"text": text}) + "\n" for text in GENERAL_TEXT))
+    config = build_config(
+        {"project": {"workdir": str(work)}, "model": {"base_model": str(tiny_model_dir)}, "ingest": {"pdfs": str(corpus)},
+         "synth": {"replay": {"dataset": str(replay)}}}
+    )  # fmt: skip
+    tracker = Tracker(config)
+    parent = tracker.open_pipeline_run("synth-test")
+    ingest = execute_stage("ingest", config, tracker, parent, {})
+    synth = execute_stage(
+        "synth", config, tracker, parent, {"chunks": ingest.outputs["chunks"], "pages": ingest.outputs["pages"]}
+    )
+    return config, tracker, synth
+
+
+def _jsonl(folder: Path, name: str) -> list[dict]:
+    return [json.loads(line) for line in (folder / name).read_text().splitlines()]
+
+
+def test_synth_outputs_every_dataset(corpus_synth):
+    _, tracker, result = corpus_synth
+    assert set(result.outputs) == {"cpt", "sft", "dpo", "golden", "unanswerable", "raw", "report"}
+    report = json.loads((tracker.fetch(result.outputs["report"]) / "synth_report.json").read_text())
+    sizes = report["datasets"]
+    assert sizes["sft_train"] > 300 and sizes["dpo_train"] > 300 and sizes["golden"] > 20 and sizes["unanswerable"] > 20
+    assert report["filters"]["generated"] > report["filters"]["kept"] > 0
+    assert 0.15 <= report["abstention_share"] <= 0.2
+    assert 0.19 <= report["replay_share"] <= 0.21  # from the user-supplied general text
+    run = tracker.client.get_run(result.run_id)
+    assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["chunks:chunks.parquet"]
+
+
+def test_eval_sets_are_leak_free(corpus_synth):
+    _, tracker, result = corpus_synth
+    sft = _jsonl(tracker.fetch(result.outputs["sft"]), "train.jsonl") + _jsonl(
+        tracker.fetch(result.outputs["sft"]), "validation.jsonl"
+    )
+    golden = _jsonl(tracker.fetch(result.outputs["golden"]), "golden.jsonl")
+    unanswerable = _jsonl(tracker.fetch(result.outputs["unanswerable"]), "unanswerable.jsonl")
+    eval_chunks = {c for item in golden + unanswerable for c in item["chunk_ids"]}
+    training_chunks = {r["meta"]["chunk_id"] for r in sft} | {c for r in sft for c in r["meta"].get("context_chunk_ids", [])}
+    assert eval_chunks and not eval_chunks & training_chunks
+    cpt = _jsonl(tracker.fetch(result.outputs["cpt"]), "train.jsonl")
+    assert not [
+        g for g in golden if len(g["meta"]["evidence"]) > 40 and any(g["meta"]["evidence"] in fold(r["text"]) for r in cpt)
+    ]
+    report = json.loads((tracker.fetch(result.outputs["report"]) / "synth_report.json").read_text())
+    assert report["contamination_rate"] == 0.0
+    assert all(item["answerable"] for item in golden) and not any(item["answerable"] for item in unanswerable)
+    assert all(item["answer"] == ABSTENTION for item in unanswerable)
+
+
+def test_sft_records_share_one_system_prompt_and_end_in_end_of_turn(corpus_synth, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    _, tracker, result = corpus_synth
+    folder = tracker.fetch(result.outputs["sft"])
+    assert (folder / "system_prompt.txt").read_text() == SYSTEM_PROMPT
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    records = _jsonl(folder, "train.jsonl")
+    assert {r["messages"][0]["content"] for r in records} == {SYSTEM_PROMPT}
+    for record in records:
+        ids = tokenizer.apply_chat_template(record["messages"], tokenize=True, return_dict=True)["input_ids"]
+        assert (
+            tokenizer.eos_token_id in ids[-2:]
+            and tokenizer.decode(ids[ids.index(tokenizer.eos_token_id, len(ids) - 2) + 1 :]).strip() == ""
+        )
+    forms = Counter(r["meta"]["form"] for r in records)
+    assert forms["rag"] and forms["closed_book"] and forms["abstention"]
+    rag = next(r for r in records if r["meta"]["form"] == "rag")
+    assert rag["messages"][1]["content"].startswith("Context:\n[1] ") and "\n\nQuestion: " in rag["messages"][1]["content"]
+
+
+def test_dpo_pairs_use_every_rejection_strategy(corpus_synth):
+    _, tracker, result = corpus_synth
+    pairs = _jsonl(tracker.fetch(result.outputs["dpo"]), "train.jsonl")
+    assert {p["meta"]["strategy"] for p in pairs} == {"other_chunk", "altered", "other_question", "unsupported_answer"}
+    for pair in pairs:
+        assert pair["prompt"][0] == {"role": "system", "content": SYSTEM_PROMPT}
+        assert pair["chosen"][0]["content"] != pair["rejected"][0]["content"]
+        if pair["meta"]["strategy"] == "unsupported_answer":
+            assert pair["chosen"][0]["content"] == ABSTENTION
+
+
+def test_empty_chunks_are_an_error_and_write_no_dataset(make_config, tmp_path):
+    from doctune.ingest.stage import CHUNK_FEATURES, PAGE_FEATURES, _write_parquet
+
+    config = make_config()
+    tracker = Tracker(config)
+    parent = tracker.open_pipeline_run("empty")
+    producer = tracker.start_stage_run("ingest", parent, {})
+    refs = {}
+    for name, features in (("chunks", CHUNK_FEATURES), ("pages", PAGE_FEATURES)):
+        (tmp_path / name).mkdir()
+        _write_parquet([], features, tmp_path / name / f"{name}.parquet")
+        refs[name] = producer.log_output(name, tmp_path / name, kind=name)
+    with pytest.raises(SynthError, match="no chunks"):
+        execute_stage("synth", config, tracker, parent, refs)
+    failed = tracker.stage_runs(parent)  # only finished runs: the synth run is not among them
+    assert all(r.data.tags["doctune.stage"] != "synth" for r in failed)
+    synth_run = tracker.client.search_runs([tracker.experiment_id], "tags.`doctune.stage` = 'synth'")[0]
+    assert synth_run.info.status == "FAILED" and not tracker.client.list_artifacts(synth_run.info.run_id, "sft")
+
+
+# -- endpoint teachers -----------------------------------------------------------
+
+
+class _Endpoint:
+    """A real HTTP server on 127.0.0.1 whose replies each test scripts: good JSON, garbage, or errors."""
+
+    def __init__(self, behave):
+        self.behave = behave
+        self.requests: list[dict] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.requests.append(body)
+                status, content = outer.behave(len(outer.requests), body)
+                payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def close(self):
+        self.server.shutdown()
+
+
+GOOD = json.dumps({"questions": [{"question": "What does a box plot show?", "answer": "the median and the quartiles"}]})
+
+
+def _teacher(url: str, **endpoint) -> EndpointTeacher:
+    return EndpointTeacher(
+        SynthConfig(teacher="endpoint", endpoint=EndpointConfig(base_url=url, max_retries=2, timeout_s=5, **endpoint))
+    )
+
+
+def _chunks(n: int) -> list[dict]:
+    return [{**CHUNK, "chunk_id": f"doc-{i:04d}"} for i in range(n)]
+
+
+def test_malformed_replies_are_retried_once_then_dropped_and_counted(tmp_path):
+    endpoint = _Endpoint(lambda n, body: (200, GOOD if n % 3 == 0 else "not json at all"))
+    try:
+        qas, exchanges, counts = generate(_teacher(endpoint.url), _chunks(2), tmp_path / "ckpt.jsonl")
+    finally:
+        endpoint.close()
+    # requests 1 and 2 (chunk 0, then its retry) are garbage -> chunk 0 dropped; request 3 (chunk 1) is good
+    assert [qa.chunk_id for qa in qas] == ["doc-0001"]
+    assert qas[0].answer == "the median and the quartiles" and qas[0].answer_start > 0
+    assert counts["dropped_malformed_chunks"] == 1 and counts["malformed_replies"] == 2
+    assert exchanges[0]["replies"] == ["not json at all", "not json at all"]
+    assert endpoint.requests[0]["response_format"]["type"] == "json_object"
+
+
+def test_endpoint_down_names_the_url_and_the_rerun_resumes(tmp_path):
+    checkpoint = tmp_path / "ckpt.jsonl"
+    endpoint = _Endpoint(lambda n, body: (200, GOOD) if n <= 3 else (503, "overloaded"))
+    try:
+        with pytest.raises(TeacherError, match=rf"{endpoint.url}/chat/completions failed after 3 attempts: HTTP 503"):
+            generate(_teacher(endpoint.url), _chunks(6), checkpoint)
+    finally:
+        endpoint.close()
+    assert len(checkpoint.read_text().splitlines()) == 3  # the finished chunks survive
+
+    healthy = _Endpoint(lambda n, body: (200, GOOD))
+    try:
+        qas, _, counts = generate(_teacher(healthy.url), _chunks(6), checkpoint, concurrency=3)
+    finally:
+        healthy.close()
+    assert len(healthy.requests) == 3 and counts["resumed_chunks"] == 3
+    assert [qa.chunk_id for qa in qas] == [f"doc-{i:04d}" for i in range(6)]  # no chunk lost or duplicated
+
+
+def test_the_api_key_comes_from_the_environment(tmp_path, monkeypatch):
+    seen = []
+    endpoint = _Endpoint(lambda n, body: (200, GOOD))
+    monkeypatch.setenv("MY_TEACHER_KEY", "s3cret")
+    original = endpoint.server.RequestHandlerClass.do_POST
+
+    def capture(handler):
+        seen.append(handler.headers.get("Authorization"))
+        original(handler)
+
+    endpoint.server.RequestHandlerClass.do_POST = capture
+    try:
+        generate(_teacher(endpoint.url, api_key_env="MY_TEACHER_KEY"), _chunks(1), tmp_path / "c.jsonl")
+    finally:
+        endpoint.close()
+    assert seen == ["Bearer s3cret"]
+    assert "s3cret" not in (tmp_path / "c.jsonl").read_text()
