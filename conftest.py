@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -98,3 +102,41 @@ def small_corpus(tmp_path, corpus) -> Path:
     for name in ("camlidl-1.04.doc.pdf", "sample-plain.pdf"):
         (folder / name).write_bytes((corpus / name).read_bytes())
     return folder
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def start_server(tmp_path):
+    """Start a real server process on 127.0.0.1 and wait until `ready_url` answers 200; stopped after the test."""
+    started = []
+
+    def start(command: list[str], ready_url: str, timeout: float = 120) -> None:
+        log = tmp_path / f"server-{len(started)}.log"
+        with open(log, "w") as handle:
+            process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT)
+        started.append(process)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(ready_url, timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                raise RuntimeError(f"{command[:4]} did not come up at {ready_url}: {log.read_text()[-2000:]}")
+            time.sleep(0.5)
+
+    yield start
+    for process in started:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()

@@ -365,3 +365,64 @@ def test_the_api_key_comes_from_the_environment(tmp_path, monkeypatch):
         endpoint.close()
     assert seen == ["Bearer s3cret"]
     assert "s3cret" not in (tmp_path / "c.jsonl").read_text()
+
+
+def test_local_teacher_counts_unparseable_output(tiny_model_dir, tmp_path):
+    """A random model cannot write JSON: both tries are kept in the exchange and the chunk is dropped."""
+    from doctune.synth.teachers import LocalTeacher
+
+    config = SynthConfig(teacher="local", local={"model": str(tiny_model_dir), "max_new_tokens": 16})
+    qas, exchanges, counts = generate(LocalTeacher(config, tmp_path), _chunks(1), tmp_path / "c.jsonl")
+    assert qas == [] and counts["dropped_malformed_chunks"] == 1 and len(exchanges[0]["replies"]) == 2
+
+
+@pytest.mark.server
+def test_endpoint_teacher_against_a_live_llama_cpp_server(start_server, make_config, corpus, tmp_path, capsys):
+    """`doctune stage synth --from-run ... --set synth.teacher=endpoint` with llama.cpp serving the bundled GGUF."""
+    import sys
+
+    from conftest import free_port
+    from doctune.cli import main
+    from doctune.models import bundled_gguf
+
+    import pymupdf
+
+    pdfs = tmp_path / "pdfs"
+    pdfs.mkdir()
+    with pymupdf.open(corpus / "camlidl-1.04.doc.pdf") as doc:  # four pages keep the test to a few requests
+        doc.select([1, 2, 3, 4])
+        doc.save(pdfs / "camlidl-excerpt.pdf")
+    config = make_config(pdfs)
+    tracker = Tracker(config)
+    parent = tracker.open_pipeline_run("endpoint-test")
+    ingested = execute_stage("ingest", config, tracker, parent, {})
+    n_chunks = json.loads((tracker.fetch(ingested.outputs["report"]) / "ingest_report.json").read_text())["summary"]["chunks"]
+
+    port = free_port()
+    gguf = bundled_gguf("smollm2-135m-instruct")
+    start_server(
+        [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port),
+         "--n_ctx", "4096", "--model_alias", "smollm2"],
+        f"http://127.0.0.1:{port}/v1/models",
+    )  # fmt: skip
+    settings = {
+        "project.workdir": config.project.workdir, "model.base_model": config.model.base_model,
+        "synth.teacher": "endpoint", "synth.endpoint.base_url": f"http://127.0.0.1:{port}/v1",
+        "synth.endpoint.model": "smollm2", "synth.endpoint.max_tokens": 160, "synth.endpoint.max_concurrency": 2,
+        "synth.replay.share": 0,
+    }  # fmt: skip
+    args = ["stage", "synth", "--from-run", parent]
+    for key, value in settings.items():
+        args += ["--set", f"{key}={value}"]
+    assert main(args) == 0, capsys.readouterr().err
+
+    (run,) = tracker.stage_runs(parent, "synth")
+    outputs = tracker.outputs_of(run)
+    raw = tracker.fetch(outputs["raw"])
+    exchanges = _jsonl(raw, "exchanges.jsonl")  # the raw replies, one record per chunk
+    assert len({e["chunk_id"] for e in exchanges}) == len(exchanges) == n_chunks >= 3
+    qas = _jsonl(raw, "qa.jsonl")
+    assert qas and all(len(q["question"]) >= 8 and q["answer"] and q["qtype"] == "generated" for q in qas)
+    report = json.loads((tracker.fetch(outputs["report"]) / "synth_report.json").read_text())
+    assert report["teacher"] == "endpoint" and report["filters"]["generated"] == len(qas)
+    assert report["datasets"]["sft_train"] > 0

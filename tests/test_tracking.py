@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
+from conftest import free_port
 from doctune.artifacts import ArtifactIntegrityError, ArtifactRef, refs_from_json, refs_to_json
 from doctune.stages import execute_stage
 from doctune.tracking import Tracker
@@ -75,40 +72,18 @@ def test_malformed_references_are_explained():
         refs_from_json("{nope")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
-def mlflow_server(tmp_path):
+def mlflow_server(tmp_path, start_server):
     """A real `mlflow server` on 127.0.0.1 with a sqlite backend and a local artifact destination."""
-    port = _free_port()
+    port = free_port()
     artifacts = tmp_path / "server-artifacts"
     command = [
         sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(artifacts),
         "--workers", "1",
     ]  # fmt: skip
-    with open(tmp_path / "server.log", "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                raise RuntimeError(f"mlflow server did not start: {(tmp_path / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.5)
-        yield url, artifacts
-        process.terminate()
-        process.wait(timeout=30)
+    start_server(command, f"http://127.0.0.1:{port}/health", timeout=90)
+    return f"http://127.0.0.1:{port}", artifacts
 
 
 @pytest.mark.server

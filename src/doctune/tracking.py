@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+import warnings
 from functools import cache
 from importlib import metadata
 from pathlib import Path
@@ -214,7 +215,9 @@ class StageRun:
 
         frame = pd.read_parquet(table) if table.suffix == ".parquet" else pd.read_json(table, lines=True)
         source = f"{self.client.get_run(ref.run_id).info.artifact_uri}/{ref.artifact_path}/{table.name}"
-        dataset = mlflow.data.from_pandas(frame, source=source, name=f"{ref.kind}:{table.name}", digest=ref.digest[7:23])
+        with warnings.catch_warnings():  # source-resolver and integer-schema hints, not problems here
+            warnings.simplefilter("ignore", UserWarning)
+            dataset = mlflow.data.from_pandas(frame, source=source, name=f"{ref.kind}:{table.name}", digest=ref.digest[7:23])
         entity = DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])
         self.client.log_inputs(self.run_id, datasets=[entity])
 
