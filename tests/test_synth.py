@@ -381,11 +381,11 @@ def test_endpoint_teacher_against_a_live_llama_cpp_server(start_server, make_con
     """`doctune stage synth --from-run ... --set synth.teacher=endpoint` with llama.cpp serving the bundled GGUF."""
     import sys
 
+    import pymupdf
+
     from conftest import free_port
     from doctune.cli import main
     from doctune.models import bundled_gguf
-
-    import pymupdf
 
     pdfs = tmp_path / "pdfs"
     pdfs.mkdir()
