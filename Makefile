@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml requirements/lock.txt
 	@$(MAKE) --no-print-directory system-deps
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -c requirements/lock.txt -e ".[dev]" torch==2.13.0
+	$(BIN)/python -m pip install -c requirements/lock.txt -e ".[dev,serve]" torch==2.13.0
 	touch $(STAMP)
 
 # OCR for image-only pages: Debian's tesseract where we can install it; ingest flags such pages otherwise.
