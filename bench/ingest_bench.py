@@ -13,13 +13,13 @@ OCR is off so every variant reads the same text layer (OCR'd pages would dominat
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
 from pathlib import Path
 
 import pymupdf
+from results_io import write_results
 
 from doctune.config import IngestConfig
 from doctune.ingest.pdf import extract_pages
@@ -106,8 +106,6 @@ def main() -> None:
         },
         "targets": {"ingest_1proc_vs_bare": 0.5, "speedup_1_to_2_procs": 1.7},
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "ingest.json").write_text(json.dumps(result, indent=1) + "\n")
     lines = [
         f"Ingest benchmark: {len(files)} files, {pages} pages, {os.cpu_count()} CPUs, best of {args.repeats}, OCR off.",
         "",
@@ -119,8 +117,7 @@ def main() -> None:
         "|---|---:|---:|",
         *[f"| {k} | {v} | {result['targets'].get(k, '')} |" for k, v in result["ratios"].items()],
     ]
-    (args.out / "ingest.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(args.out, "ingest", result, lines)
 
 
 if __name__ == "__main__":

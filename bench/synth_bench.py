@@ -8,11 +8,12 @@ word windows, so they hold exact and near duplicates as generated data does.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import time
 from pathlib import Path
+
+from results_io import write_results
 
 from doctune.config import IngestConfig, load_config
 from doctune.ingest.stage import ingest_folder
@@ -89,8 +90,6 @@ def main() -> None:
         "dedup_growth_target": 12 * (large / small) / 10,
         "cpus": os.cpu_count(),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "synth.json").write_text(json.dumps(result, indent=1) + "\n")
     lines = [
         f"Synth benchmark: {len(chunks)} chunks of ../shared/corpus, extractive teacher, {os.cpu_count()} CPUs.",
         "",
@@ -103,8 +102,7 @@ def main() -> None:
         f"| dedup {large:,} examples | {large_s:.2f} s ({kept_large:,} kept) |",
         f"| growth {small:,} -> {large:,} (target <= {result['dedup_growth_target']:g}x) | {result['dedup_growth']}x |",
     ]
-    (args.out / "synth.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(args.out, "synth", result, lines)
 
 
 if __name__ == "__main__":

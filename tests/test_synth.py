@@ -426,3 +426,24 @@ def test_endpoint_teacher_against_a_live_llama_cpp_server(start_server, make_con
     report = json.loads((tracker.fetch(outputs["report"]) / "synth_report.json").read_text())
     assert report["teacher"] == "endpoint" and report["filters"]["generated"] == len(qas)
     assert report["datasets"]["sft_train"] > 0
+
+
+def test_judge_through_the_endpoint_drops_position_biased_verdicts():
+    """A judge that always prefers the first answer shown disagrees with itself once A and B are swapped."""
+    pair = {
+        "prompt": [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": "What does a box plot show?"}],
+        "chosen": [{"role": "assistant", "content": "The median and the quartiles."}],
+        "rejected": [{"role": "assistant", "content": "The mean and the variance."}],
+    }
+    positional = _Endpoint(lambda n, body: (200, json.dumps({"better": "A"})))
+    fair = _Endpoint(
+        lambda n, body: (200, json.dumps({"better": "A" if "Answer A:\nThe median" in body["messages"][1]["content"] else "B"}))
+    )
+    try:
+        counts = Counter()
+        assert judged([pair], _teacher(positional.url).judge, counts) == [] and counts["judge_disagreed"] == 1
+        assert judged([pair], _teacher(fair.url).judge, Counter()) == [pair]
+        assert positional.requests[0]["response_format"]["schema"]["properties"]["better"]["enum"] == ["A", "B"]
+    finally:
+        positional.close()
+        fair.close()

@@ -13,6 +13,7 @@ import numpy as np
 from doctune.artifacts import ArtifactRef
 from doctune.config import RunConfig
 from doctune.retrieval import ChunkIndex
+from doctune.stages import code_digest
 from doctune.synth import filters
 from doctune.synth.build import Datasets, build
 from doctune.synth.extractive import QA
@@ -155,7 +156,8 @@ def run(config: RunConfig, inputs: dict[str, ArtifactRef], tracker: StageRun) ->
     teacher = make_teacher(cfg, cache)
     settings = cfg.model_dump(mode="json", include={"teacher", "endpoint", "local", "min_questions", "max_questions"})
     settings["endpoint"].pop("api_key_env", None)
-    key = hashlib.sha256(json.dumps([inputs["chunks"].digest, settings], sort_keys=True).encode()).hexdigest()[:24]
+    # Resume only what the same chunks, settings and code started: a code fix must not reuse stale output.
+    key = hashlib.sha256(json.dumps([inputs["chunks"].digest, settings, code_digest()], sort_keys=True).encode()).hexdigest()[:24]
     concurrency = cfg.endpoint.max_concurrency if cfg.teacher == "endpoint" else 1
     qas, exchanges, teacher_counts = generate(teacher, chunks, cache / "synth" / key / "generated.jsonl", concurrency)
 
