@@ -81,6 +81,37 @@ def summarize(tracker: Tracker, parent_run_id: str) -> str:
         if skipped:
             out.append("")
             out.append(_table(["file", "status", "reason"], skipped))
+    synth_runs = [r for r in runs if r.data.tags.get(f"{TAG}stage") == "synth" and r.info.status == "FINISHED"]
+    if synth_runs and "report" in (outputs := tracker.outputs_of(synth_runs[-1])):
+        report = json.loads((tracker.fetch(outputs["report"]) / "synth_report.json").read_text())
+        sizes = report["datasets"]
+        out.append("")
+        out.append(
+            _table(
+                [
+                    "QA kept",
+                    "SFT train/val",
+                    "DPO train/val",
+                    "CPT texts",
+                    "golden",
+                    "unanswerable",
+                    "abstention",
+                    "contamination",
+                ],
+                [
+                    [
+                        f"{report['filters']['kept']}/{report['filters']['generated']}",
+                        f"{sizes['sft_train']}/{sizes['sft_validation']}",
+                        f"{sizes['dpo_train']}/{sizes['dpo_validation']}",
+                        sizes["cpt"],
+                        sizes["golden"],
+                        sizes["unanswerable"],
+                        f"{report['abstention_share']:.1%}",
+                        f"{report['contamination_rate']:.1%}",
+                    ]
+                ],
+            )  # fmt: skip
+        )
     out.append("")
     out.append(f"pipeline run: {parent_run_id}  (tracking: {tracker.uri}, experiment {tracker.config.experiment_name!r})")
     if tracker.uri.startswith("sqlite:"):
