@@ -34,8 +34,8 @@ def test_unknown_key_names_its_path_and_the_allowed_keys():
 
 
 def test_unknown_section_is_rejected():
-    with pytest.raises(ConfigError, match=r"sft: unknown key; allowed keys: project, tracking, model, ingest"):
-        build_config({"sft": {"lr": 1}})
+    with pytest.raises(ConfigError, match=r"serving: unknown key; allowed keys: project, tracking, model, ingest"):
+        build_config({"serving": {"port": 1}})
 
 
 def test_bad_choice_lists_the_allowed_values():

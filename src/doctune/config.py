@@ -159,6 +159,74 @@ class SynthConfig(Section):
         return self
 
 
+class LoraSettings(Section):
+    r: int = Field(16, ge=1, le=1024)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    # "all-linear": every linear layer but the output head; or module-name suffixes such as [q_proj, v_proj].
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class DeepSpeedSettings(Section):
+    """ZeRO-3 for `full` fine-tunes over more than one process; the JSON config is generated from these."""
+
+    offload_optimizer: bool = False
+    offload_params: bool = False
+
+
+class TrainingConfig(Section):
+    """What every training stage shares; the CPT and SFT sections extend it."""
+
+    enabled: bool = True
+    method: Literal["lora", "qlora", "full"] = "lora"
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    learning_rate: float | None = Field(None, gt=0, description="null: the stage's default for the method")
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int = Field(0, ge=0, description="optimizer steps; 0 = as many as the epochs take")
+    batch_size: int = Field(4, ge=1, description="sequences per device per step")
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    lr_scheduler: Literal["cosine", "linear", "constant_with_warmup"] = "cosine"
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    # auto: bf16 where the GPU supports it, else fp16 on GPU, fp32 on CPU.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    gradient_checkpointing: bool = False
+    save_steps: int = Field(50, ge=1, description="checkpoint every N optimizer steps")
+    save_total_limit: int = Field(2, ge=1, description="checkpoints kept (the best one is kept besides)")
+    logging_steps: int = Field(5, ge=1)
+    # Training processes: 0 = one per visible GPU (one on CPU). More than one: DDP, or DeepSpeed ZeRO-3 for `full`.
+    processes: int = Field(0, ge=0, le=64)
+    deepspeed: DeepSpeedSettings = Field(default_factory=DeepSpeedSettings)
+    seed: int = 42
+
+
+class RopeScalingSettings(Section):
+    type: Literal["none", "linear", "dynamic", "yarn"] = "none"
+    factor: float = Field(1.0, ge=1.0, description="context multiplier; max_position_embeddings grows by it")
+
+
+class CptConfig(TrainingConfig):
+    block_size: int = Field(512, ge=16, description="tokens per packed training block")
+    eval_fraction: float = Field(0.05, ge=0, lt=0.5, description="share of domain texts held out for perplexity")
+    rope_scaling: RopeScalingSettings = Field(default_factory=RopeScalingSettings)
+
+
+class SftConfig(TrainingConfig):
+    max_length: int = Field(1024, ge=16, description="tokens per example; longer prompts are cut from the front")
+    packing: bool = Field(True, description="pack examples into max_length rows without cross-example attention")
+    eval_steps: int = Field(25, ge=1, description="evaluate on the validation split every N steps")
+
+    @model_validator(mode="after")
+    def _save_on_eval_steps(self) -> SftConfig:
+        if self.save_steps % self.eval_steps:
+            raise ValueError(
+                f"save_steps ({self.save_steps}) must be a multiple of eval_steps ({self.eval_steps}): "
+                "the best checkpoint is chosen among evaluated ones"
+            )
+        return self
+
+
 class RunConfig(Section):
     project: ProjectConfig = Field(default_factory=ProjectConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
@@ -166,6 +234,8 @@ class RunConfig(Section):
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
     synth: SynthConfig = Field(default_factory=SynthConfig)
+    cpt: CptConfig = Field(default_factory=CptConfig)
+    sft: SftConfig = Field(default_factory=SftConfig)
 
     @property
     def tracking_uri(self) -> str:

@@ -43,6 +43,20 @@ STAGES: dict[str, StageSpec] = {
         sections=("model", "retrieval", "synth"),
         inputs={"chunks": ("ingest", "chunks"), "pages": ("ingest", "pages")},
     ),
+    "cpt": StageSpec(
+        name="cpt",
+        module="doctune.cpt.stage",
+        sections=("model", "cpt"),
+        inputs={"cpt": ("synth", "cpt")},
+    ),
+    "sft": StageSpec(
+        name="sft",
+        module="doctune.sft.stage",
+        sections=("model", "sft"),
+        # Without a CPT model (CPT switched off) SFT starts from model.base_model.
+        inputs={"sft": ("synth", "sft"), "model": ("cpt", "model")},
+        optional_inputs=frozenset({"model"}),
+    ),
 }
 
 
@@ -166,6 +180,8 @@ def resolve_from_run(name: str, tracker: Tracker, from_run: str) -> tuple[str, d
     inputs = {}
     for input_name, (producer, output) in spec.inputs.items():
         runs = tracker.stage_runs(parent, producer)
+        if not runs and input_name in spec.optional_inputs:
+            continue  # e.g. SFT of a run whose CPT was switched off starts from the base model
         if not runs:
             present = sorted({r.data.tags.get(f"{TAG}stage", "?") for r in tracker.stage_runs(parent)})
             raise StageError(

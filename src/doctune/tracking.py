@@ -179,6 +179,19 @@ class Tracker:
         return final
 
 
+def _json_lines(path: Path) -> list[dict]:
+    """The parseable object records of a JSONL file (the consuming stage reports the others)."""
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
 class StageRun:
     """The handle a stage function gets: log metrics and outputs into its nested run, fetch inputs."""
 
@@ -213,7 +226,7 @@ class StageRun:
         import pandas as pd
         from mlflow.entities import DatasetInput, InputTag
 
-        frame = pd.read_parquet(table) if table.suffix == ".parquet" else pd.read_json(table, lines=True)
+        frame = pd.read_parquet(table) if table.suffix == ".parquet" else pd.DataFrame(_json_lines(table))
         source = f"{self.client.get_run(ref.run_id).info.artifact_uri}/{ref.artifact_path}/{table.name}"
         with warnings.catch_warnings():  # source-resolver and integer-schema hints, not problems here
             warnings.simplefilter("ignore", UserWarning)

@@ -1,0 +1,1 @@
+"""Domain continued pre-training."""

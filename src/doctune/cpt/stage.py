@@ -1,0 +1,88 @@
+"""CPT: causal LM on the domain text (plus replay), packed into fixed blocks; held-out domain perplexity before/after."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from doctune.artifacts import ArtifactRef
+from doctune.config import RunConfig
+from doctune.tracking import StageRun
+from doctune.train.core import TrainingError
+from doctune.train.stage import read_jsonl, train_stage
+
+
+def held_out(text: str, seed: int, fraction: float) -> bool:
+    """Stable assignment of a domain text to the perplexity hold-out."""
+    digest = hashlib.sha256(f"{seed}:{text}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+def pack(texts: list[str], tokenizer, block_size: int) -> tuple[list[list[int]], int]:
+    """Texts joined with EOS, cut into full blocks of block_size tokens; returns (blocks, tokens dropped at the end)."""
+    stream: list[int] = []
+    for text in texts:
+        stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        stream.append(tokenizer.eos_token_id)
+    full = len(stream) // block_size
+    return [stream[i * block_size : (i + 1) * block_size] for i in range(full)], len(stream) - full * block_size
+
+
+def load_texts(path: Path) -> tuple[list[dict], list[dict]]:
+    skipped: list[dict] = []
+    records = []
+    for record in read_jsonl(path, skipped):
+        text = record.get("text")
+        if not isinstance(text, str) or not text.strip():
+            skipped.append({"file": path.name, "line": record["_line"], "reason": "field 'text' is missing or empty"})
+            continue
+        records.append({"text": text, "source": record.get("source", "domain")})
+    return records, skipped
+
+
+def prepare(config: RunConfig, dataset_dir: Path):
+    cfg = config.cpt
+    path = dataset_dir / "train.jsonl"
+    if not path.is_file():
+        raise TrainingError(f"CPT dataset {dataset_dir.name}: train.jsonl is missing")
+
+    def prepare_data(tokenizer, data_dir: Path) -> dict:
+        from datasets import Dataset
+
+        records, skipped = load_texts(path)
+        if not records:
+            raise TrainingError(f"CPT dataset {path}: no usable text records ({len(skipped)} skipped: {skipped[:3]})")
+        evaluation = [r["text"] for r in records if r["source"] == "domain" and held_out(r["text"], cfg.seed, cfg.eval_fraction)]
+        held = set(evaluation)
+        train = [r["text"] for r in records if r["text"] not in held]
+        train_blocks, dropped = pack(train, tokenizer, cfg.block_size)
+        if not train_blocks:
+            raise TrainingError(
+                f"CPT dataset {path}: {dropped} tokens make no full block of block_size {cfg.block_size}; lower cpt.block_size"
+            )
+        Dataset.from_dict({"input_ids": train_blocks, "labels": train_blocks}).save_to_disk(str(data_dir / "train"))
+        eval_blocks, _ = pack(evaluation, tokenizer, cfg.block_size)
+        if eval_blocks:
+            Dataset.from_dict({"input_ids": eval_blocks, "labels": eval_blocks}).save_to_disk(str(data_dir / "eval"))
+        summary = {
+            "records": len(records),
+            "replay_records": sum(r["source"] == "replay" for r in records),
+            "held_out_records": len(evaluation),
+            "train_blocks": len(train_blocks),
+            "eval_blocks": len(eval_blocks),
+            "train_tokens": len(train_blocks) * cfg.block_size,
+            "tokens_dropped_at_end": dropped,
+            "skipped_records": len(skipped),
+            "skipped": skipped[:100],
+        }
+        if cfg.rope_scaling.type != "none":
+            summary["job_extra"] = {"rope_scaling": cfg.rope_scaling.model_dump()}
+        return summary
+
+    return prepare_data
+
+
+def run(config: RunConfig, inputs: dict[str, ArtifactRef], tracker: StageRun) -> dict[str, ArtifactRef]:
+    dataset_dir = tracker.fetch(inputs["cpt"])
+    tracker.log_dataset_input(inputs["cpt"], dataset_dir / "train.jsonl", context="cpt")
+    return train_stage("cpt", config, inputs, tracker, prepare(config, dataset_dir))

@@ -1,0 +1,1 @@
+"""Instruction SFT on the synthetic chat data."""

@@ -1,0 +1,150 @@
+"""SFT: chat examples rendered with the model's own chat template, loss on the assistant reply only.
+
+Each record is tokenized here, once: the prompt (system + user, with the generation prompt) carries -100,
+the reply and its end-of-turn token carry their ids. An example longer than `max_length` loses tokens
+from the middle of the user turn, where edge-ordered retrieved passages are least relevant; the
+question at its end and the reply are never cut.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from doctune.artifacts import ArtifactRef
+from doctune.config import RunConfig
+from doctune.tracking import StageRun
+from doctune.train.core import TrainingError
+from doctune.train.stage import read_jsonl, train_stage
+
+ROLES = ("system", "user", "assistant")
+CUT_MARK = "\n…\n"
+
+
+class SkipRecord(ValueError):
+    """One record that cannot become a training example; the reason goes to the data report."""
+
+
+def render_ids(tokenizer, messages: list[dict], generation_prompt: bool = False) -> list[int]:
+    encoded = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt, return_dict=True)
+    return list(encoded["input_ids"])
+
+
+def check_messages(record: dict) -> list[dict]:
+    messages = record.get("messages")
+    if not isinstance(messages, list) or len(messages) < 2:
+        raise SkipRecord("field 'messages' must be a list of at least two messages")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in ROLES or not isinstance(message.get("content"), str):
+            raise SkipRecord(f"messages[{i}] needs a role in {ROLES} and a string content")
+    if messages[-1]["role"] != "assistant" or not messages[-1]["content"].strip():
+        raise SkipRecord("the last message must be a non-empty assistant reply")
+    if messages[-2]["role"] != "user":
+        raise SkipRecord("the reply must follow a user message")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def cut_middle(tokenizer, text: str, remove: int) -> str:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    keep = len(ids) - remove
+    if keep < 16:
+        raise SkipRecord(f"longer than max_length even with the user turn cut to 16 tokens ({len(ids)} tokens there)")
+    head = keep // 2
+    return tokenizer.decode(ids[:head]) + CUT_MARK + tokenizer.decode(ids[len(ids) - (keep - head) :])
+
+
+def tokenize_example(tokenizer, messages: list[dict], max_length: int) -> tuple[list[int], list[int], bool]:
+    """(input_ids, labels, truncated) for one conversation whose last message is the reply to learn."""
+    truncated = False
+    for _ in range(4):  # re-tokenizing a cut text can shift a few tokens: cut again if needed
+        full = render_ids(tokenizer, messages)
+        prompt = render_ids(tokenizer, messages[:-1], generation_prompt=True)
+        if full[: len(prompt)] != prompt:
+            raise TrainingError(
+                "the chat template does not render the prompt as a prefix of the whole conversation; "
+                "the reply's tokens cannot be told from the prompt's"
+            )
+        if len(full) <= max_length:
+            labels = [-100] * len(prompt) + full[len(prompt) :]
+            return full, labels, truncated
+        overflow = len(full) - max_length
+        messages = [
+            *messages[:-2],
+            {"role": "user", "content": cut_middle(tokenizer, messages[-2]["content"], overflow + 4)},
+            messages[-1],
+        ]
+        truncated = True
+    raise SkipRecord("could not be cut to max_length")
+
+
+def ends_in_end_of_turn(tokenizer, labels: list[int]) -> bool:
+    """The last trained token that is not whitespace is the end-of-turn (EOS) token."""
+    trained = [t for t in labels if t != -100]
+    while trained and not tokenizer.decode([trained[-1]]).strip():
+        trained.pop()
+    return bool(trained) and trained[-1] == tokenizer.eos_token_id
+
+
+def tokenize_file(tokenizer, path: Path, max_length: int, skipped: list[dict]) -> tuple[list[list[int]], list[list[int]], int]:
+    input_ids, labels, truncated = [], [], 0
+    for record in read_jsonl(path, skipped):
+        try:
+            ids, labs, cut = tokenize_example(tokenizer, check_messages(record), max_length)
+        except SkipRecord as exc:
+            skipped.append({"file": path.name, "line": record["_line"], "reason": str(exc)})
+            continue
+        if not ends_in_end_of_turn(tokenizer, labs):
+            raise TrainingError(
+                f"{path.name} line {record['_line']}: the rendered reply does not end in the EOS token "
+                f"{tokenizer.eos_token!r}; the model would not learn to stop. Fix the chat template or the EOS token."
+            )
+        input_ids.append(ids)
+        labels.append(labs)
+        truncated += cut
+    return input_ids, labels, truncated
+
+
+def prepare(config: RunConfig, dataset_dir: Path):
+    cfg = config.sft
+    train_path = dataset_dir / "train.jsonl"
+    if not train_path.is_file():
+        raise TrainingError(f"SFT dataset {dataset_dir.name}: train.jsonl is missing")
+
+    def prepare_data(tokenizer, data_dir: Path) -> dict:
+        from datasets import Dataset
+
+        skipped: list[dict] = []
+        ids, labels, truncated = tokenize_file(tokenizer, train_path, cfg.max_length, skipped)
+        if not ids:
+            reasons = sorted({s["reason"] for s in skipped})
+            raise TrainingError(f"SFT dataset {train_path}: no usable example ({len(skipped)} skipped: {reasons[:3]})")
+        Dataset.from_dict({"input_ids": ids, "labels": labels}).save_to_disk(str(data_dir / "train"))
+        summary = {"train_examples": len(ids), "train_truncated": truncated}
+        validation = dataset_dir / "validation.jsonl"
+        if validation.is_file():
+            v_ids, v_labels, v_truncated = tokenize_file(tokenizer, validation, cfg.max_length, skipped)
+            if v_ids:
+                Dataset.from_dict({"input_ids": v_ids, "labels": v_labels}).save_to_disk(str(data_dir / "eval"))
+            summary |= {"validation_examples": len(v_ids), "validation_truncated": v_truncated}
+        lengths = sorted(len(x) for x in ids)
+        summary |= {
+            "train_tokens": sum(lengths),
+            "trained_tokens": sum(sum(t != -100 for t in lab) for lab in labels),
+            "median_length": lengths[len(lengths) // 2],
+            "max_length": lengths[-1],
+            "skipped_records": len(skipped),
+            "skipped": skipped[:100],
+        }
+        return summary
+
+    return prepare_data
+
+
+def run(config: RunConfig, inputs: dict[str, ArtifactRef], tracker: StageRun) -> dict[str, ArtifactRef]:
+    dataset_dir = tracker.fetch(inputs["sft"])
+    tracker.log_dataset_input(inputs["sft"], dataset_dir / "train.jsonl", context="sft")
+    extra = {
+        name: (dataset_dir / name).read_text()
+        for name in ("system_prompt.txt", "abstention.txt")
+        if (dataset_dir / name).is_file()
+    }
+    return train_stage("sft", config, inputs, tracker, prepare(config, dataset_dir), extra_files=extra)

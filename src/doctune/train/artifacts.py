@@ -1,0 +1,113 @@
+"""Model artifacts: a full model or a LoRA adapter on a recorded base, always with its tokenizer and chat template.
+
+An adapter artifact names its base in `doctune_model.json`: a model spec (`bundled:...`, a folder) or the
+reference of an earlier model artifact. `materialize` turns any of them into plain full-precision weights,
+merging each adapter into its own base (never stacking adapters), and caches the result by digest.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from doctune.artifacts import ArtifactRef
+from doctune.config import RunConfig
+from doctune.models import _locked, resolve_model
+
+META_FILE = "doctune_model.json"
+MODEL_KIND = "model"
+
+
+class ModelArtifactError(RuntimeError):
+    """A model input that cannot be used: missing files, an unknown format, a broken lineage."""
+
+
+def read_meta(folder: Path) -> dict:
+    path = Path(folder) / META_FILE
+    if not path.is_file():
+        raise ModelArtifactError(f"{folder} is not a doctune model artifact: {META_FILE} is missing")
+    return json.loads(path.read_text())
+
+
+def write_meta(folder: Path, *, fmt: str, stage: str, method: str, base: dict, extra: dict | None = None) -> None:
+    meta = {"format": fmt, "stage": stage, "method": method, "base": base, **(extra or {})}
+    (Path(folder) / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True))
+
+
+def base_of(model_input: ArtifactRef | None, config: RunConfig) -> dict:
+    """How an adapter trained on `model_input` names its base in its metadata."""
+    if model_input is None:
+        return {"spec": config.model.base_model}
+    return {"ref": model_input.to_dict()}
+
+
+def materialize(model_input: ArtifactRef | None, config: RunConfig, fetch) -> Path:
+    """A local folder of full-precision weights, tokenizer and chat template for a model input.
+
+    None means `model.base_model`. An adapter is merged into its (recursively materialized) base with
+    `merge_and_unload` in fp32; merged folders are cached under cache/models/merged/<digest>.
+    """
+    cache = config.project.workdir / "cache"
+    if model_input is None:
+        return resolve_model(config.model.base_model, cache)
+    folder = fetch(model_input)
+    meta = read_meta(folder)
+    if meta["format"] == "full":
+        return folder
+    if meta["format"] != "adapter":
+        raise ModelArtifactError(f"model artifact {model_input.artifact_path} of run {model_input.run_id}: unknown format")
+    base = meta["base"]
+    base_folder = (
+        resolve_model(base["spec"], cache) if "spec" in base else materialize(ArtifactRef.from_dict(base["ref"]), config, fetch)
+    )
+    target = cache / "models" / "merged" / model_input.digest.replace(":", "-")
+    if (target / "config.json").is_file():
+        return target
+    with _locked(target.with_suffix(".lock")):
+        if (target / "config.json").is_file():
+            return target
+        scratch = Path(tempfile.mkdtemp(prefix=".merge-", dir=target.parent))
+        try:
+            merge_adapter(base_folder, folder, scratch, rope_scaling=meta.get("rope_scaling"))
+            scratch.rename(target)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return target
+
+
+def merge_adapter(base_folder: Path, adapter_folder: Path, target: Path, dtype=None, rope_scaling: dict | None = None) -> None:
+    """Fold a LoRA adapter into full-precision base weights and save model + the adapter's tokenizer.
+
+    `rope_scaling` ({type, factor}) is the base config change the adapter was trained with (long-context CPT).
+    """
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from doctune.train.core import scaled_rope_config
+
+    kwargs = {"config": scaled_rope_config(str(base_folder), **rope_scaling)} if rope_scaling else {}
+    model = AutoModelForCausalLM.from_pretrained(base_folder, dtype=dtype or torch.float32, **kwargs)
+    merged = PeftModel.from_pretrained(model, adapter_folder).merge_and_unload()
+    merged.save_pretrained(target)
+    AutoTokenizer.from_pretrained(adapter_folder).save_pretrained(target)
+    copy_generation_config(adapter_folder, target)
+
+
+def copy_generation_config(source: Path, target: Path) -> None:
+    if (Path(source) / "generation_config.json").is_file():
+        shutil.copy2(Path(source) / "generation_config.json", Path(target) / "generation_config.json")
+
+
+def chat_template_of(folder: Path) -> str:
+    """The chat template a model folder carries, as saved (chat_template.jinja or tokenizer_config.json)."""
+    folder = Path(folder)
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text()
+    config = folder / "tokenizer_config.json"
+    template = json.loads(config.read_text()).get("chat_template") if config.is_file() else None
+    if not template:
+        raise ModelArtifactError(f"{folder} carries no chat template")
+    return template

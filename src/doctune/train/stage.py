@@ -1,0 +1,166 @@
+"""What a training stage does around the training processes: input model, tokenizer, checkpoints, outputs.
+
+`train_stage` materializes the input model (merging an input adapter: no stacking), prepares the tokenizer,
+lets the stage tokenize its data, launches the job with a checkpoint folder keyed on everything that shapes
+the result (so a restarted stage resumes), then logs the adapter or full model as the `model` output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from doctune.artifacts import ArtifactRef
+from doctune.config import RunConfig, TrainingConfig
+from doctune.stages import code_digest
+from doctune.tracking import StageRun
+from doctune.train.artifacts import MODEL_KIND, base_of, copy_generation_config, materialize, write_meta
+from doctune.train.core import RESULT_FILE, TrainingError, TrainJob, check_qlora, default_learning_rate, launch, process_count
+
+
+def prepare_tokenizer(model_dir: Path):
+    """Right padding, a pad token (the unknown token where it differs from EOS, else EOS itself).
+
+    Labels are built explicitly with -100 on padding, so a pad token equal to EOS never masks the real EOS.
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.eos_token is None:
+        raise TrainingError(f"the tokenizer of {model_dir} has no EOS token: examples could not end in one")
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        distinct_unk = tokenizer.unk_token is not None and tokenizer.unk_token_id != tokenizer.eos_token_id
+        tokenizer.pad_token = tokenizer.unk_token if distinct_unk else tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def read_jsonl(path: Path, skipped: list[dict]) -> list[dict]:
+    """JSON records of a file; unparseable lines are skipped and listed with file, line and reason."""
+    records = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                skipped.append({"file": path.name, "line": number, "reason": f"not JSON: {exc.msg}"})
+                continue
+            if not isinstance(record, dict):
+                skipped.append({"file": path.name, "line": number, "reason": "not a JSON object"})
+                continue
+            records.append(record | {"_line": number})
+    return records
+
+
+def checkpoint_key(stage: str, settings: TrainingConfig, inputs: dict[str, ArtifactRef], config: RunConfig) -> str:
+    blob = json.dumps(
+        [stage, settings.model_dump(mode="json"), {k: v.digest for k, v in sorted(inputs.items())}, config.model.base_model,
+         code_digest()],
+        sort_keys=True,
+    )  # fmt: skip
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def _metrics(stage: str, result: dict) -> dict[str, float]:
+    out = {
+        f"{stage}.final_train_loss": result["train_loss"],
+        f"{stage}.global_step": result["global_step"],
+        f"{stage}.resumed_from_step": result["resumed_from_step"],
+        f"{stage}.train_seconds": result["train_seconds"],
+        f"{stage}.padding_fraction": result["padding_fraction"],
+        f"{stage}.peak_memory_mb": result["peak_memory_mb"],
+    }
+    if result["train_seconds"] > 0 and result["tokens_seen"]:
+        out[f"{stage}.mean_tokens_per_second"] = result["tokens_seen"] / result["train_seconds"]
+    for when in ("before", "after"):
+        if (loss := result.get(f"eval_loss_{when}")) is not None:
+            out[f"{stage}.eval_loss_{when}"] = loss
+            out[f"{stage}.perplexity_{when}"] = math.exp(min(loss, 50))
+    return out
+
+
+def train_stage(
+    stage: str,
+    config: RunConfig,
+    inputs: dict[str, ArtifactRef],
+    tracker: StageRun,
+    prepare_data: Callable[[object, Path], dict],
+    extra_files: dict[str, str] | None = None,
+) -> dict[str, ArtifactRef]:
+    """Run one training stage; `prepare_data(tokenizer, data_dir)` writes train/ (and eval/) and returns a summary.
+
+    `extra_files` (name -> text) travel inside the model artifact, e.g. the system prompt serving must reuse.
+    """
+    settings: TrainingConfig = getattr(config, stage)
+    if settings.method == "qlora":
+        check_qlora()  # before any model is loaded or data prepared
+    model_input = inputs.get("model")
+    model_dir = materialize(model_input, config, tracker.fetch)
+    key = checkpoint_key(stage, settings, inputs, config)
+    checkpoints = config.project.workdir / "cache" / "train" / stage / key
+    processes = process_count(settings.processes)
+    with tempfile.TemporaryDirectory(prefix=f"doctune-{stage}-") as tmp:
+        work = Path(tmp)
+        tokenizer = prepare_tokenizer(model_dir)
+        tokenizer.save_pretrained(work / "tokenizer")
+        data_summary = prepare_data(tokenizer, work / "data")
+        tracker.log_metrics({f"data.{k}": v for k, v in data_summary.items() if isinstance(v, (int, float))})
+        tracker.log_text(json.dumps(data_summary, indent=1), f"{stage}_data_report.json")
+        job = TrainJob(
+            stage=stage,
+            settings=settings.model_dump(mode="json"),
+            model_dir=str(model_dir),
+            tokenizer_dir=str(work / "tokenizer"),
+            data_dir=str(work / "data"),
+            checkpoint_dir=str(checkpoints),
+            output_dir=str(work / "model"),
+            learning_rate=settings.learning_rate or default_learning_rate(stage, settings.method),
+            tracking_uri=tracker.tracker.uri,
+            run_id=tracker.run_id,
+            processes=processes,
+            extra=data_summary.get("job_extra", {}),
+        )
+        tracker.set_tags({f"doctune.{stage}.learning_rate": job.learning_rate, f"doctune.{stage}.processes": processes})
+        result = launch(job, work)
+        out = work / "model"
+        copy_generation_config(model_dir, out)
+        _end_of_turn_generation_config(out, tokenizer)
+        (out / RESULT_FILE).write_text(json.dumps(result, indent=1))
+        for name, text in (extra_files or {}).items():
+            (out / name).write_text(text)
+        write_meta(
+            out,
+            fmt="full" if settings.method == "full" else "adapter",
+            stage=stage,
+            method=settings.method,
+            base=base_of(model_input, config),
+            extra={
+                "datasets": {k: v.digest for k, v in inputs.items() if k != "model"},
+                "stage_run": tracker.run_id,
+                **job.extra,  # e.g. rope_scaling, which a merge must apply to the base config
+            },
+        )
+        tracker.log_metrics(_metrics(stage, result))
+        outputs = {"model": tracker.log_output("model", out, kind=MODEL_KIND)}
+    shutil.rmtree(checkpoints, ignore_errors=True)  # the result is in MLflow now; a rerun needs no resume
+    return outputs
+
+
+def _end_of_turn_generation_config(folder: Path, tokenizer) -> None:
+    """Generation stops at the end-of-turn token (the tokenizer's EOS) and pads with the pad token."""
+    from transformers import GenerationConfig
+
+    try:
+        generation = GenerationConfig.from_pretrained(folder)
+    except OSError:
+        generation = GenerationConfig()
+    generation.eos_token_id = tokenizer.eos_token_id
+    generation.pad_token_id = tokenizer.pad_token_id
+    generation.save_pretrained(folder)

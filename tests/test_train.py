@@ -1,0 +1,298 @@
+"""Training stages on the tiny model: CPT and SFT with LoRA, QLoRA and full, resume, ZeRO-3, bad input."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from doctune.sft.stage import CUT_MARK, tokenize_example
+from doctune.stages import execute_stage
+from doctune.tracking import Tracker
+from doctune.train.artifacts import chat_template_of, materialize, read_meta
+from doctune.train.core import TrainingError
+from doctune.train.stage import prepare_tokenizer
+
+SYSTEM = "You are a documentation assistant."
+
+
+def corpus_texts(corpus: Path, pages: int = 12) -> list[str]:
+    import pymupdf
+
+    with pymupdf.open(corpus / "camlidl-1.04.doc.pdf") as doc:
+        return [doc[i].get_text() for i in range(2, 2 + pages)]
+
+
+def chat(question: str, answer: str) -> dict:
+    messages = [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": question},
+        {"role": "assistant", "content": answer},
+    ]
+    return {"messages": messages, "meta": {}}
+
+
+def sft_records(n: int) -> list[dict]:
+    answer = "It writes interface {i} to a stub file.{more}"
+    more = " It also checks the types of every argument."
+    return [chat(f"What does option -x{i} of camlidl do?", answer.format(i=i, more=more * (i % 6))) for i in range(n)]
+
+
+def write_jsonl(path: Path, records: list) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+
+
+def log_datasets(config, folders: dict[str, Path]):
+    """Log dataset folders as the outputs of a synth stage run, as the pipeline would hand them over."""
+    tracker = Tracker(config)
+    parent = tracker.open_pipeline_run("train-test")
+    run = tracker.start_stage_run("synth", parent, {})
+    outputs = {name: run.log_output(name, folder, kind=f"{name}_dataset") for name, folder in folders.items()}
+    run.finish(outputs)
+    return tracker, parent, outputs
+
+
+@pytest.fixture
+def datasets(tmp_path, corpus):
+    cpt = tmp_path / "cpt"
+    texts = corpus_texts(corpus)
+    write_jsonl(
+        cpt / "train.jsonl", [{"text": t, "source": "domain"} for t in texts] + [{"text": "2 + 2 = 4.", "source": "replay"}]
+    )
+    sft = tmp_path / "sft"
+    records = sft_records(24)
+    write_jsonl(sft / "train.jsonl", records[:20])
+    write_jsonl(sft / "validation.jsonl", records[20:])
+    (sft / "system_prompt.txt").write_text(SYSTEM)
+    return {"cpt": cpt, "sft": sft}
+
+
+FAST = {"max_steps": 6, "save_steps": 3, "logging_steps": 1, "batch_size": 2, "warmup_ratio": 0.0}
+
+
+def overrides(stage: str, **values) -> dict:
+    fast = FAST | ({"eval_steps": 3} if stage == "sft" else {})
+    return {f"{stage}.{k}": v for k, v in {**fast, **values}.items()}
+
+
+def metric_history(tracker, run_id: str, key: str) -> list[float]:
+    return [m.value for m in sorted(tracker.client.get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+# -- data preparation --------------------------------------------------------------
+
+
+def test_prompt_tokens_carry_minus_100_and_the_reply_ends_in_eos(tiny_model_dir):
+    tokenizer = prepare_tokenizer(tiny_model_dir)
+    messages = chat("Which file holds the stubs?", "The file foo_stubs.c holds them.")["messages"]
+    ids, labels, cut = tokenize_example(tokenizer, messages, max_length=512)
+    prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=True, return_dict=True)[
+        "input_ids"
+    ]
+    assert not cut and len(ids) == len(labels)
+    assert labels[: len(prompt)] == [-100] * len(prompt)
+    trained = tokenizer.decode([t for t in labels if t != -100])
+    assert trained.startswith("The file foo_stubs.c holds them.<|im_end|>")
+    assert tokenizer.eos_token_id in [t for t in labels if t != -100]  # the real EOS is never masked, though pad == eos here
+
+
+def test_long_prompts_are_cut_in_the_middle_of_the_user_turn_never_in_the_reply(tiny_model_dir, corpus):
+    tokenizer = prepare_tokenizer(tiny_model_dir)
+    context = "\n\n".join(corpus_texts(corpus, 4))
+    user = f"Context:\n[1] FIRST PASSAGE {context}\n\nQuestion: what does camlidl generate?"
+    messages = chat(user, "Stub code for OCaml.")["messages"]
+    ids, labels, cut = tokenize_example(tokenizer, messages, max_length=256)
+    assert cut and len(ids) <= 256
+    text = tokenizer.decode(ids)
+    assert CUT_MARK.strip() in text and "FIRST PASSAGE" in text and "Question: what does camlidl generate?" in text
+    assert tokenizer.decode([t for t in labels if t != -100]).startswith("Stub code for OCaml.<|im_end|>")
+
+
+# -- stages --------------------------------------------------------------------------
+
+
+def test_cpt_lora_loss_falls_and_logs_an_adapter_with_its_lineage(make_config, datasets):
+    config = make_config(**overrides("cpt", max_steps=12, save_steps=6, learning_rate=2e-2, block_size=64, eval_fraction=0.2))
+    tracker, parent, data = log_datasets(config, {"cpt": datasets["cpt"]})
+    result = execute_stage("cpt", config, tracker, parent, {"cpt": data["cpt"]})
+    run = tracker.client.get_run(result.run_id)
+    losses = metric_history(tracker, result.run_id, "cpt.loss")
+    assert len(losses) >= 10 and sum(losses[-3:]) < sum(losses[:3])
+    assert run.data.metrics["cpt.eval_loss_after"] < run.data.metrics["cpt.eval_loss_before"]
+    assert run.data.metrics["cpt.padding_fraction"] == 0  # packed blocks
+    for key in ("cpt.learning_rate", "cpt.grad_norm", "cpt.tokens_per_second", "cpt.peak_memory_mb"):
+        assert key in run.data.metrics, key
+    folder = tracker.fetch(result.outputs["model"])
+    meta = read_meta(folder)
+    assert meta["format"] == "adapter" and meta["base"] == {"spec": config.model.base_model}
+    assert meta["datasets"]["cpt"] == data["cpt"].digest
+    assert (folder / "adapter_model.safetensors").is_file() and chat_template_of(folder) == chat_template_of(
+        config.model.base_model
+    )
+
+
+def test_sft_on_a_cpt_adapter_merges_it_first_and_keeps_the_chat_template(make_config, datasets, tiny_model_dir):
+    config = make_config(**overrides("cpt", block_size=64), **overrides("sft", learning_rate=3e-3))
+    tracker, parent, data = log_datasets(config, {"cpt": datasets["cpt"], "sft": datasets["sft"]})
+    cpt = execute_stage("cpt", config, tracker, parent, {"cpt": data["cpt"]})
+    merged = materialize(cpt.outputs["model"], config, tracker.fetch)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(merged)
+    assert not [name for name, _ in model.named_modules() if "lora" in name.lower()]  # no adapter left to stack on
+
+    sft = execute_stage("sft", config, tracker, parent, {"sft": data["sft"], "model": cpt.outputs["model"]})
+    folder = tracker.fetch(sft.outputs["model"])
+    meta = read_meta(folder)
+    assert meta["base"] == {"ref": cpt.outputs["model"].to_dict()}
+    # The template the data was rendered with travels with the model, byte for byte.
+    assert chat_template_of(folder) == chat_template_of(tiny_model_dir)
+    assert (folder / "system_prompt.txt").read_text() == SYSTEM
+    run = tracker.client.get_run(sft.run_id)
+    assert "sft.eval_loss" in run.data.metrics
+    assert json.loads((folder / "train_result.json").read_text())["best_checkpoint"]
+    final = materialize(sft.outputs["model"], config, tracker.fetch)
+    assert (final / "model.safetensors").is_file()
+
+
+def test_sft_packing_removes_padding(make_config, datasets):
+    results = {}
+    for packing in (True, False):
+        config = make_config(**overrides("sft", packing=packing, batch_size=4, max_steps=2, max_length=128))
+        tracker, parent, data = log_datasets(config, {"sft": datasets["sft"]})
+        run = execute_stage("sft", config, tracker, parent, {"sft": data["sft"]})
+        results[packing] = tracker.client.get_run(run.run_id).data.metrics["sft.padding_fraction"]
+    assert results[True] < 0.05 < results[False]
+
+
+@pytest.mark.parametrize("method", ["qlora", "full"])
+def test_other_methods_train_and_save(make_config, datasets, method):
+    config = make_config(**overrides("sft", method=method, max_steps=3, learning_rate=1e-3))
+    tracker, parent, data = log_datasets(config, {"sft": datasets["sft"]})
+    result = execute_stage("sft", config, tracker, parent, {"sft": data["sft"]})
+    folder = tracker.fetch(result.outputs["model"])
+    assert read_meta(folder)["format"] == ("full" if method == "full" else "adapter")
+    assert (folder / ("model.safetensors" if method == "full" else "adapter_model.safetensors")).is_file()
+
+
+def test_rope_scaling_grows_the_context_of_the_merged_model(make_config, datasets):
+    config = make_config(
+        **overrides("cpt", block_size=64, max_steps=2), **{"cpt.rope_scaling.type": "linear", "cpt.rope_scaling.factor": 2}
+    )
+    tracker, parent, data = log_datasets(config, {"cpt": datasets["cpt"]})
+    result = execute_stage("cpt", config, tracker, parent, {"cpt": data["cpt"]})
+    merged = json.loads((materialize(result.outputs["model"], config, tracker.fetch) / "config.json").read_text())
+    assert merged["max_position_embeddings"] == 2048
+    assert merged["rope_parameters"]["rope_type"] == "linear" and merged["rope_parameters"]["factor"] == 2
+
+
+# -- bad input ------------------------------------------------------------------------
+
+
+def test_bad_datasets_fail_before_training_naming_the_cause(make_config, tmp_path):
+    config = make_config()
+    empty = tmp_path / "empty"
+    write_jsonl(empty / "train.jsonl", ["{not json", json.dumps({"messages": "hello"})])
+    too_long = tmp_path / "long"
+    write_jsonl(too_long / "train.jsonl", [chat("q " * 10, "a " * 400) for _ in range(3)])
+    tracker, parent, data = log_datasets(config, {"empty": empty, "long": too_long})
+    with pytest.raises(TrainingError, match=r"train.jsonl: no usable example \(2 skipped"):
+        execute_stage("sft", config, tracker, parent, {"sft": data["empty"]})
+    with pytest.raises(TrainingError, match="longer than max_length"):
+        execute_stage("sft", make_config(**{"sft.max_length": 64}), tracker, parent, {"sft": data["long"]})
+
+
+def test_a_lora_target_matching_no_module_is_an_error(make_config, datasets):
+    config = make_config(**overrides("sft", **{"lora.target_modules": "[c_attn]"}))
+    tracker, parent, data = log_datasets(config, {"sft": datasets["sft"]})
+    with pytest.raises(TrainingError, match=r"\['c_attn'\] match no linear layer.*q_proj"):
+        execute_stage("sft", config, tracker, parent, {"sft": data["sft"]})
+
+
+def test_qlora_without_4bit_kernels_is_refused_before_training(make_config, datasets, monkeypatch):
+    import bitsandbytes.functional
+
+    def unavailable(*args, **kwargs):
+        raise RuntimeError("no 4-bit kernels for this device")
+
+    monkeypatch.setattr(bitsandbytes.functional, "quantize_4bit", unavailable)
+    config = make_config(**overrides("sft", method="qlora"))
+    tracker, parent, data = log_datasets(config, {"sft": datasets["sft"]})
+    with pytest.raises(TrainingError, match="method qlora needs bitsandbytes 4-bit"):
+        execute_stage("sft", config, tracker, parent, {"sft": data["sft"]})
+    assert not (config.project.workdir / "cache" / "train").exists()  # nothing started
+
+
+# -- resume and distributed ------------------------------------------------------------
+
+
+def _killed_after_first_checkpoint(config_yaml: str, parent: str, inputs_json: str) -> None:
+    """Child process: train, and die hard (no cleanup) right after the first checkpoint is written."""
+    from transformers import TrainerCallback
+
+    from doctune.artifacts import refs_from_json
+    from doctune.config import config_from_yaml
+    from doctune.train import core
+
+    class Preempt(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            os._exit(137)
+
+    original = core.run_job
+    core.run_job = lambda job, callbacks=None: original(job, [Preempt()])
+    config = config_from_yaml(config_yaml)
+    execute_stage("cpt", config, Tracker(config), parent, refs_from_json(inputs_json))
+
+
+def test_a_preempted_stage_resumes_from_its_checkpoint_and_ends_like_an_uninterrupted_one(make_config, datasets, tmp_path):
+    from safetensors.torch import load_file
+
+    from doctune.artifacts import refs_to_json
+
+    settings = overrides("cpt", max_steps=8, save_steps=4, block_size=64, learning_rate=2e-3)
+    interrupted = make_config(**settings)
+    tracker, parent, data = log_datasets(interrupted, {"cpt": datasets["cpt"]})
+    child = multiprocessing.get_context("spawn").Process(
+        target=_killed_after_first_checkpoint, args=(interrupted.to_yaml(), parent, refs_to_json({"cpt": data["cpt"]}))
+    )
+    child.start()
+    child.join(300)
+    assert child.exitcode == 137
+    resumed = execute_stage("cpt", interrupted, tracker, parent, {"cpt": data["cpt"]})
+    metrics = tracker.client.get_run(resumed.run_id).data.metrics
+    assert metrics["cpt.resumed_from_step"] == 4 and metrics["cpt.global_step"] == 8
+
+    fresh = make_config(**settings, **{"project.workdir": str(tmp_path / "fresh")})
+    fresh_tracker, fresh_parent, fresh_data = log_datasets(fresh, {"cpt": datasets["cpt"]})
+    straight = execute_stage("cpt", fresh, fresh_tracker, fresh_parent, {"cpt": fresh_data["cpt"]})
+    a = load_file(tracker.fetch(resumed.outputs["model"]) / "adapter_model.safetensors")
+    b = load_file(fresh_tracker.fetch(straight.outputs["model"]) / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-4, rtol=1e-3)
+
+
+def test_zero3_full_fine_tune_over_two_processes(make_config, datasets, tmp_path):
+    config = make_config(**overrides("sft", method="full", processes=2, max_steps=6, learning_rate=1e-3, batch_size=2))
+    tracker, parent, data = log_datasets(config, {"sft": datasets["sft"]})
+    result = execute_stage("sft", config, tracker, parent, {"sft": data["sft"]})
+    folder = tracker.fetch(result.outputs["model"])
+    outcome = json.loads((folder / "train_result.json").read_text())
+    assert outcome["processes"] == 2 and outcome["loss_history"][-1] < outcome["loss_history"][0]
+    args = json.loads((folder / "training_args.json").read_text())
+    assert args["deepspeed"]["zero_optimization"]["stage"] == 3
+    # The consolidated weights load in a fresh process and give finite logits.
+    probe = (
+        "import sys, torch; from transformers import AutoModelForCausalLM;"
+        "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]);"
+        "print(bool(torch.isfinite(m(torch.tensor([[1, 2, 3]])).logits).all()))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe, str(folder)], capture_output=True, text=True, timeout=300)
+    assert done.stdout.strip().endswith("True"), done.stderr[-2000:]
