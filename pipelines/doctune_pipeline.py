@@ -5,22 +5,34 @@ from pathlib import Path
 from kfp import compiler, dsl
 
 from components.close_run.component import close_run
+from components.cpt.component import cpt
 from components.ingest.component import ingest
 from components.open_run.component import open_run
+from components.sft.component import sft
+from components.skip_stage.component import skip_stage
 from components.synth.component import synth
 
 IR_YAML = Path(__file__).with_name("doctune_pipeline.yaml")
 
 
 @dsl.pipeline(name="doctune", description="PDFs to a tuned, aligned, quantized LLM, promoted only when it beats the champion.")
-def doctune_pipeline(config: str = "", parent_run_id: str = ""):
-    """config: the run YAML (empty: built-in defaults); parent_run_id: an MLflow run to adopt (empty: create one)."""
+def doctune_pipeline(config: str = "", parent_run_id: str = "", cpt_enabled: bool = True):
+    """config: the run YAML (empty: built-in defaults); parent_run_id: an MLflow run to adopt (empty: create one);
+    cpt_enabled: run domain continued pre-training (off: SFT starts from the base model)."""
     closing = close_run(config=config, parent_run_id=parent_run_id, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
     with dsl.ExitHandler(closing, name="doctune-run"):
         opened = open_run(config=config, parent_run_id=parent_run_id, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
         opened.set_caching_options(False)  # a new pipeline run always gets its own parent run
-        ingested = ingest(config=config, parent_run_id=opened.output).set_display_name("ingest + chunk")
-        synth(config=config, parent_run_id=opened.output, ingest=ingested.output).set_display_name("synthetic data")
+        parent = opened.output
+        ingested = ingest(config=config, parent_run_id=parent).set_display_name("ingest + chunk")
+        data = synth(config=config, parent_run_id=parent, ingest=ingested.output).set_display_name("synthetic data")
+        with dsl.If(cpt_enabled == True, name="cpt-on"):  # noqa: E712 (a KFP condition, not a Python comparison)
+            adapted = cpt(config=config, parent_run_id=parent, synth=data.output).set_display_name("domain CPT")
+        with dsl.Else(name="cpt-off"):
+            no_cpt = skip_stage(config=config, parent_run_id=parent, stage="cpt", passthrough="{}").set_display_name("CPT off")
+        sft(
+            config=config, parent_run_id=parent, synth=data.output, cpt=dsl.OneOf(adapted.output, no_cpt.output)
+        ).set_display_name("instruction SFT")
 
 
 def compile_pipeline(path: Path = IR_YAML) -> Path:

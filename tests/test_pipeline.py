@@ -19,14 +19,20 @@ def test_ir_declares_the_stages_and_an_exit_handler():
     tasks = spec["root"]["dag"]["tasks"]
     assert tasks["close-run"]["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
     inner = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
-    assert {"open-run", "ingest"} <= set(inner)
+    assert {"open-run", "ingest", "synth", "sft", "condition-branches-2"} <= set(inner)
+    branches = spec["components"]["comp-condition-branches-2"]["dag"]["tasks"]
+    assert (
+        branches["condition-3"]["triggerPolicy"]["condition"] == "inputs.parameter_values['pipelinechannel--cpt_enabled'] == true"
+    )
+    assert "skip-stage" in spec["components"]["comp-condition-4"]["dag"]["tasks"]
     assert inner["open-run"]["cachingOptions"] == {}  # caching off: every run gets its own parent run
     assert inner["ingest"]["cachingOptions"]["enableCache"] is True
 
 
-def _run_args(config, pdfs) -> list[str]:
-    return ["run", "--pdfs", str(pdfs), "--set", f"project.workdir={config.project.workdir}",
-            "--set", f"model.base_model={config.model.base_model}"]  # fmt: skip
+def _run_args(config, pdfs, *overrides: str) -> list[str]:
+    settings = [f"project.workdir={config.project.workdir}", f"model.base_model={config.model.base_model}",
+                "cpt.max_steps=2", "cpt.block_size=64", "sft.max_steps=2", "sft.max_length=256", *overrides]  # fmt: skip
+    return ["run", "--pdfs", str(pdfs), *[arg for item in settings for arg in ("--set", item)]]
 
 
 def _pipeline_runs(tracker):
@@ -35,13 +41,15 @@ def _pipeline_runs(tracker):
 
 def test_local_pipeline_run_end_to_end(make_config, small_corpus, capsys):
     config = make_config(small_corpus)
-    assert main(_run_args(config, small_corpus)) == 0
+    assert main(_run_args(config, small_corpus, "cpt.enabled=false")) == 0
     out = capsys.readouterr().out
-    assert "ingest  FINISHED" in out and "documents" in out
+    assert "ingest  FINISHED" in out and "documents" in out and "sft     FINISHED" in out
     tracker = Tracker(config)
     (parent,) = _pipeline_runs(tracker)
     assert parent.info.status == "FINISHED"
     assert parent.data.tags.get("doctune.kfp_run_id")
+    # CPT switched off: the Else branch ran, and SFT trained on the base model.
+    assert parent.data.tags["doctune.skipped.cpt"] == "true" and not tracker.stage_runs(parent.info.run_id, "cpt")
     (stage,) = tracker.stage_runs(parent.info.run_id, "ingest")
     chunks = tracker.fetch(tracker.outputs_of(stage)["chunks"])
     assert (chunks / "chunks.parquet").is_file()
@@ -70,3 +78,6 @@ def test_a_run_without_a_parent_id_opens_and_closes_its_own(make_config, small_c
     assert parent.info.status == "FINISHED"
     assert parent.info.run_name == f"kfp-{parent.data.tags['doctune.kfp_run_id']}"
     assert tracker.stage_runs(parent.info.run_id, "ingest")
+    (sft,) = tracker.stage_runs(parent.info.run_id, "sft")
+    (cpt,) = tracker.stage_runs(parent.info.run_id, "cpt")
+    assert sft.data.tags["doctune.upstream.model"] == tracker.outputs_of(cpt)["model"].digest

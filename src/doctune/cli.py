@@ -40,6 +40,24 @@ def _table(header: list[str], rows: list[list[object]]) -> str:
     return "\n".join(lines)
 
 
+def _training_row(tracker: Tracker, stage: str, run) -> list[object]:
+    m = run.data.metrics
+    history = tracker.client.get_metric_history(run.info.run_id, f"{stage}.loss")
+    losses = [h.value for h in sorted(history, key=lambda h: h.step)]
+    before, after = m.get(f"{stage}.eval_loss_before"), m.get(f"{stage}.eval_loss_after")
+    return [
+        stage,
+        run.data.params.get(f"{stage}.method", "?"),
+        int(m.get(f"{stage}.global_step", 0)),
+        f"{losses[0]:.3f} → {losses[-1]:.3f}" if losses else "",
+        f"{before:.3f} → {after:.3f}"
+        if before is not None and after is not None
+        else (f"{after:.3f}" if after is not None else ""),
+        f"{m.get(f'{stage}.mean_tokens_per_second', 0):.0f}",
+        f"{m.get(f'{stage}.padding_fraction', 0):.1%}",
+    ]
+
+
 def summarize(tracker: Tracker, parent_run_id: str) -> str:
     """Stage table, ingest summary and skipped files of one pipeline run."""
     out = []
@@ -81,37 +99,25 @@ def summarize(tracker: Tracker, parent_run_id: str) -> str:
         if skipped:
             out.append("")
             out.append(_table(["file", "status", "reason"], skipped))
-    synth_runs = [r for r in runs if r.data.tags.get(f"{TAG}stage") == "synth" and r.info.status == "FINISHED"]
-    if synth_runs and "report" in (outputs := tracker.outputs_of(synth_runs[-1])):
+    finished = {r.data.tags.get(f"{TAG}stage"): r for r in runs if r.info.status == "FINISHED"}
+    if "synth" in finished and "report" in (outputs := tracker.outputs_of(finished["synth"])):
         report = json.loads((tracker.fetch(outputs["report"]) / "synth_report.json").read_text())
         sizes = report["datasets"]
-        out.append("")
-        out.append(
-            _table(
-                [
-                    "QA kept",
-                    "SFT train/val",
-                    "DPO train/val",
-                    "CPT texts",
-                    "golden",
-                    "unanswerable",
-                    "abstention",
-                    "contamination",
-                ],
-                [
-                    [
-                        f"{report['filters']['kept']}/{report['filters']['generated']}",
-                        f"{sizes['sft_train']}/{sizes['sft_validation']}",
-                        f"{sizes['dpo_train']}/{sizes['dpo_validation']}",
-                        sizes["cpt"],
-                        sizes["golden"],
-                        sizes["unanswerable"],
-                        f"{report['abstention_share']:.1%}",
-                        f"{report['contamination_rate']:.1%}",
-                    ]
-                ],
-            )  # fmt: skip
-        )
+        synth_row = {
+            "QA kept": f"{report['filters']['kept']}/{report['filters']['generated']}",
+            "SFT train/val": f"{sizes['sft_train']}/{sizes['sft_validation']}",
+            "DPO train/val": f"{sizes['dpo_train']}/{sizes['dpo_validation']}",
+            "CPT texts": sizes["cpt"],
+            "golden": sizes["golden"],
+            "unanswerable": sizes["unanswerable"],
+            "abstention": f"{report['abstention_share']:.1%}",
+            "contamination": f"{report['contamination_rate']:.1%}",
+        }
+        out += ["", _table(list(synth_row), [list(synth_row.values())])]
+    training = [_training_row(tracker, name, finished[name]) for name in ("cpt", "sft") if name in finished]
+    if training:
+        header = ["stage", "method", "steps", "loss first→last", "held-out loss before→after", "tokens/s", "padding"]
+        out += ["", _table(header, training)]
     out.append("")
     out.append(f"pipeline run: {parent_run_id}  (tracking: {tracker.uri}, experiment {tracker.config.experiment_name!r})")
     if tracker.uri.startswith("sqlite:"):

@@ -215,10 +215,17 @@ def run_stage_component(name: str, config_yaml: str, parent_run_id: str, **upstr
     produced = {producer: refs_from_json(text) for producer, text in upstream.items()}
     inputs = {}
     for input_name, (producer, output) in spec.inputs.items():
-        if producer in produced:
+        if output in produced.get(producer, {}):
             inputs[input_name] = produced[producer][output]
     result = execute_stage(name, config, Tracker(config), parent_run_id, inputs)
     return refs_to_json(result.outputs)
+
+
+def skip_stage_component(name: str, config_yaml: str, parent_run_id: str, passthrough: str) -> str:
+    """A stage switched off for this run: tag the pipeline run, hand the given references on unchanged."""
+    spec_for(name)
+    Tracker(config_from_yaml(config_yaml)).client.set_tag(parent_run_id, f"{TAG}skipped.{name}", "true")
+    return refs_to_json(refs_from_json(passthrough))
 
 
 def close_pipeline_run(config_yaml: str, parent_run_id: str, kfp_run_id: str, state: str, error: str) -> None:
