@@ -47,6 +47,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/ingest_bench.py
 	$(BIN)/python bench/synth_bench.py
+	$(BIN)/python bench/train_bench.py
 
 clean:
 	rm -rf $(VENV) .doctune .pytest_cache .ruff_cache

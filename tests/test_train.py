@@ -115,6 +115,25 @@ def test_long_prompts_are_cut_in_the_middle_of_the_user_turn_never_in_the_reply(
     assert tokenizer.decode([t for t in labels if t != -100]).startswith("Stub code for OCaml.<|im_end|>")
 
 
+def test_a_packed_row_attends_within_each_example_only(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from doctune.train.recipes import RowPackedCollator
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    a, b = list(range(5, 25)), list(range(40, 52))
+    row = {"input_ids": a + b, "labels": a + b, "seq_lengths": [len(a), len(b)]}
+    short = {"input_ids": b, "labels": b, "seq_lengths": [len(b)]}
+    batch = RowPackedCollator(pad_token_id=0)([row, short])  # the short row is padded: padding is its own sequence
+    assert batch["position_ids"][0].tolist() == list(range(len(a))) + list(range(len(b)))
+    with torch.no_grad():
+        # No KV cache, as in training (SFTTrainer passes use_cache=False): packed rows are detected without one.
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        alone = model(input_ids=torch.tensor([b])).logits
+    torch.testing.assert_close(packed[0, len(a) :], alone[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(packed[1, : len(b)], alone[0], atol=1e-4, rtol=1e-4)
+
+
 # -- stages --------------------------------------------------------------------------
 
 
@@ -296,3 +315,27 @@ def test_zero3_full_fine_tune_over_two_processes(make_config, datasets, tmp_path
     )
     done = subprocess.run([sys.executable, "-c", probe, str(folder)], capture_output=True, text=True, timeout=300)
     assert done.stdout.strip().endswith("True"), done.stderr[-2000:]
+
+
+@pytest.mark.real_model
+def test_bundled_smollm2_cpt_lowers_domain_perplexity_and_sft_follows(make_config, datasets):
+    settings = {
+        **overrides("cpt", max_steps=10, block_size=256, batch_size=2, eval_fraction=0.25, learning_rate=3e-4),
+        **overrides("sft", max_steps=4, max_length=256, batch_size=2),
+        "model.base_model": "bundled:smollm2-135m-instruct",
+    }
+    config = make_config(**settings)
+    tracker, parent, data = log_datasets(config, {"cpt": datasets["cpt"], "sft": datasets["sft"]})
+    cpt = execute_stage("cpt", config, tracker, parent, {"cpt": data["cpt"]})
+    metrics = tracker.client.get_run(cpt.run_id).data.metrics
+    assert metrics["cpt.perplexity_after"] < metrics["cpt.perplexity_before"]
+    sft = execute_stage("sft", config, tracker, parent, {"sft": data["sft"], "model": cpt.outputs["model"]})
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = materialize(sft.outputs["model"], config, tracker.fetch)
+    tokenizer, model = AutoTokenizer.from_pretrained(folder), AutoModelForCausalLM.from_pretrained(folder)
+    prompt = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "What does option -x3 of camlidl do?"}]
+    ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    reply = model.generate(**ids, max_new_tokens=24, do_sample=False)[0][ids["input_ids"].shape[1] :]
+    assert len(tokenizer.decode(reply, skip_special_tokens=True).split()) >= 2

@@ -177,13 +177,13 @@ class DeepSpeedSettings(Section):
 class TrainingConfig(Section):
     """What every training stage shares; the CPT and SFT sections extend it."""
 
-    enabled: bool = True
     method: Literal["lora", "qlora", "full"] = "lora"
     lora: LoraSettings = Field(default_factory=LoraSettings)
     learning_rate: float | None = Field(None, gt=0, description="null: the stage's default for the method")
     epochs: float = Field(1.0, gt=0)
-    max_steps: int = Field(0, ge=0, description="optimizer steps; 0 = as many as the epochs take")
-    batch_size: int = Field(4, ge=1, description="sequences per device per step")
+    # The embedded defaults are sized for a 2-core CPU run (`make run`); on GPUs set 0 and train by epochs.
+    max_steps: int = Field(16, ge=0, description="optimizer steps; 0 = as many as the epochs take")
+    batch_size: int = Field(2, ge=1, description="sequences (packed rows) per device per step")
     gradient_accumulation_steps: int = Field(1, ge=1)
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     lr_scheduler: Literal["cosine", "linear", "constant_with_warmup"] = "cosine"
@@ -192,9 +192,9 @@ class TrainingConfig(Section):
     # auto: bf16 where the GPU supports it, else fp16 on GPU, fp32 on CPU.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     gradient_checkpointing: bool = False
-    save_steps: int = Field(50, ge=1, description="checkpoint every N optimizer steps")
+    save_steps: int = Field(8, ge=1, description="checkpoint every N optimizer steps")
     save_total_limit: int = Field(2, ge=1, description="checkpoints kept (the best one is kept besides)")
-    logging_steps: int = Field(5, ge=1)
+    logging_steps: int = Field(2, ge=1)
     # Training processes: 0 = one per visible GPU (one on CPU). More than one: DDP, or DeepSpeed ZeRO-3 for `full`.
     processes: int = Field(0, ge=0, le=64)
     deepspeed: DeepSpeedSettings = Field(default_factory=DeepSpeedSettings)
@@ -207,15 +207,18 @@ class RopeScalingSettings(Section):
 
 
 class CptConfig(TrainingConfig):
+    enabled: bool = Field(True, description="off: SFT starts from model.base_model")
     block_size: int = Field(512, ge=16, description="tokens per packed training block")
     eval_fraction: float = Field(0.05, ge=0, lt=0.5, description="share of domain texts held out for perplexity")
+    max_eval_blocks: int = Field(16, ge=1, description="held-out blocks scored before and after (CPU time)")
     rope_scaling: RopeScalingSettings = Field(default_factory=RopeScalingSettings)
 
 
 class SftConfig(TrainingConfig):
     max_length: int = Field(1024, ge=16, description="tokens per example; longer prompts are cut from the front")
     packing: bool = Field(True, description="pack examples into max_length rows without cross-example attention")
-    eval_steps: int = Field(25, ge=1, description="evaluate on the validation split every N steps")
+    eval_steps: int = Field(8, ge=1, description="evaluate on the validation split every N steps")
+    max_eval_examples: int = Field(48, ge=1, description="validation examples scored at each evaluation (CPU time)")
 
     @model_validator(mode="after")
     def _save_on_eval_steps(self) -> SftConfig:

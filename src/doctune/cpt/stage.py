@@ -9,7 +9,7 @@ from doctune.artifacts import ArtifactRef
 from doctune.config import RunConfig
 from doctune.tracking import StageRun
 from doctune.train.core import TrainingError
-from doctune.train.stage import read_jsonl, train_stage
+from doctune.train.stage import read_jsonl, save_split, train_file, train_stage
 
 
 def held_out(text: str, seed: int, fraction: float) -> bool:
@@ -42,13 +42,9 @@ def load_texts(path: Path) -> tuple[list[dict], list[dict]]:
 
 def prepare(config: RunConfig, dataset_dir: Path):
     cfg = config.cpt
-    path = dataset_dir / "train.jsonl"
-    if not path.is_file():
-        raise TrainingError(f"CPT dataset {dataset_dir.name}: train.jsonl is missing")
+    path = train_file(dataset_dir, "CPT")
 
     def prepare_data(tokenizer, data_dir: Path) -> dict:
-        from datasets import Dataset
-
         records, skipped = load_texts(path)
         if not records:
             raise TrainingError(f"CPT dataset {path}: no usable text records ({len(skipped)} skipped: {skipped[:3]})")
@@ -60,10 +56,10 @@ def prepare(config: RunConfig, dataset_dir: Path):
             raise TrainingError(
                 f"CPT dataset {path}: {dropped} tokens make no full block of block_size {cfg.block_size}; lower cpt.block_size"
             )
-        Dataset.from_dict({"input_ids": train_blocks, "labels": train_blocks}).save_to_disk(str(data_dir / "train"))
-        eval_blocks, _ = pack(evaluation, tokenizer, cfg.block_size)
+        save_split(data_dir, "train", train_blocks, train_blocks)
+        eval_blocks = pack(evaluation, tokenizer, cfg.block_size)[0][: cfg.max_eval_blocks]
         if eval_blocks:
-            Dataset.from_dict({"input_ids": eval_blocks, "labels": eval_blocks}).save_to_disk(str(data_dir / "eval"))
+            save_split(data_dir, "eval", eval_blocks, eval_blocks)
         summary = {
             "records": len(records),
             "replay_records": sum(r["source"] == "replay" for r in records),

@@ -14,7 +14,7 @@ from doctune.artifacts import ArtifactRef
 from doctune.config import RunConfig
 from doctune.tracking import StageRun
 from doctune.train.core import TrainingError
-from doctune.train.stage import read_jsonl, train_stage
+from doctune.train.stage import read_jsonl, save_split, train_file, train_stage
 
 ROLES = ("system", "user", "assistant")
 CUT_MARK = "\n…\n"
@@ -105,25 +105,22 @@ def tokenize_file(tokenizer, path: Path, max_length: int, skipped: list[dict]) -
 
 def prepare(config: RunConfig, dataset_dir: Path):
     cfg = config.sft
-    train_path = dataset_dir / "train.jsonl"
-    if not train_path.is_file():
-        raise TrainingError(f"SFT dataset {dataset_dir.name}: train.jsonl is missing")
+    train_path = train_file(dataset_dir, "SFT")
 
     def prepare_data(tokenizer, data_dir: Path) -> dict:
-        from datasets import Dataset
-
         skipped: list[dict] = []
         ids, labels, truncated = tokenize_file(tokenizer, train_path, cfg.max_length, skipped)
         if not ids:
             reasons = sorted({s["reason"] for s in skipped})
             raise TrainingError(f"SFT dataset {train_path}: no usable example ({len(skipped)} skipped: {reasons[:3]})")
-        Dataset.from_dict({"input_ids": ids, "labels": labels}).save_to_disk(str(data_dir / "train"))
+        save_split(data_dir, "train", ids, labels)
         summary = {"train_examples": len(ids), "train_truncated": truncated}
         validation = dataset_dir / "validation.jsonl"
         if validation.is_file():
             v_ids, v_labels, v_truncated = tokenize_file(tokenizer, validation, cfg.max_length, skipped)
+            v_ids, v_labels = v_ids[: cfg.max_eval_examples], v_labels[: cfg.max_eval_examples]
             if v_ids:
-                Dataset.from_dict({"input_ids": v_ids, "labels": v_labels}).save_to_disk(str(data_dir / "eval"))
+                save_split(data_dir, "eval", v_ids, v_labels)
             summary |= {"validation_examples": len(v_ids), "validation_truncated": v_truncated}
         lengths = sorted(len(x) for x in ids)
         summary |= {

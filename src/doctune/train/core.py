@@ -318,7 +318,11 @@ def run_job(job: TrainJob, callbacks: list | None = None) -> dict:
     started = time.monotonic()
     output = trainer.train(resume_from_checkpoint=resume)
     seconds = time.monotonic() - started
-    after = {k: float(v) for k, v in trainer.evaluate().items() if k == "eval_loss"} if evaluation is not None else {}
+    after = {}
+    if evaluation is not None:
+        # SFT evaluated every eval_steps and kept its best checkpoint; CPT measures held-out loss again.
+        best = trainer.state.best_metric if job.stage == "sft" else None
+        after = {"eval_loss": float(best if best is not None else trainer.evaluate()["eval_loss"])}
 
     result = {
         "global_step": trainer.state.global_step,

@@ -28,6 +28,34 @@ class CountingCollator:
         return 1 - self.real / self.total if self.total else 0.0
 
 
+class RowPackedCollator:
+    """Packed rows kept as rows: position ids restart at each example and no attention mask is passed, so
+    transformers builds a block-diagonal causal mask per row (SDPA, eager). Attention costs rows x length^2,
+    not the (rows x length)^2 of flattening the batch, which only pays off with FlashAttention's varlen kernels.
+    Row padding becomes a sequence of its own: nothing attends to it and its labels are -100."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, examples):
+        import torch
+
+        width = max(len(example["input_ids"]) for example in examples)
+        input_ids, labels, positions = [], [], []
+        for example in examples:
+            ids = list(example["input_ids"])
+            lengths = list(example.get("seq_lengths") or [len(ids)])
+            pad = width - len(ids)
+            input_ids.append(ids + [self.pad_token_id] * pad)
+            labels.append(list(example["labels"]) + [-100] * pad)
+            positions.append([p for n in lengths + ([pad] if pad else []) for p in range(n)])
+        return {
+            "input_ids": torch.tensor(input_ids),
+            "labels": torch.tensor(labels),
+            "position_ids": torch.tensor(positions),
+        }
+
+
 def cpt_trainer(job: TrainJob, prec: str, model, tokenizer, train, evaluation):
     from transformers import Trainer, TrainingArguments, default_data_collator
 
@@ -64,8 +92,11 @@ def sft_trainer(job: TrainJob, prec: str, model, tokenizer, train, evaluation):
         }
     args = training_arguments(job, prec, SFTConfig, **extra)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation, processing_class=tokenizer)
-    # Wrapped after construction: SFTTrainer builds its own (padding-free) collator when packing.
-    trainer.counting_collator = trainer.data_collator = CountingCollator(trainer.data_collator)
+    collator = trainer.data_collator  # TRL's; with packing it flattens each batch into one padding-free row
+    if s["packing"] and not model.config._attn_implementation.startswith("flash"):
+        collator = RowPackedCollator(tokenizer.pad_token_id)
+    # Set after construction: SFTTrainer refuses a custom collator when packing.
+    trainer.counting_collator = trainer.data_collator = CountingCollator(collator)
     return trainer
 
 

@@ -59,6 +59,20 @@ def read_jsonl(path: Path, skipped: list[dict]) -> list[dict]:
     return records
 
 
+def train_file(dataset_dir: Path, what: str) -> Path:
+    path = Path(dataset_dir) / "train.jsonl"
+    if not path.is_file():
+        raise TrainingError(f"{what} dataset {Path(dataset_dir).name}: train.jsonl is missing")
+    return path
+
+
+def save_split(data_dir: Path, split: str, input_ids: list[list[int]], labels: list[list[int]]) -> None:
+    """A tokenized split (`train` or `eval`) where the training processes load it."""
+    from datasets import Dataset
+
+    Dataset.from_dict({"input_ids": input_ids, "labels": labels}).save_to_disk(str(Path(data_dir) / split))
+
+
 def checkpoint_key(stage: str, settings: TrainingConfig, inputs: dict[str, ArtifactRef], config: RunConfig) -> str:
     blob = json.dumps(
         [stage, settings.model_dump(mode="json"), {k: v.digest for k, v in sorted(inputs.items())}, config.model.base_model,
