@@ -91,6 +91,7 @@ def make_config(tmp_path, tiny_model_dir, corpus):
             # Training a random model is a plumbing check: a couple of steps unless a test asks for more.
             "cpt": {"max_steps": 2, "block_size": 64},
             "sft": {"max_steps": 2, "max_length": 256},
+            "dpo": {"max_steps": 2, "max_length": 256},
         }
         return build_config(data, [f"{key}={value}" for key, value in overrides.items()])
 

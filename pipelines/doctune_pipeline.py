@@ -6,6 +6,7 @@ from kfp import compiler, dsl
 
 from components.close_run.component import close_run
 from components.cpt.component import cpt
+from components.dpo.component import dpo
 from components.ingest.component import ingest
 from components.open_run.component import open_run
 from components.sft.component import sft
@@ -16,9 +17,10 @@ IR_YAML = Path(__file__).with_name("doctune_pipeline.yaml")
 
 
 @dsl.pipeline(name="doctune", description="PDFs to a tuned, aligned, quantized LLM, promoted only when it beats the champion.")
-def doctune_pipeline(config: str = "", parent_run_id: str = "", cpt_enabled: bool = True):
+def doctune_pipeline(config: str = "", parent_run_id: str = "", cpt_enabled: bool = True, dpo_enabled: bool = True):
     """config: the run YAML (empty: built-in defaults); parent_run_id: an MLflow run to adopt (empty: create one);
-    cpt_enabled: run domain continued pre-training (off: SFT starts from the base model)."""
+    cpt_enabled: run domain continued pre-training (off: SFT starts from the base model);
+    dpo_enabled: align the SFT model on the preference pairs (off: the SFT model goes on)."""
     closing = close_run(config=config, parent_run_id=parent_run_id, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
     with dsl.ExitHandler(closing, name="doctune-run"):
         opened = open_run(config=config, parent_run_id=parent_run_id, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
@@ -30,9 +32,13 @@ def doctune_pipeline(config: str = "", parent_run_id: str = "", cpt_enabled: boo
             adapted = cpt(config=config, parent_run_id=parent, synth=data.output).set_display_name("domain CPT")
         with dsl.Else(name="cpt-off"):
             no_cpt = skip_stage(config=config, parent_run_id=parent, stage="cpt", passthrough="{}").set_display_name("CPT off")
-        sft(
+        tuned = sft(
             config=config, parent_run_id=parent, synth=data.output, cpt=dsl.OneOf(adapted.output, no_cpt.output)
         ).set_display_name("instruction SFT")
+        with dsl.If(dpo_enabled == True, name="dpo-on"):  # noqa: E712
+            dpo(config=config, parent_run_id=parent, synth=data.output, sft=tuned.output).set_display_name("DPO")
+        with dsl.Else(name="dpo-off"):
+            skip_stage(config=config, parent_run_id=parent, stage="dpo", passthrough=tuned.output).set_display_name("DPO off")
 
 
 def compile_pipeline(path: Path = IR_YAML) -> Path:

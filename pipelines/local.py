@@ -36,7 +36,9 @@ def run_local(config: RunConfig, run_name: str = "local") -> str:
     parent = tracker.open_pipeline_run(run_name=run_name)
     init_local(config.project.workdir / "kfp")
     try:
-        doctune_pipeline(config=config.to_yaml(), parent_run_id=parent, cpt_enabled=config.cpt.enabled)
+        doctune_pipeline(
+            config=config.to_yaml(), parent_run_id=parent, cpt_enabled=config.cpt.enabled, dpo_enabled=config.dpo.enabled
+        )
     except RuntimeError as exc:  # kfp.local reports a failed task this way; the exit handler closed the run
         raise LocalRunError(parent, str(exc)) from exc
     return parent

@@ -19,7 +19,7 @@ def test_ir_declares_the_stages_and_an_exit_handler():
     tasks = spec["root"]["dag"]["tasks"]
     assert tasks["close-run"]["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
     inner = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
-    assert {"open-run", "ingest", "synth", "sft", "condition-branches-2"} <= set(inner)
+    assert {"open-run", "ingest", "synth", "sft", "condition-branches-2", "condition-branches-5"} <= set(inner)
     branches = spec["components"]["comp-condition-branches-2"]["dag"]["tasks"]
     assert (
         branches["condition-3"]["triggerPolicy"]["condition"] == "inputs.parameter_values['pipelinechannel--cpt_enabled'] == true"
@@ -31,7 +31,8 @@ def test_ir_declares_the_stages_and_an_exit_handler():
 
 def _run_args(config, pdfs, *overrides: str) -> list[str]:
     settings = [f"project.workdir={config.project.workdir}", f"model.base_model={config.model.base_model}",
-                "cpt.max_steps=2", "cpt.block_size=64", "sft.max_steps=2", "sft.max_length=256", *overrides]  # fmt: skip
+                "cpt.max_steps=2", "cpt.block_size=64", "sft.max_steps=2", "sft.max_length=256", "dpo.max_steps=2",
+                "dpo.max_length=256", *overrides]  # fmt: skip
     return ["run", "--pdfs", str(pdfs), *[arg for item in settings for arg in ("--set", item)]]
 
 
@@ -41,7 +42,7 @@ def _pipeline_runs(tracker):
 
 def test_local_pipeline_run_end_to_end(make_config, small_corpus, capsys):
     config = make_config(small_corpus)
-    assert main(_run_args(config, small_corpus, "cpt.enabled=false")) == 0
+    assert main(_run_args(config, small_corpus, "cpt.enabled=false", "dpo.enabled=false")) == 0
     out = capsys.readouterr().out
     assert "ingest  FINISHED" in out and "documents" in out and "sft     FINISHED" in out
     tracker = Tracker(config)
@@ -50,6 +51,12 @@ def test_local_pipeline_run_end_to_end(make_config, small_corpus, capsys):
     assert parent.data.tags.get("doctune.kfp_run_id")
     # CPT switched off: the Else branch ran, and SFT trained on the base model.
     assert parent.data.tags["doctune.skipped.cpt"] == "true" and not tracker.stage_runs(parent.info.run_id, "cpt")
+    assert parent.data.tags["doctune.skipped.dpo"] == "true" and not tracker.stage_runs(parent.info.run_id, "dpo")
+    # A data scientist reruns SFT against this run: CPT was off there, so it starts from the base model again.
+    rerun = ["stage", "sft", "--from-run", parent.info.run_id, *_run_args(config, small_corpus)[3:], "--set", "sft.max_steps=1"]
+    assert main(rerun) == 0
+    replaced, original = tracker.stage_runs(parent.info.run_id, "sft")
+    assert replaced.data.tags["doctune.replaces"] == original.info.run_id
     (stage,) = tracker.stage_runs(parent.info.run_id, "ingest")
     chunks = tracker.fetch(tracker.outputs_of(stage)["chunks"])
     assert (chunks / "chunks.parquet").is_file()
@@ -80,4 +87,6 @@ def test_a_run_without_a_parent_id_opens_and_closes_its_own(make_config, small_c
     assert tracker.stage_runs(parent.info.run_id, "ingest")
     (sft,) = tracker.stage_runs(parent.info.run_id, "sft")
     (cpt,) = tracker.stage_runs(parent.info.run_id, "cpt")
+    (dpo,) = tracker.stage_runs(parent.info.run_id, "dpo")
     assert sft.data.tags["doctune.upstream.model"] == tracker.outputs_of(cpt)["model"].digest
+    assert dpo.data.tags["doctune.upstream.model"] == tracker.outputs_of(sft)["model"].digest

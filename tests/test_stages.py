@@ -65,7 +65,9 @@ def test_from_run_errors_are_explained(make_config, small_corpus):
     empty = tracker.open_pipeline_run("empty")
     with pytest.raises(StageError, match="no finished 'ingest' stage run"):
         resolve_from_run("ingest", tracker, empty)
-    with pytest.raises(StageError, match="unknown stage 'sft'"):
+    with pytest.raises(StageError, match="unknown stage 'serve'"):
+        resolve_from_run("serve", tracker, empty)
+    with pytest.raises(StageError, match="no finished 'synth' stage run to take 'sft' from"):
         resolve_from_run("sft", tracker, empty)
 
 

@@ -181,11 +181,13 @@ def test_sft_on_a_cpt_adapter_merges_it_first_and_keeps_the_chat_template(make_c
     assert (final / "model.safetensors").is_file()
 
 
-def test_sft_packing_removes_padding(make_config, datasets):
+def test_sft_packing_removes_padding(make_config, tmp_path):
+    folder = tmp_path / "many"
+    write_jsonl(folder / "train.jsonl", sft_records(96))
     results = {}
     for packing in (True, False):
-        config = make_config(**overrides("sft", packing=packing, batch_size=4, max_steps=2, max_length=128))
-        tracker, parent, data = log_datasets(config, {"sft": datasets["sft"]})
+        config = make_config(**overrides("sft", packing=packing, batch_size=4, max_steps=4, max_length=256))
+        tracker, parent, data = log_datasets(config, {"sft": folder})
         run = execute_stage("sft", config, tracker, parent, {"sft": data["sft"]})
         results[packing] = tracker.client.get_run(run.run_id).data.metrics["sft.padding_fraction"]
     assert results[True] < 0.05 < results[False]
@@ -339,3 +341,77 @@ def test_bundled_smollm2_cpt_lowers_domain_perplexity_and_sft_follows(make_confi
     ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     reply = model.generate(**ids, max_new_tokens=24, do_sample=False)[0][ids["input_ids"].shape[1] :]
     assert len(tokenizer.decode(reply, skip_special_tokens=True).split()) >= 2
+
+
+# -- DPO ----------------------------------------------------------------------------------
+
+
+def dpo_pairs(n: int) -> list[dict]:
+    pairs = []
+    for record in sft_records(n):
+        prompt, reply = record["messages"][:2], record["messages"][2]
+        wrong = {"role": "assistant", "content": reply["content"].replace("interface", "exception").replace("stub", "header")}
+        pairs.append({"prompt": prompt, "chosen": [reply], "rejected": [wrong], "meta": {"strategy": "altered"}})
+    return pairs
+
+
+@pytest.fixture
+def dpo_dataset(tmp_path):
+    folder = tmp_path / "dpo"
+    pairs = dpo_pairs(24)
+    write_jsonl(folder / "train.jsonl", pairs[:20])
+    write_jsonl(folder / "validation.jsonl", pairs[20:])
+    (folder / "system_prompt.txt").write_text(SYSTEM)
+    return folder
+
+
+def test_dpo_on_the_sft_model_logs_rewards_and_its_lineage(make_config, datasets, dpo_dataset):
+    config = make_config(**overrides("sft", max_steps=2), **overrides("dpo", max_steps=6, eval_steps=3, learning_rate=5e-3))
+    tracker, parent, data = log_datasets(config, {"sft": datasets["sft"], "dpo": dpo_dataset})
+    sft = execute_stage("sft", config, tracker, parent, {"sft": data["sft"]})
+    dpo = execute_stage("dpo", config, tracker, parent, {"dpo": data["dpo"], "model": sft.outputs["model"]})
+    metrics = tracker.client.get_run(dpo.run_id).data.metrics
+    for key in ("dpo.rewards/chosen", "dpo.rewards/rejected", "dpo.rewards/margins", "dpo.rewards/accuracies"):
+        assert key in metrics, key
+    assert metrics["dpo.eval_rewards/accuracies_after"] > metrics["dpo.eval_rewards/accuracies_before"]
+    meta = read_meta(tracker.fetch(dpo.outputs["model"]))
+    assert meta["stage"] == "dpo" and meta["base"] == {"ref": sft.outputs["model"].to_dict()}
+
+
+def test_dpo_with_lora_scores_the_reference_with_the_adapter_disabled(make_config, dpo_dataset, tiny_model_dir, tmp_path):
+    from datasets import load_from_disk
+    from transformers import AutoModelForCausalLM
+
+    from doctune.dpo.stage import prepare
+    from doctune.train.core import TrainJob, load_model
+    from doctune.train.recipes import dpo_trainer
+
+    config = make_config(**overrides("dpo", max_steps=3, learning_rate=5e-3))
+    tokenizer = prepare_tokenizer(tiny_model_dir)
+    prepare(config, dpo_dataset)(tokenizer, tmp_path / "data")
+    job = TrainJob(
+        stage="dpo", settings=config.dpo.model_dump(mode="json"), model_dir=str(tiny_model_dir), tokenizer_dir="",
+        data_dir=str(tmp_path / "data"), checkpoint_dir=str(tmp_path / "ckpt"), output_dir=str(tmp_path / "out"),
+        learning_rate=5e-3,
+    )  # fmt: skip
+    model, peft_config = load_model(job, "fp32", len(tokenizer))
+    trainer = dpo_trainer(job, "fp32", model, peft_config, tokenizer, load_from_disk(str(tmp_path / "data" / "train")), None)
+    trainer.train()
+    assert trainer.ref_model is None and list(trainer.model.peft_config) == ["default"]  # no second model, no copy adapter
+    probe = torch.tensor([[3, 14, 15, 92, 65]])
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    policy = trainer.model.eval()
+    with torch.no_grad(), policy.disable_adapter():
+        torch.testing.assert_close(policy(probe).logits, base(probe).logits)
+    with torch.no_grad():
+        assert not torch.allclose(policy(probe).logits, base(probe).logits)  # the adapter did learn something
+
+
+def test_dpo_pairs_that_cannot_be_used_are_reported(make_config, tiny_model_dir, tmp_path):
+    from doctune.dpo.stage import prepare
+
+    folder = tmp_path / "bad-dpo"
+    same = dpo_pairs(1)[0] | {"rejected": dpo_pairs(1)[0]["chosen"]}
+    write_jsonl(folder / "train.jsonl", [same, {"prompt": "hi", "chosen": [], "rejected": []}])
+    with pytest.raises(TrainingError, match=r"no usable pair \(2 skipped.*chosen and rejected are the same reply"):
+        prepare(make_config(), folder)(prepare_tokenizer(tiny_model_dir), tmp_path / "data")

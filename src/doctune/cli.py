@@ -114,7 +114,7 @@ def summarize(tracker: Tracker, parent_run_id: str) -> str:
             "contamination": f"{report['contamination_rate']:.1%}",
         }
         out += ["", _table(list(synth_row), [list(synth_row.values())])]
-    training = [_training_row(tracker, name, finished[name]) for name in ("cpt", "sft") if name in finished]
+    training = [_training_row(tracker, name, finished[name]) for name in ("cpt", "sft", "dpo") if name in finished]
     if training:
         header = ["stage", "method", "steps", "loss first→last", "held-out loss before→after", "tokens/s", "padding"]
         out += ["", _table(header, training)]

@@ -230,6 +230,18 @@ class SftConfig(TrainingConfig):
         return self
 
 
+class DpoConfig(TrainingConfig):
+    enabled: bool = Field(True, description="off: merge takes the SFT model")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    beta: float = Field(0.1, gt=0, description="strength of the pull towards the reference policy")
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
+    # method full only: a frozen reference copy in memory, or its log-probs computed once before training.
+    reference: Literal["copy", "precomputed"] = "copy"
+    max_length: int = Field(1024, ge=16, description="tokens of prompt + reply; longer prompts are cut in the middle")
+    eval_steps: int = Field(8, ge=1, description="reward accuracy on the validation pairs every N steps")
+    max_eval_pairs: int = Field(48, ge=1, description="validation pairs scored at each evaluation (CPU time)")
+
+
 class RunConfig(Section):
     project: ProjectConfig = Field(default_factory=ProjectConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
@@ -239,6 +251,7 @@ class RunConfig(Section):
     synth: SynthConfig = Field(default_factory=SynthConfig)
     cpt: CptConfig = Field(default_factory=CptConfig)
     sft: SftConfig = Field(default_factory=SftConfig)
+    dpo: DpoConfig = Field(default_factory=DpoConfig)
 
     @property
     def tracking_uri(self) -> str:

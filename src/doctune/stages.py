@@ -57,6 +57,12 @@ STAGES: dict[str, StageSpec] = {
         inputs={"sft": ("synth", "sft"), "model": ("cpt", "model")},
         optional_inputs=frozenset({"model"}),
     ),
+    "dpo": StageSpec(
+        name="dpo",
+        module="doctune.dpo.stage",
+        sections=("model", "dpo"),
+        inputs={"dpo": ("synth", "dpo"), "model": ("sft", "model")},
+    ),
 }
 
 
@@ -177,10 +183,11 @@ def resolve_from_run(name: str, tracker: Tracker, from_run: str) -> tuple[str, d
     """
     spec = spec_for(name)
     parent = pipeline_run_of(tracker, from_run)
+    skipped = tracker.client.get_run(parent).data.tags
     inputs = {}
     for input_name, (producer, output) in spec.inputs.items():
         runs = tracker.stage_runs(parent, producer)
-        if not runs and input_name in spec.optional_inputs:
+        if not runs and input_name in spec.optional_inputs and skipped.get(f"{TAG}skipped.{producer}") == "true":
             continue  # e.g. SFT of a run whose CPT was switched off starts from the base model
         if not runs:
             present = sorted({r.data.tags.get(f"{TAG}stage", "?") for r in tracker.stage_runs(parent)})

@@ -26,8 +26,12 @@ DEFAULT_LEARNING_RATES = {
     ("cpt", "full"): 5e-5,
     ("sft", "adapter"): 2e-4,
     ("sft", "full"): 2e-5,
+    ("dpo", "adapter"): 5e-6,
+    ("dpo", "full"): 5e-7,
 }
 RESULT_FILE = "train_result.json"
+# Evaluation metrics measured before training as well as after, per stage.
+BEFORE_METRICS = {"cpt": ("eval_loss",), "dpo": ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins")}
 
 
 class TrainingError(RuntimeError):
@@ -120,7 +124,8 @@ def lora_targets(model, targets) -> list[str] | str:
 
 
 def load_model(job: TrainJob, prec: str, vocab_size: int):
-    """The model to train, per method; LoRA/QLoRA wrap it in a fresh adapter."""
+    """(model, LoRA config or None) per method. The trainer recipe attaches the fresh adapter: DPO lets TRL do
+    it, so that its reference policy is this same model with the adapter disabled."""
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -142,8 +147,8 @@ def load_model(job: TrainJob, prec: str, vocab_size: int):
     if settings["gradient_checkpointing"]:
         model.config.use_cache = False
     if method == "full":
-        return model
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+        return model, None
+    from peft import LoraConfig, prepare_model_for_kbit_training
 
     targets = lora_targets(model, settings["lora"]["target_modules"])
     if method == "qlora":
@@ -153,7 +158,7 @@ def load_model(job: TrainJob, prec: str, vocab_size: int):
         r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], target_modules=targets,
         task_type="CAUSAL_LM", bias="none",
     )  # fmt: skip
-    return get_peft_model(model, peft_config)
+    return model, peft_config
 
 
 def scaled_rope_config(model_dir: str, type: str, factor: float):
@@ -295,23 +300,23 @@ def run_job(job: TrainJob, callbacks: list | None = None) -> dict:
     set_seed(job.settings["seed"])
     prec = precision(job.settings["precision"])
     tokenizer = AutoTokenizer.from_pretrained(job.tokenizer_dir)
-    model = load_model(job, prec, len(tokenizer))
+    model, peft_config = load_model(job, prec, len(tokenizer))
     data = Path(job.data_dir)
     train = load_from_disk(str(data / "train"))
     evaluation = load_from_disk(str(data / "eval")) if (data / "eval").is_dir() else None
-    trainer = recipes.TRAINERS[job.stage](job, prec, model, tokenizer, train, evaluation)
+    trainer = recipes.TRAINERS[job.stage](job, prec, model, peft_config, tokenizer, train, evaluation)
     for callback in [mlflow_callback(job), *(callbacks or [])]:
         trainer.add_callback(callback)
 
     resume = last_checkpoint(job.checkpoint_dir)
     before_file = Path(job.checkpoint_dir) / "before.json"
     before = {}
-    if evaluation is not None and job.stage == "cpt":
-        # Held-out loss of the input model, measured once and kept across restarts.
+    if evaluation is not None and job.stage in BEFORE_METRICS:
+        # The input model on held-out data (CPT loss, DPO reward accuracy), measured once and kept across restarts.
         if before_file.is_file():
             before = json.loads(before_file.read_text())
         else:
-            before = {k: float(v) for k, v in trainer.evaluate().items() if k == "eval_loss"}
+            before = {k: float(v) for k, v in trainer.evaluate().items() if k in BEFORE_METRICS[job.stage]}
             if trainer.is_world_process_zero():
                 before_file.parent.mkdir(parents=True, exist_ok=True)
                 before_file.write_text(json.dumps(before))
@@ -320,9 +325,12 @@ def run_job(job: TrainJob, callbacks: list | None = None) -> dict:
     seconds = time.monotonic() - started
     after = {}
     if evaluation is not None:
-        # SFT evaluated every eval_steps and kept its best checkpoint; CPT measures held-out loss again.
+        # SFT evaluated every eval_steps and kept its best checkpoint; CPT and DPO measure again on held-out data.
         best = trainer.state.best_metric if job.stage == "sft" else None
-        after = {"eval_loss": float(best if best is not None else trainer.evaluate()["eval_loss"])}
+        if best is not None:
+            after = {"eval_loss": float(best)}
+        else:
+            after = {k: float(v) for k, v in trainer.evaluate().items() if k in BEFORE_METRICS.get(job.stage, ("eval_loss",))}
 
     result = {
         "global_step": trainer.state.global_step,
@@ -337,10 +345,8 @@ def run_job(job: TrainJob, callbacks: list | None = None) -> dict:
         "loss_history": [h["loss"] for h in trainer.state.log_history if "loss" in h],
         "padding_fraction": trainer.counting_collator.padding_fraction,
     }
-    if before:
-        result["eval_loss_before"] = before["eval_loss"]
-    if after:
-        result["eval_loss_after"] = after["eval_loss"]
+    result |= {f"{name}_before": value for name, value in before.items()}
+    result |= {f"{name}_after": value for name, value in after.items()}
     trainer.save_model(job.output_dir)  # ZeRO-3 gathers the consolidated weights on every rank, rank 0 writes
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(job.output_dir)

@@ -19,9 +19,16 @@ class CountingCollator:
 
     def __call__(self, examples):
         batch = self.inner(examples)
-        self.real += sum(len(example["input_ids"]) for example in examples)
+        self.real += sum(self.tokens(example) for example in examples)
         self.total += batch["input_ids"].numel()
         return batch
+
+    @staticmethod
+    def tokens(example) -> int:
+        if "input_ids" in example:
+            return len(example["input_ids"])
+        # A preference pair becomes two sequences: prompt + chosen and prompt + rejected.
+        return 2 * len(example["prompt_ids"]) + len(example["chosen_ids"]) + len(example["rejected_ids"])
 
     @property
     def padding_fraction(self) -> float:
@@ -56,9 +63,18 @@ class RowPackedCollator:
         }
 
 
-def cpt_trainer(job: TrainJob, prec: str, model, tokenizer, train, evaluation):
+def with_adapter(model, peft_config):
+    if peft_config is None:
+        return model
+    from peft import get_peft_model
+
+    return get_peft_model(model, peft_config)
+
+
+def cpt_trainer(job: TrainJob, prec: str, model, peft_config, tokenizer, train, evaluation):
     from transformers import Trainer, TrainingArguments, default_data_collator
 
+    model = with_adapter(model, peft_config)
     extra = {"eval_strategy": "no"}  # held-out perplexity is measured before and after training instead
     args = training_arguments(job, prec, TrainingArguments, **extra)
     collator = CountingCollator(default_data_collator)
@@ -70,9 +86,10 @@ def cpt_trainer(job: TrainJob, prec: str, model, tokenizer, train, evaluation):
     return trainer
 
 
-def sft_trainer(job: TrainJob, prec: str, model, tokenizer, train, evaluation):
+def sft_trainer(job: TrainJob, prec: str, model, peft_config, tokenizer, train, evaluation):
     from trl import SFTConfig, SFTTrainer
 
+    model = with_adapter(model, peft_config)
     s = job.settings
     extra = {
         "max_length": s["max_length"],
@@ -100,4 +117,29 @@ def sft_trainer(job: TrainJob, prec: str, model, tokenizer, train, evaluation):
     return trainer
 
 
-TRAINERS = {"cpt": cpt_trainer, "sft": sft_trainer}
+def dpo_trainer(job: TrainJob, prec: str, model, peft_config, tokenizer, train, evaluation):
+    """TRL's DPOTrainer. With LoRA/QLoRA it attaches the adapter itself and scores the reference policy with the
+    adapter disabled (no second model in memory); `full` uses a frozen reference copy, or reference log-probs
+    computed once before training (`reference: precomputed`)."""
+    from trl import DPOConfig, DPOTrainer
+
+    s = job.settings
+    extra = {
+        "beta": s["beta"],
+        "loss_type": [s["loss_type"]],
+        "max_length": s["max_length"],
+        "precompute_ref_log_probs": s["method"] == "full" and s["reference"] == "precomputed",
+        "dataset_num_proc": None,
+    }
+    if evaluation is not None:
+        extra |= {"eval_strategy": "steps", "eval_steps": s["eval_steps"]}
+    args = training_arguments(job, prec, DPOConfig, **extra)
+    trainer = DPOTrainer(
+        model=model, ref_model=None, args=args, train_dataset=train, eval_dataset=evaluation, processing_class=tokenizer,
+        peft_config=peft_config,
+    )  # fmt: skip
+    trainer.counting_collator = trainer.data_collator = CountingCollator(trainer.data_collator)
+    return trainer
+
+
+TRAINERS = {"cpt": cpt_trainer, "sft": sft_trainer, "dpo": dpo_trainer}

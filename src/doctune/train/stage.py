@@ -93,10 +93,11 @@ def _metrics(stage: str, result: dict) -> dict[str, float]:
     }
     if result["train_seconds"] > 0 and result["tokens_seen"]:
         out[f"{stage}.mean_tokens_per_second"] = result["tokens_seen"] / result["train_seconds"]
-    for when in ("before", "after"):
-        if (loss := result.get(f"eval_loss_{when}")) is not None:
-            out[f"{stage}.eval_loss_{when}"] = loss
-            out[f"{stage}.perplexity_{when}"] = math.exp(min(loss, 50))
+    for key, value in result.items():
+        if key.startswith("eval_") and key.endswith(("_before", "_after")):
+            out[f"{stage}.{key}"] = value
+            if key.startswith("eval_loss_"):
+                out[f"{stage}.perplexity_{key.rsplit('_', 1)[1]}"] = math.exp(min(value, 50))
     return out
 
 

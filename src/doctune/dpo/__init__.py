@@ -1,0 +1,1 @@
+"""Preference alignment (DPO) on the synthetic preference pairs."""
