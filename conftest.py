@@ -92,6 +92,7 @@ def make_config(tmp_path, tiny_model_dir, corpus):
             "cpt": {"max_steps": 2, "block_size": 64},
             "sft": {"max_steps": 2, "max_length": 256},
             "dpo": {"max_steps": 2, "max_length": 256},
+            "quantize": {"eval_blocks": 2, "block_size": 64, "generate_tokens": 8},
         }
         return build_config(data, [f"{key}={value}" for key, value in overrides.items()])
 

@@ -8,7 +8,9 @@ from components.close_run.component import close_run
 from components.cpt.component import cpt
 from components.dpo.component import dpo
 from components.ingest.component import ingest
+from components.merge.component import merge
 from components.open_run.component import open_run
+from components.quantize.component import quantize
 from components.sft.component import sft
 from components.skip_stage.component import skip_stage
 from components.synth.component import synth
@@ -36,9 +38,13 @@ def doctune_pipeline(config: str = "", parent_run_id: str = "", cpt_enabled: boo
             config=config, parent_run_id=parent, synth=data.output, cpt=dsl.OneOf(adapted.output, no_cpt.output)
         ).set_display_name("instruction SFT")
         with dsl.If(dpo_enabled == True, name="dpo-on"):  # noqa: E712
-            dpo(config=config, parent_run_id=parent, synth=data.output, sft=tuned.output).set_display_name("DPO")
+            aligned = dpo(config=config, parent_run_id=parent, synth=data.output, sft=tuned.output).set_display_name("DPO")
         with dsl.Else(name="dpo-off"):
-            skip_stage(config=config, parent_run_id=parent, stage="dpo", passthrough=tuned.output).set_display_name("DPO off")
+            no_dpo = skip_stage(config=config, parent_run_id=parent, stage="dpo", passthrough=tuned.output)
+            no_dpo.set_display_name("DPO off")
+        merged = merge(config=config, parent_run_id=parent, dpo=dsl.OneOf(aligned.output, no_dpo.output))
+        merged.set_display_name("merge")
+        quantize(config=config, parent_run_id=parent, merge=merged.output, synth=data.output).set_display_name("quantize")
 
 
 def compile_pipeline(path: Path = IR_YAML) -> Path:

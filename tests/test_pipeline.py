@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import yaml
 
 from doctune.cli import main
@@ -19,7 +21,11 @@ def test_ir_declares_the_stages_and_an_exit_handler():
     tasks = spec["root"]["dag"]["tasks"]
     assert tasks["close-run"]["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
     inner = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
-    assert {"open-run", "ingest", "synth", "sft", "condition-branches-2", "condition-branches-5"} <= set(inner)
+    assert {"open-run", "ingest", "synth", "sft", "condition-branches-2", "condition-branches-5", "merge", "quantize"} <= set(
+        inner
+    )
+    assert "condition-branches-5" in inner["merge"]["dependentTasks"]  # merge takes DPO's model, or SFT's with DPO off
+    assert {"merge", "synth"} <= set(inner["quantize"]["dependentTasks"])
     branches = spec["components"]["comp-condition-branches-2"]["dag"]["tasks"]
     assert (
         branches["condition-3"]["triggerPolicy"]["condition"] == "inputs.parameter_values['pipelinechannel--cpt_enabled'] == true"
@@ -44,7 +50,7 @@ def test_local_pipeline_run_end_to_end(make_config, small_corpus, capsys):
     config = make_config(small_corpus)
     assert main(_run_args(config, small_corpus, "cpt.enabled=false", "dpo.enabled=false")) == 0
     out = capsys.readouterr().out
-    assert "ingest  FINISHED" in out and "documents" in out and "sft     FINISHED" in out
+    assert re.search(r"ingest +FINISHED", out) and "documents" in out and re.search(r"sft +FINISHED", out)
     tracker = Tracker(config)
     (parent,) = _pipeline_runs(tracker)
     assert parent.info.status == "FINISHED"
@@ -57,6 +63,13 @@ def test_local_pipeline_run_end_to_end(make_config, small_corpus, capsys):
     assert main(rerun) == 0
     replaced, original = tracker.stage_runs(parent.info.run_id, "sft")
     assert replaced.data.tags["doctune.replaces"] == original.info.run_id
+    # DPO was off too: the merged model is the SFT model's, and a merge rerun resolves the same input.
+    (merge,) = tracker.stage_runs(parent.info.run_id, "merge")
+    (original_sft,) = [r for r in tracker.stage_runs(parent.info.run_id, "sft") if "doctune.replaces" not in r.data.tags]
+    assert merge.data.tags["doctune.upstream.model"] == tracker.outputs_of(original_sft)["model"].digest
+    (quantize,) = tracker.stage_runs(parent.info.run_id, "quantize")
+    assert {"gguf-q8_0", "nf4", "report"} <= set(tracker.outputs_of(quantize))
+    assert re.search(r"merge +FINISHED", out) and "gguf-q8_0" in out and "ppl ratio" in out
     (stage,) = tracker.stage_runs(parent.info.run_id, "ingest")
     chunks = tracker.fetch(tracker.outputs_of(stage)["chunks"])
     assert (chunks / "chunks.parquet").is_file()

@@ -58,6 +58,16 @@ def _training_row(tracker: Tracker, stage: str, run) -> list[object]:
     ]
 
 
+def _quantize_table(report: dict) -> str:
+    rows = [["merged (fp32)", f"{report['merged']['size_bytes'] / 2**20:.1f}", "1.00", f"{report['merged']['tokens_per_s']:.1f}",
+             f"{report['merged']['perplexity']:.3f}", "1.000", "baseline"]]  # fmt: skip
+    for name, row in report["variants"].items():
+        rows.append([name, f"{row['size_bytes'] / 2**20:.1f}", f"{row['size_ratio']:.2f}", f"{row['tokens_per_s']:.1f}",
+                     f"{row['perplexity']:.3f}", f"{row['perplexity_ratio']:.3f}", "checked"])  # fmt: skip
+    rows += [[name, "", "", "", "", "", f"failed: {error}"] for name, error in report["failed"].items()]
+    return _table(["variant", "MiB", "size ratio", "tokens/s", "perplexity", "ppl ratio", "status"], rows)
+
+
 def summarize(tracker: Tracker, parent_run_id: str) -> str:
     """Stage table, ingest summary and skipped files of one pipeline run."""
     out = []
@@ -118,6 +128,13 @@ def summarize(tracker: Tracker, parent_run_id: str) -> str:
     if training:
         header = ["stage", "method", "steps", "loss first→last", "held-out loss before→after", "tokens/s", "padding"]
         out += ["", _table(header, training)]
+    if "merge" in finished:
+        m = finished["merge"].data.metrics
+        if "merge.max_logit_diff" in m:
+            out += ["", f"merge check: largest logit gap adapter vs merged {m['merge.max_logit_diff']:.2g} "
+                        f"(allowed {m['merge.tolerance']:.2g})"]  # fmt: skip
+    if "quantize" in finished and "report" in (outputs := tracker.outputs_of(finished["quantize"])):
+        out += ["", _quantize_table(json.loads((tracker.fetch(outputs["report"]) / "quantize_report.json").read_text()))]
     out.append("")
     out.append(f"pipeline run: {parent_run_id}  (tracking: {tracker.uri}, experiment {tracker.config.experiment_name!r})")
     if tracker.uri.startswith("sqlite:"):

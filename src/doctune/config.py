@@ -242,6 +242,45 @@ class DpoConfig(TrainingConfig):
     max_eval_pairs: int = Field(48, ge=1, description="validation pairs scored at each evaluation (CPU time)")
 
 
+class MergeConfig(Section):
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on a GPU, fp32 on CPU")
+    max_logit_diff: float | None = Field(
+        None, gt=0, description="largest |logit| gap allowed between adapter and merged model; null: 1e-3 fp32, 0.5 bf16"
+    )
+    verify_prompts: list[str] = Field(
+        default_factory=lambda: [
+            "What does the package manager do when a dependency is missing?",
+            "Summarize the installation steps in two sentences.",
+            "Which command shows the installed version?",
+            "Tell me about the weather on Mars.",
+        ],
+        min_length=1,
+        description="user turns (with the model's system prompt) whose logits must agree before and after merging",
+    )
+
+
+class QuantizeConfig(Section):
+    variants: list[str] = Field(
+        default_factory=lambda: ["gguf-f16", "gguf-q8_0", "gguf-q4_0", "nf4"],
+        min_length=1,
+        description="gguf-<ggml type> (f16, bf16, q8_0, q5_0, q4_0, ...) for llama.cpp/Ollama; nf4 (bitsandbytes) for GPUs",
+    )
+    eval_blocks: int = Field(8, ge=1, description="held-out domain blocks scored by every variant (CPU time)")
+    block_size: int = Field(256, ge=16, description="tokens per perplexity block")
+    generate_tokens: int = Field(32, ge=1, description="greedy tokens generated per check (and timed)")
+    prompt: str = Field("How do I install a package?", description="user turn of the generation check")
+
+    @field_validator("variants")
+    @classmethod
+    def _variant_names(cls, variants: list[str]) -> list[str]:
+        odd = [v for v in variants if v != "nf4" and not (v.startswith("gguf-") and v[5:].replace("_", "").isalnum())]
+        if odd:
+            raise ValueError(f"variants {odd}: expected gguf-<ggml type> or nf4")
+        if len(set(variants)) != len(variants):
+            raise ValueError(f"variants listed twice: {variants}")
+        return variants
+
+
 class RunConfig(Section):
     project: ProjectConfig = Field(default_factory=ProjectConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
@@ -252,6 +291,8 @@ class RunConfig(Section):
     cpt: CptConfig = Field(default_factory=CptConfig)
     sft: SftConfig = Field(default_factory=SftConfig)
     dpo: DpoConfig = Field(default_factory=DpoConfig)
+    merge: MergeConfig = Field(default_factory=MergeConfig)
+    quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
 
     @property
     def tracking_uri(self) -> str:

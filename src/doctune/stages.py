@@ -63,6 +63,18 @@ STAGES: dict[str, StageSpec] = {
         sections=("model", "dpo"),
         inputs={"dpo": ("synth", "dpo"), "model": ("sft", "model")},
     ),
+    "merge": StageSpec(
+        name="merge",
+        module="doctune.merge.stage",
+        sections=("model", "merge"),
+        inputs={"model": ("dpo", "model")},
+    ),
+    "quantize": StageSpec(
+        name="quantize",
+        module="doctune.quantize.stage",
+        sections=("model", "cpt", "quantize"),  # cpt: its seed and eval_fraction pick the held-out text
+        inputs={"model": ("merge", "model"), "cpt": ("synth", "cpt")},
+    ),
 }
 
 
@@ -183,24 +195,38 @@ def resolve_from_run(name: str, tracker: Tracker, from_run: str) -> tuple[str, d
     """
     spec = spec_for(name)
     parent = pipeline_run_of(tracker, from_run)
-    skipped = tracker.client.get_run(parent).data.tags
+    tags = tracker.client.get_run(parent).data.tags
+    skipped = {k.removeprefix(f"{TAG}skipped."): v for k, v in tags.items() if k.startswith(f"{TAG}skipped.")}
     inputs = {}
     for input_name, (producer, output) in spec.inputs.items():
-        runs = tracker.stage_runs(parent, producer)
-        if not runs and input_name in spec.optional_inputs and skipped.get(f"{TAG}skipped.{producer}") == "true":
-            continue  # e.g. SFT of a run whose CPT was switched off starts from the base model
-        if not runs:
-            present = sorted({r.data.tags.get(f"{TAG}stage", "?") for r in tracker.stage_runs(parent)})
-            raise StageError(
-                f"pipeline run {parent} has no finished {producer!r} stage run to take {input_name!r} from "
-                f"(finished stages there: {present or 'none'})"
-            )
+        ref = _recorded_output(tracker, parent, producer, output, skipped, input_name)
+        if ref is not None:
+            inputs[input_name] = ref
+        elif input_name not in spec.optional_inputs:
+            raise StageError(f"pipeline run {parent}: {producer!r} was switched off and hands on no {output!r} for {name!r}")
+    replaced = tracker.stage_runs(parent, name)
+    return parent, inputs, replaced[0].info.run_id if replaced else None
+
+
+def _recorded_output(
+    tracker: Tracker, parent: str, producer: str, output: str, skipped: dict[str, str], wanted: str
+) -> ArtifactRef | None:
+    """`output` of `producer` in a pipeline run; a switched-off producer hands on its own input of that name
+    (DPO off: merge takes the SFT model; CPT off: SFT gets no model and starts from the base)."""
+    runs = tracker.stage_runs(parent, producer)
+    if runs:
         outputs = tracker.outputs_of(runs[0])
         if output not in outputs:
             raise StageError(f"stage run {runs[0].info.run_id} ({producer}) has no output {output!r}")
-        inputs[input_name] = outputs[output]
-    replaced = tracker.stage_runs(parent, name)
-    return parent, inputs, replaced[0].info.run_id if replaced else None
+        return outputs[output]
+    if skipped.get(producer) == "true":
+        passed = spec_for(producer).inputs.get(output)
+        return _recorded_output(tracker, parent, *passed, skipped, wanted) if passed else None
+    present = sorted({r.data.tags.get(f"{TAG}stage", "?") for r in tracker.stage_runs(parent)})
+    raise StageError(
+        f"pipeline run {parent} has no finished {producer!r} stage run to take {wanted!r} from "
+        f"(finished stages there: {present or 'none'})"
+    )
 
 
 # -- entry points for the thin KFP components --------------------------------

@@ -58,10 +58,7 @@ def materialize(model_input: ArtifactRef | None, config: RunConfig, fetch) -> Pa
         return folder
     if meta["format"] != "adapter":
         raise ModelArtifactError(f"model artifact {model_input.artifact_path} of run {model_input.run_id}: unknown format")
-    base = meta["base"]
-    base_folder = (
-        resolve_model(base["spec"], cache) if "spec" in base else materialize(ArtifactRef.from_dict(base["ref"]), config, fetch)
-    )
+    base_folder = base_folder_of(meta, config, fetch)
     target = cache / "models" / "merged" / model_input.digest.replace(":", "-")
     if (target / "config.json").is_file():
         return target
@@ -77,10 +74,33 @@ def materialize(model_input: ArtifactRef | None, config: RunConfig, fetch) -> Pa
     return target
 
 
-def merge_adapter(base_folder: Path, adapter_folder: Path, target: Path, dtype=None, rope_scaling: dict | None = None) -> None:
+def lineage(model_input: ArtifactRef, fetch) -> tuple[str, list[dict]]:
+    """(base model spec, the stages that built this model, oldest first) from the chain of model metadata."""
+    chain: list[dict] = []
+    ref = model_input
+    while True:
+        meta = read_meta(fetch(ref))
+        chain.append({"ref": ref.to_dict(), **{k: v for k, v in meta.items() if k != "base"}})
+        if "spec" in meta["base"]:
+            return meta["base"]["spec"], chain[::-1]
+        ref = ArtifactRef.from_dict(meta["base"]["ref"])
+
+
+def base_folder_of(meta: dict, config: RunConfig, fetch) -> Path:
+    """Full-precision weights of the base an adapter was trained on."""
+    base = meta["base"]
+    if "spec" in base:
+        return resolve_model(base["spec"], config.project.workdir / "cache")
+    return materialize(ArtifactRef.from_dict(base["ref"]), config, fetch)
+
+
+def merge_adapter(
+    base_folder: Path, adapter_folder: Path, target: Path, dtype=None, rope_scaling: dict | None = None, probes=None
+) -> dict:
     """Fold a LoRA adapter into full-precision base weights and save model + the adapter's tokenizer.
 
     `rope_scaling` ({type, factor}) is the base config change the adapter was trained with (long-context CPT).
+    `probes` (token id lists): the logits of adapter and merged model on them are compared; returns the gaps.
     """
     import torch
     from peft import PeftModel
@@ -90,15 +110,44 @@ def merge_adapter(base_folder: Path, adapter_folder: Path, target: Path, dtype=N
 
     kwargs = {"config": scaled_rope_config(str(base_folder), **rope_scaling)} if rope_scaling else {}
     model = AutoModelForCausalLM.from_pretrained(base_folder, dtype=dtype or torch.float32, **kwargs)
-    merged = PeftModel.from_pretrained(model, adapter_folder).merge_and_unload()
+    adapted = PeftModel.from_pretrained(model, adapter_folder).eval()
+
+    @torch.no_grad()
+    def logits(m) -> list:
+        return [m(input_ids=torch.tensor([ids], device=m.device)).logits[0].float() for ids in probes or []]
+
+    before = logits(adapted)
+    merged = adapted.merge_and_unload()
+    gaps = [(a - b).abs() for a, b in zip(before, logits(merged), strict=True)]
+    check = {}
+    if gaps:
+        check = {
+            "max_logit_diff": max(g.max().item() for g in gaps),
+            "mean_logit_diff": sum(g.mean().item() for g in gaps) / len(gaps),
+            "probe_tokens": sum(len(ids) for ids in probes),
+        }
     merged.save_pretrained(target)
     AutoTokenizer.from_pretrained(adapter_folder).save_pretrained(target)
     copy_generation_config(adapter_folder, target)
+    return check
 
 
 def copy_generation_config(source: Path, target: Path) -> None:
     if (Path(source) / "generation_config.json").is_file():
         shutil.copy2(Path(source) / "generation_config.json", Path(target) / "generation_config.json")
+
+
+def end_of_turn_generation_config(folder: Path, tokenizer) -> None:
+    """Generation stops at the end-of-turn token (the tokenizer's EOS) and pads with the pad token."""
+    from transformers import GenerationConfig
+
+    try:
+        generation = GenerationConfig.from_pretrained(folder)
+    except OSError:
+        generation = GenerationConfig()
+    generation.eos_token_id = tokenizer.eos_token_id
+    generation.pad_token_id = tokenizer.pad_token_id
+    generation.save_pretrained(folder)
 
 
 def chat_template_of(folder: Path) -> str:

@@ -19,7 +19,14 @@ from doctune.artifacts import ArtifactRef
 from doctune.config import RunConfig, TrainingConfig
 from doctune.stages import code_digest
 from doctune.tracking import StageRun
-from doctune.train.artifacts import MODEL_KIND, base_of, copy_generation_config, materialize, write_meta
+from doctune.train.artifacts import (
+    MODEL_KIND,
+    base_of,
+    copy_generation_config,
+    end_of_turn_generation_config,
+    materialize,
+    write_meta,
+)
 from doctune.train.core import RESULT_FILE, TrainingError, TrainJob, check_qlora, default_learning_rate, launch, process_count
 
 
@@ -146,7 +153,7 @@ def train_stage(
         result = launch(job, work)
         out = work / "model"
         copy_generation_config(model_dir, out)
-        _end_of_turn_generation_config(out, tokenizer)
+        end_of_turn_generation_config(out, tokenizer)
         (out / RESULT_FILE).write_text(json.dumps(result, indent=1))
         for name, text in (extra_files or {}).items():
             (out / name).write_text(text)
@@ -166,16 +173,3 @@ def train_stage(
         outputs = {"model": tracker.log_output("model", out, kind=MODEL_KIND)}
     shutil.rmtree(checkpoints, ignore_errors=True)  # the result is in MLflow now; a rerun needs no resume
     return outputs
-
-
-def _end_of_turn_generation_config(folder: Path, tokenizer) -> None:
-    """Generation stops at the end-of-turn token (the tokenizer's EOS) and pads with the pad token."""
-    from transformers import GenerationConfig
-
-    try:
-        generation = GenerationConfig.from_pretrained(folder)
-    except OSError:
-        generation = GenerationConfig()
-    generation.eos_token_id = tokenizer.eos_token_id
-    generation.pad_token_id = tokenizer.pad_token_id
-    generation.save_pretrained(folder)
