@@ -48,6 +48,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/ingest_bench.py
 	$(BIN)/python bench/synth_bench.py
 	$(BIN)/python bench/train_bench.py
+	$(BIN)/python bench/quantize_bench.py
 
 clean:
 	rm -rf $(VENV) .doctune .pytest_cache .ruff_cache

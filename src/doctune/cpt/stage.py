@@ -40,6 +40,23 @@ def load_texts(path: Path) -> tuple[list[dict], list[dict]]:
     return records, skipped
 
 
+def domain_texts(config: RunConfig, cpt_dir: Path) -> tuple[list[str], list[str]]:
+    """(the domain texts CPT holds out with its seed and fraction, all domain texts) of a CPT dataset."""
+    records, _ = load_texts(train_file(cpt_dir, "CPT"))
+    domain = [r["text"] for r in records if r["source"] == "domain"]
+    return [t for t in domain if held_out(t, config.cpt.seed, config.cpt.eval_fraction)], domain
+
+
+def held_out_blocks(config: RunConfig, cpt_dir: Path, tokenizer, block_size: int, count: int) -> list[list[int]]:
+    """CPT's held-out domain text in blocks, for perplexity after training (quantize, gate); all domain text
+    when the hold-out fills no block."""
+    held, domain = domain_texts(config, cpt_dir)
+    blocks = pack(held, tokenizer, block_size)[0] or pack(domain, tokenizer, block_size)[0]
+    if not blocks:
+        raise TrainingError(f"CPT dataset {cpt_dir}: its domain text makes no block of {block_size} tokens")
+    return blocks[:count]
+
+
 def prepare(config: RunConfig, dataset_dir: Path):
     cfg = config.cpt
     path = train_file(dataset_dir, "CPT")

@@ -9,21 +9,19 @@ A variant that cannot be produced is recorded with its error; the others are sti
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 from doctune.artifacts import ArtifactRef
 from doctune.config import RunConfig
-from doctune.cpt.stage import held_out, load_texts, pack
+from doctune.cpt.stage import held_out_blocks
 from doctune.merge.stage import SYSTEM_PROMPT_FILE
 from doctune.models import BUNDLED_PREFIX, bundled_gguf
 from doctune.quantize.gguf_export import GgufExportError, pre_tokenizer_of_gguf, write_gguf
+from doctune.runtimes import open_runtime
 from doctune.tracking import StageRun
 from doctune.train.artifacts import read_meta
-from doctune.train.stage import train_file
 
 REPORT_FILE = "quantize_report.json"
 GGUF_KIND = "gguf_model"
@@ -33,39 +31,6 @@ BASELINE = "merged"
 
 class QuantizeError(RuntimeError):
     """No variant could be produced, or there is no text to measure them on."""
-
-
-def eval_blocks(config: RunConfig, cpt_dir: Path | None, tokenizer) -> list[list[int]]:
-    """Held-out domain text as CPT held it out (same seed and fraction), packed into blocks; all domain text
-    when the hold-out is too small to fill one block."""
-    if cpt_dir is None:
-        raise QuantizeError("quantize needs the CPT dataset (domain text) to measure perplexity; none was handed over")
-    records, _ = load_texts(train_file(cpt_dir, "CPT"))
-    domain = [r["text"] for r in records if r["source"] == "domain"]
-    held = [t for t in domain if held_out(t, config.cpt.seed, config.cpt.eval_fraction)]
-    q = config.quantize
-    blocks = pack(held, tokenizer, q.block_size)[0] or pack(domain, tokenizer, q.block_size)[0]
-    if not blocks:
-        raise QuantizeError(f"CPT dataset {cpt_dir}: its domain text makes no block of quantize.block_size {q.block_size}")
-    return blocks[: q.eval_blocks]
-
-
-def perplexity_from_scores(blocks: list[list[int]], score_block) -> float:
-    """exp(mean next-token NLL); `score_block(ids)` returns the log-softmax rows (numpy, len(ids) x vocab)."""
-    total, count = 0.0, 0
-    for ids in blocks:
-        logprobs = score_block(ids)
-        total -= sum(float(logprobs[i, ids[i + 1]]) for i in range(len(ids) - 1))
-        count += len(ids) - 1
-    return math.exp(total / count)
-
-
-def log_softmax(rows):
-    import numpy as np
-
-    rows = np.asarray(rows, dtype=np.float64)
-    rows = rows - rows.max(axis=-1, keepdims=True)
-    return rows - np.log(np.exp(rows).sum(axis=-1, keepdims=True))
 
 
 def chat_messages(model_dir: Path, prompt: str) -> list[dict]:
@@ -79,36 +44,20 @@ def folder_size(path: Path) -> int:
     return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-# -- transformers (merged fp32 baseline, NF4) ------------------------------------------
-
-
-def measure_transformers(folder: Path, config: RunConfig, blocks: list[list[int]], messages: list[dict], **load) -> dict:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    started = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(folder, **load).eval()
-    load_s = time.perf_counter() - started
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-
-    @torch.no_grad()
-    def score(ids):
-        return torch.log_softmax(model(input_ids=torch.tensor([ids], device=model.device)).logits[0].float(), -1).cpu().numpy()
-
-    ppl = perplexity_from_scores(blocks, score)
-    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    prompt = {k: v.to(model.device) for k, v in prompt.items()}
-    started = time.perf_counter()
-    with torch.no_grad():
-        out = model.generate(**prompt, max_new_tokens=config.quantize.generate_tokens, do_sample=False)
-    seconds = time.perf_counter() - started
-    reply = out[0][prompt["input_ids"].shape[1] :]
+def measure(folder: Path, config: RunConfig, blocks: list[list[int]], messages: list[dict]) -> dict:
+    """Load time, perplexity and greedy tokens/s of a model folder in its runtime (llama.cpp for GGUF)."""
+    runtime = open_runtime(folder, n_ctx=max(config.quantize.block_size, 512), batch_size=1)
+    try:
+        ppl = runtime.perplexity(blocks)
+        (reply,) = runtime.chat([messages], config.quantize.generate_tokens)
+    finally:
+        runtime.close()
     return {
-        "load_s": load_s,
+        "load_s": runtime.load_s,
         "perplexity": ppl,
-        "generated_tokens": len(reply),
-        "tokens_per_s": len(reply) / seconds,
-        "reply": tokenizer.decode(reply, skip_special_tokens=True),
+        "generated_tokens": reply.tokens,
+        "tokens_per_s": reply.tokens / reply.seconds,
+        "reply": reply.text,
     }
 
 
@@ -126,46 +75,6 @@ def make_nf4(merged: Path, target: Path) -> None:
     for name in ("generation_config.json", SYSTEM_PROMPT_FILE):
         if (merged / name).is_file():
             shutil.copy2(merged / name, target / name)
-
-
-# -- llama.cpp (GGUF) -----------------------------------------------------------------
-
-
-def measure_gguf(path: Path, config: RunConfig, blocks: list[list[int]], messages: list[dict]) -> dict:
-    try:
-        from llama_cpp import Llama
-    except ImportError:
-        raise QuantizeError(
-            "checking a GGUF file needs llama-cpp-python (pip install 'doctune[serve]'), which is not installed"
-        ) from None
-
-    q = config.quantize
-    n_ctx = max(q.block_size, 512)
-    started = time.perf_counter()
-    llm = Llama(str(path), n_ctx=n_ctx, logits_all=True, verbose=False, seed=0)
-    load_s = time.perf_counter() - started
-    try:
-
-        def score(ids):
-            llm.reset()
-            llm.eval(ids)
-            return log_softmax(llm.scores[: len(ids)])
-
-        ppl = perplexity_from_scores(blocks, score)
-        llm.reset()
-        started = time.perf_counter()
-        answer = llm.create_chat_completion(messages, max_tokens=q.generate_tokens, temperature=0.0, top_k=1, seed=0)
-        seconds = time.perf_counter() - started
-    finally:
-        llm.close()
-    generated = answer["usage"]["completion_tokens"]
-    return {
-        "load_s": load_s,
-        "perplexity": ppl,
-        "generated_tokens": generated,
-        "tokens_per_s": generated / seconds,
-        "reply": answer["choices"][0]["message"]["content"],
-    }
 
 
 def gguf_pre_tokenizer(base_spec: str) -> str | None:
@@ -188,58 +97,53 @@ def produce(variant: str, merged: Path, target: Path, base_spec: str) -> dict:
     return write_gguf(merged, target / f"model-{type_name}.gguf", type_name, pre_tokenizer=gguf_pre_tokenizer(base_spec))
 
 
-def measure(variant: str, folder: Path, config: RunConfig, blocks, messages) -> dict:
-    if variant == "nf4":
-        import torch
-
-        return measure_transformers(folder, config, blocks, messages, device_map="cuda" if torch.cuda.is_available() else "cpu")
-    (path,) = folder.glob("*.gguf")
-    return measure_gguf(path, config, blocks, messages)
+def quantize_variants(config: RunConfig, merged: Path, base_spec: str, blocks: list[list[int]], root: Path) -> dict:
+    """Produce and measure every configured variant into root/<variant>; returns the report (failures included)."""
+    messages = chat_messages(merged, config.quantize.prompt)
+    weights = sum(folder_size(p) for p in merged.glob("*.safetensors"))
+    baseline = {"size_bytes": weights, **measure(merged, config, blocks, messages)}
+    report = {"eval_blocks": len(blocks), "block_size": len(blocks[0]), "prompt": messages, BASELINE: baseline}
+    report |= {"variants": {}, "failed": {}}
+    for variant in config.quantize.variants:
+        folder = root / variant
+        try:
+            written = produce(variant, merged, folder, base_spec)
+            result = {"size_bytes": folder_size(folder), **written, **measure(folder, config, blocks, messages)}
+        except Exception as error:  # one variant failing must not cost the others
+            report["failed"][variant] = f"{type(error).__name__}: {error}"
+            shutil.rmtree(folder, ignore_errors=True)
+            continue
+        result["perplexity_ratio"] = result["perplexity"] / baseline["perplexity"]
+        result["size_ratio"] = result["size_bytes"] / weights
+        result["speedup"] = result["tokens_per_s"] / baseline["tokens_per_s"]
+        (folder / REPORT_FILE).write_text(json.dumps(result, indent=1))
+        report["variants"][variant] = result
+    return report
 
 
 def run(config: RunConfig, inputs: dict[str, ArtifactRef], tracker: StageRun) -> dict[str, ArtifactRef]:
-    import torch
     from transformers import AutoTokenizer
 
     merged = tracker.fetch(inputs["model"])
-    meta = read_meta(merged)
-    base_spec = meta.get("base_model", config.model.base_model)
-    blocks = eval_blocks(config, tracker.fetch(inputs["cpt"]) if "cpt" in inputs else None, AutoTokenizer.from_pretrained(merged))
-    messages = chat_messages(merged, config.quantize.prompt)
-    weights = sum(folder_size(p) for p in merged.glob("*.safetensors"))
-    report = {
-        "eval_blocks": len(blocks),
-        "block_size": len(blocks[0]),
-        "prompt": messages,
-        BASELINE: {"size_bytes": weights, **measure_transformers(merged, config, blocks, messages, dtype=torch.float32)},
-        "variants": {},
-        "failed": {},
-    }
-    outputs = {}
+    base_spec = read_meta(merged).get("base_model", config.model.base_model)
+    q = config.quantize
+    blocks = held_out_blocks(
+        config, tracker.fetch(inputs["cpt"]), AutoTokenizer.from_pretrained(merged), q.block_size, q.eval_blocks
+    )
     with tempfile.TemporaryDirectory(prefix="doctune-quantize-") as tmp:
-        for variant in config.quantize.variants:
-            folder = Path(tmp) / variant
-            try:
-                written = produce(variant, merged, folder, base_spec)
-                result = {"size_bytes": folder_size(folder), **written, **measure(variant, folder, config, blocks, messages)}
-            except Exception as error:
-                report["failed"][variant] = f"{type(error).__name__}: {error}"
-                continue
-            result["perplexity_ratio"] = result["perplexity"] / report[BASELINE]["perplexity"]
-            result["size_ratio"] = result["size_bytes"] / weights
-            result["speedup"] = result["tokens_per_s"] / report[BASELINE]["tokens_per_s"]
-            report["variants"][variant] = result
-            kind = NF4_KIND if variant == "nf4" else GGUF_KIND
-            (folder / REPORT_FILE).write_text(json.dumps(result, indent=1))
-            outputs[variant] = tracker.log_output(variant, folder, kind=kind)
-        report_dir = Path(tmp) / "report"
-        report_dir.mkdir()
-        (report_dir / REPORT_FILE).write_text(json.dumps(report, indent=1))
+        report = quantize_variants(config, merged, base_spec, blocks, Path(tmp))
         tracker.log_metrics(report_metrics(report))
         if report["failed"]:
             tracker.set_tags({f"doctune.quantize.failed.{v}": e[:500] for v, e in report["failed"].items()})
-        if not outputs:
+        if not report["variants"]:
             raise QuantizeError(f"no quantized variant could be produced: {report['failed']}")
+        outputs = {
+            variant: tracker.log_output(variant, Path(tmp) / variant, kind=NF4_KIND if variant == "nf4" else GGUF_KIND)
+            for variant in report["variants"]
+        }
+        report_dir = Path(tmp) / "report"
+        report_dir.mkdir()
+        (report_dir / REPORT_FILE).write_text(json.dumps(report, indent=1))
         outputs["report"] = tracker.log_output("report", report_dir, kind="quantize_report")
     return outputs
 

@@ -1,0 +1,141 @@
+"""A model as served: transformers (safetensors, NF4) or llama.cpp (GGUF), behind one interface.
+
+Both answer chat messages with greedy decoding through the model's own chat template and score token blocks
+for perplexity; quantize measures variants with them, the gate evaluates candidates with them.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class RuntimeUnavailable(RuntimeError):
+    """The runtime a model format needs is not installed."""
+
+
+@dataclass
+class Reply:
+    text: str
+    tokens: int
+    seconds: float
+
+
+def perplexity_from_scores(blocks: list[list[int]], score_block) -> float:
+    """exp(mean next-token NLL); `score_block(ids)` returns log-softmax rows (numpy, len(ids) x vocab)."""
+    total, count = 0.0, 0
+    for ids in blocks:
+        logprobs = score_block(ids)
+        total -= sum(float(logprobs[i, ids[i + 1]]) for i in range(len(ids) - 1))
+        count += len(ids) - 1
+    return math.exp(total / count)
+
+
+def log_softmax(rows):
+    import numpy as np
+
+    rows = np.asarray(rows, dtype=np.float64)
+    rows = rows - rows.max(axis=-1, keepdims=True)
+    return rows - np.log(np.exp(rows).sum(axis=-1, keepdims=True))
+
+
+class TransformersRuntime:
+    """A transformers model folder (fp32/bf16 weights, or a bitsandbytes checkpoint) on the best device here."""
+
+    def __init__(self, folder: Path, batch_size: int = 8, **load):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        started = time.perf_counter()
+        self.model = AutoModelForCausalLM.from_pretrained(folder, device_map=device, **load).eval()
+        self.load_s = time.perf_counter() - started
+        self.tokenizer = AutoTokenizer.from_pretrained(folder, padding_side="left")
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.batch_size = batch_size
+
+    def chat(self, conversations: list[list[dict]], max_tokens: int) -> list[Reply]:
+        """Greedy replies, in batches of prompts padded on the left."""
+        import torch
+
+        replies = []
+        for start in range(0, len(conversations), self.batch_size):
+            batch = conversations[start : start + self.batch_size]
+            texts = [self.tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in batch]
+            encoded = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.model.device)
+            started = time.perf_counter()
+            with torch.no_grad():
+                out = self.model.generate(
+                    **encoded, max_new_tokens=max_tokens, do_sample=False, pad_token_id=self.tokenizer.pad_token_id
+                )
+            seconds = (time.perf_counter() - started) / len(batch)
+            for row in out[:, encoded["input_ids"].shape[1] :]:
+                ids = [int(t) for t in row if int(t) != self.tokenizer.pad_token_id]
+                if self.tokenizer.eos_token_id in ids:
+                    ids = ids[: ids.index(self.tokenizer.eos_token_id)]
+                replies.append(Reply(self.tokenizer.decode(ids, skip_special_tokens=True).strip(), len(ids), seconds))
+        return replies
+
+    def perplexity(self, blocks: list[list[int]]) -> float:
+        import torch
+
+        @torch.no_grad()
+        def score(ids):
+            logits = self.model(input_ids=torch.tensor([ids], device=self.model.device)).logits[0].float()
+            return torch.log_softmax(logits, -1).cpu().numpy()
+
+        return perplexity_from_scores(blocks, score)
+
+    def close(self) -> None:
+        del self.model
+
+
+class LlamaCppRuntime:
+    """A GGUF file in llama.cpp (llama-cpp-python), with the chat template the file carries."""
+
+    def __init__(self, path: Path, n_ctx: int = 2048):
+        try:
+            from llama_cpp import Llama
+        except ImportError:
+            raise RuntimeUnavailable(
+                "running a GGUF file needs llama-cpp-python (pip install 'doctune[serve]'), which is not installed"
+            ) from None
+        started = time.perf_counter()
+        self.llm = Llama(str(path), n_ctx=n_ctx, logits_all=True, verbose=False, seed=0)
+        self.load_s = time.perf_counter() - started
+
+    def chat(self, conversations: list[list[dict]], max_tokens: int) -> list[Reply]:
+        replies = []
+        for messages in conversations:
+            self.llm.reset()
+            started = time.perf_counter()
+            answer = self.llm.create_chat_completion(messages, max_tokens=max_tokens, temperature=0.0, top_k=1, seed=0)
+            seconds = time.perf_counter() - started
+            text = answer["choices"][0]["message"]["content"] or ""
+            replies.append(Reply(text.strip(), answer["usage"]["completion_tokens"], seconds))
+        return replies
+
+    def perplexity(self, blocks: list[list[int]]) -> float:
+        def score(ids):
+            self.llm.reset()
+            self.llm.eval(ids)
+            return log_softmax(self.llm.scores[: len(ids)])
+
+        return perplexity_from_scores(blocks, score)
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+def open_runtime(folder: Path, **options) -> TransformersRuntime | LlamaCppRuntime:
+    """The runtime for a model folder: its GGUF file when it holds one, else transformers."""
+    ggufs = sorted(Path(folder).glob("*.gguf"))
+    if ggufs:
+        return LlamaCppRuntime(ggufs[0], n_ctx=options.get("n_ctx", 2048))
+    import torch
+
+    dtype = {} if (Path(folder) / "config.json").read_text().find("quantization_config") >= 0 else {"dtype": torch.float32}
+    return TransformersRuntime(folder, batch_size=options.get("batch_size", 8), **dtype)
