@@ -93,6 +93,14 @@ def make_config(tmp_path, tiny_model_dir, corpus):
             "sft": {"max_steps": 2, "max_length": 256},
             "dpo": {"max_steps": 2, "max_length": 256},
             "quantize": {"eval_blocks": 2, "block_size": 64, "generate_tokens": 8},
+            "gate": {
+                "max_golden": 6,
+                "max_unanswerable": 4,
+                "max_new_tokens": 12,
+                "perplexity_blocks": 2,
+                "block_size": 64,
+                "rules": {"permutations": 1000},
+            },
         }
         return build_config(data, [f"{key}={value}" for key, value in overrides.items()])
 

@@ -7,10 +7,13 @@ from kfp import compiler, dsl
 from components.close_run.component import close_run
 from components.cpt.component import cpt
 from components.dpo.component import dpo
+from components.eval_gate.component import eval_gate
 from components.ingest.component import ingest
 from components.merge.component import merge
 from components.open_run.component import open_run
+from components.promote.component import promote
 from components.quantize.component import quantize
+from components.record_rejection.component import record_rejection
 from components.sft.component import sft
 from components.skip_stage.component import skip_stage
 from components.synth.component import synth
@@ -44,7 +47,25 @@ def doctune_pipeline(config: str = "", parent_run_id: str = "", cpt_enabled: boo
             no_dpo.set_display_name("DPO off")
         merged = merge(config=config, parent_run_id=parent, dpo=dsl.OneOf(aligned.output, no_dpo.output))
         merged.set_display_name("merge")
-        quantize(config=config, parent_run_id=parent, merge=merged.output, synth=data.output).set_display_name("quantize")
+        quantized = quantize(config=config, parent_run_id=parent, merge=merged.output, synth=data.output)
+        quantized.set_display_name("quantize")
+        gate = eval_gate(
+            config=config,
+            parent_run_id=parent,
+            merge=merged.output,
+            quantize=quantized.output,
+            synth=data.output,
+            ingest=ingested.output,
+        ).set_display_name("eval gate")
+        gate.set_caching_options(False)  # it reads the registry's champion, which is not a task input
+        with dsl.If(gate.outputs["decision"] == "promote", name="gate-passed"):
+            promoted = promote(config=config, parent_run_id=parent, version=gate.outputs["version"])
+            promoted.set_caching_options(False).set_display_name("promote: champion")
+        with dsl.Else(name="gate-failed"):
+            rejected = record_rejection(
+                config=config, parent_run_id=parent, version=gate.outputs["version"], failed=gate.outputs["failed"]
+            )
+            rejected.set_caching_options(False).set_display_name("record rejection")
 
 
 def compile_pipeline(path: Path = IR_YAML) -> Path:

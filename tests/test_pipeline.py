@@ -7,6 +7,7 @@ import re
 import yaml
 
 from doctune.cli import main
+from doctune.gate import registry
 from doctune.tracking import Tracker
 from pipelines.doctune_pipeline import IR_YAML, compile_pipeline
 
@@ -26,6 +27,14 @@ def test_ir_declares_the_stages_and_an_exit_handler():
     )
     assert "condition-branches-5" in inner["merge"]["dependentTasks"]  # merge takes DPO's model, or SFT's with DPO off
     assert {"merge", "synth"} <= set(inner["quantize"]["dependentTasks"])
+    # The gate decides; its branches promote or record the rejection, never cached (the registry is state).
+    assert {"merge", "quantize", "synth", "ingest"} <= set(inner["eval-gate"]["dependentTasks"])
+    gate = spec["components"]["comp-condition-branches-8"]["dag"]["tasks"]
+    assert gate["condition-9"]["triggerPolicy"]["condition"] == (
+        "inputs.parameter_values['pipelinechannel--eval-gate-decision'] == 'promote'"
+    )
+    assert spec["components"]["comp-condition-9"]["dag"]["tasks"]["promote"]["cachingOptions"] == {}
+    assert spec["components"]["comp-condition-10"]["dag"]["tasks"]["record-rejection"]["cachingOptions"] == {}
     branches = spec["components"]["comp-condition-branches-2"]["dag"]["tasks"]
     assert (
         branches["condition-3"]["triggerPolicy"]["condition"] == "inputs.parameter_values['pipelinechannel--cpt_enabled'] == true"
@@ -70,6 +79,11 @@ def test_local_pipeline_run_end_to_end(make_config, small_corpus, capsys):
     (quantize,) = tracker.stage_runs(parent.info.run_id, "quantize")
     assert {"gguf-q8_0", "nf4", "report"} <= set(tracker.outputs_of(quantize))
     assert re.search(r"merge +FINISHED", out) and "gguf-q8_0" in out and "ppl ratio" in out
+    # The run ends with a gate decision: a random tiny model formats no JSON, so it is rejected; champion untouched.
+    assert "gate: REJECT candidate version 1" in out and "format_compliance" in out
+    assert parent.data.tags["doctune.gate.rejected"] == "1" and registry.champion(tracker) is None
+    version = tracker.client.get_model_version(config.project.name, "1")
+    assert "format_compliance" in version.tags["doctune.rejected"]
     (stage,) = tracker.stage_runs(parent.info.run_id, "ingest")
     chunks = tracker.fetch(tracker.outputs_of(stage)["chunks"])
     assert (chunks / "chunks.parquet").is_file()

@@ -9,11 +9,12 @@ from pathlib import Path
 
 from doctune.artifacts import ArtifactIntegrityError
 from doctune.config import ConfigError, RunConfig, load_config
+from doctune.gate.registry import RegistryError
 from doctune.models import ModelResolutionError
 from doctune.stages import STAGES, StageError, execute_stage, resolve_from_run
 from doctune.tracking import TAG, Tracker
 
-USER_ERRORS = (ConfigError, StageError, ModelResolutionError, ArtifactIntegrityError, FileNotFoundError)
+USER_ERRORS = (ConfigError, StageError, ModelResolutionError, ArtifactIntegrityError, FileNotFoundError, RegistryError)
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -66,6 +67,21 @@ def _quantize_table(report: dict) -> str:
                      f"{row['perplexity']:.3f}", f"{row['perplexity_ratio']:.3f}", "checked"])  # fmt: skip
     rows += [[name, "", "", "", "", "", f"failed: {error}"] for name, error in report["failed"].items()]
     return _table(["variant", "MiB", "size ratio", "tokens/s", "perplexity", "ppl ratio", "status"], rows)
+
+
+GATE_TABLE = ("golden_f1", "golden_rouge_l", "abstention_accuracy", "hallucination_rate", "capability_accuracy",
+              "format_compliance", "domain_perplexity", "general_perplexity")  # fmt: skip
+
+
+def _gate_summary(report: dict) -> str:
+    models = report["models"]
+    rows = [[m, *(f"{models[n]['metrics'][m]:.3f}" for n in models)] for m in GATE_TABLE]
+    lines = [
+        f"gate: {report['decision'].upper()} candidate version {report['version']} (champion: {report['champion_label']})",
+        f"failed rules: {', '.join(report['failed']) or 'none'}",
+        _table(["metric", *models], rows),
+    ]
+    return "\n".join(lines)
 
 
 def summarize(tracker: Tracker, parent_run_id: str) -> str:
@@ -135,6 +151,8 @@ def summarize(tracker: Tracker, parent_run_id: str) -> str:
                         f"(allowed {m['merge.tolerance']:.2g})"]  # fmt: skip
     if "quantize" in finished and "report" in (outputs := tracker.outputs_of(finished["quantize"])):
         out += ["", _quantize_table(json.loads((tracker.fetch(outputs["report"]) / "quantize_report.json").read_text()))]
+    if "eval_gate" in finished and "report" in (outputs := tracker.outputs_of(finished["eval_gate"])):
+        out += ["", _gate_summary(json.loads((tracker.fetch(outputs["report"]) / "gate_report.json").read_text()))]
     out.append("")
     out.append(f"pipeline run: {parent_run_id}  (tracking: {tracker.uri}, experiment {tracker.config.experiment_name!r})")
     if tracker.uri.startswith("sqlite:"):
@@ -185,6 +203,25 @@ def cmd_stage(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_promote(args: argparse.Namespace) -> int:
+    from doctune.gate import registry
+
+    tracker = Tracker(_load(args))
+    previous = registry.promote(tracker, args.version, reason=args.reason)
+    print(f"{registry.model_name(tracker)}: champion -> version {args.version}"
+          + (f" (previous-champion: version {previous})" if previous else ""))  # fmt: skip
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from doctune.gate import registry
+
+    tracker = Tracker(_load(args))
+    demoted, restored = registry.rollback(tracker, reason=args.reason)
+    print(f"{registry.model_name(tracker)}: champion -> version {restored} (version {demoted} rolled back)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="doctune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -199,6 +236,15 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(stage)
     stage.add_argument("--from-run", help="pipeline (or stage) run id whose recorded outputs feed this stage")
     stage.set_defaults(func=cmd_stage)
+    prom = sub.add_parser("promote", help="make a registered version the champion (recorded with who and why)")
+    prom.add_argument("version")
+    prom.add_argument("--reason", default="promoted by hand")
+    _config_args(prom)
+    prom.set_defaults(func=cmd_promote)
+    back = sub.add_parser("rollback", help="make the previous champion the champion again (recorded)")
+    back.add_argument("--reason", default="rolled back by hand")
+    _config_args(back)
+    back.set_defaults(func=cmd_rollback)
     return parser
 
 

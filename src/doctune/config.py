@@ -281,6 +281,35 @@ class QuantizeConfig(Section):
         return variants
 
 
+class GateRules(Section):
+    min_f1_vs_champion: float = Field(0.98, gt=0, description="candidate golden F1 >= this x champion's")
+    beat_base: bool = Field(True, description="candidate golden F1 must exceed the base model's")
+    abstention_tolerance: float = Field(0.02, ge=0, le=1, description="abstention accuracy >= champion's minus this")
+    min_format_compliance: float = Field(0.95, ge=0, le=1, description="share of structured-output probes that validate")
+    min_probes_vs_base: float = Field(0.95, ge=0, description="capability probe accuracy >= this x base's")
+    max_general_ppl_vs_base: float = Field(1.15, gt=0, description="general-text perplexity <= this x base's")
+    max_quantized_ppl_ratio: float = Field(1.02, gt=0, description="each gated variant's perplexity <= this x merged")
+    alpha: float = Field(0.05, gt=0, lt=1, description="significantly worse than the champion (paired test) rejects")
+    permutations: int = Field(10000, ge=100, description="sign flips of the paired randomization test")
+
+
+class GateConfig(Section):
+    variants: list[str] = Field(
+        default_factory=lambda: ["gguf-q8_0"],
+        description="quantized variants that ship with a promoted version: evaluated like the merged model, held to "
+        "max_quantized_ppl_ratio (the others are reported only)",
+    )
+    max_golden: int = Field(32, ge=1, description="golden questions scored per model (CPU time)")
+    max_unanswerable: int = Field(16, ge=1)
+    max_new_tokens: int = Field(64, ge=1, description="greedy tokens per answer")
+    batch_size: int = Field(8, ge=1, description="prompts generated together (transformers)")
+    perplexity_blocks: int = Field(8, ge=1, description="blocks of held-out domain text and of general text")
+    block_size: int = Field(256, ge=16)
+    retrieval_k: int = Field(10, ge=1, description="cut-off of Recall@k and NDCG@k")
+    samples: int = Field(5, ge=0, description="answers shown side by side in the report")
+    rules: GateRules = Field(default_factory=GateRules)
+
+
 class RunConfig(Section):
     project: ProjectConfig = Field(default_factory=ProjectConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
@@ -293,6 +322,7 @@ class RunConfig(Section):
     dpo: DpoConfig = Field(default_factory=DpoConfig)
     merge: MergeConfig = Field(default_factory=MergeConfig)
     quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
+    gate: GateConfig = Field(default_factory=GateConfig)
 
     @property
     def tracking_uri(self) -> str:

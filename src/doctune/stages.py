@@ -75,6 +75,19 @@ STAGES: dict[str, StageSpec] = {
         sections=("model", "cpt", "quantize"),  # cpt: its seed and eval_fraction pick the held-out text
         inputs={"model": ("merge", "model"), "cpt": ("synth", "cpt")},
     ),
+    "eval_gate": StageSpec(
+        name="eval_gate",
+        module="doctune.gate.stage",
+        sections=("model", "retrieval", "cpt", "gate"),  # cpt: its seed and eval_fraction pick the held-out text
+        inputs={
+            "model": ("merge", "model"),
+            "quantized": ("quantize", "report"),
+            "golden": ("synth", "golden"),
+            "unanswerable": ("synth", "unanswerable"),
+            "cpt": ("synth", "cpt"),
+            "chunks": ("ingest", "chunks"),
+        },
+    ),
 }
 
 

@@ -1,0 +1,1 @@
+"""Eval gate: candidate vs champion vs base on the same sets, config rules, the MLflow Model Registry aliases."""

@@ -1,0 +1,130 @@
+"""One model scored on the gate's sets: the same prompts, chat template and greedy decoding for every model."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from doctune.cpt.stage import pack
+from doctune.gate.metrics import abstains, exact_match, probe_passes, rouge_l, token_f1
+from doctune.runtimes import open_runtime
+from doctune.synth.prompts import edge_order, rag_user_message
+
+
+@dataclass
+class EvalSets:
+    """What every model is scored on, built once per gate run."""
+
+    system_prompt: str
+    abstention: str
+    golden: list[dict]  # {question, answer, context: [passage...]}
+    unanswerable: list[dict]
+    probes: list[dict]
+    domain_texts: tuple[list[str], list[str]]  # (held-out, all): packed with each model's own tokenizer
+    general_texts: list[str]
+    block_size: int
+    max_blocks: int
+    skipped: list[dict] = field(default_factory=list)
+
+    def conversations(self, items: list[dict]) -> list[list[dict]]:
+        return [
+            [{"role": "system", "content": self.system_prompt},
+             {"role": "user", "content": rag_user_message(item["question"], edge_order(item["context"]))}]
+            for item in items
+        ]  # fmt: skip
+
+
+def shipped_probes() -> list[dict]:
+    text = resources.files("doctune.gate").joinpath("data/capability_probes.jsonl").read_text()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def shipped_general_text() -> list[str]:
+    text = resources.files("doctune.gate").joinpath("data/general_text.txt").read_text()
+    return [p.strip() for p in text.split("\n\n") if p.strip()]
+
+
+def eval_items(path: Path, chunk_text: dict[str, str], limit: int, skipped: list[dict]) -> list[dict]:
+    """Golden/unanswerable records with their recorded context passages; unusable records are listed, not fatal."""
+    items = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            question, answer = record["question"], record["answer"]
+            ids = record.get("meta", {}).get("context_chunk_ids") or record["chunk_ids"]
+        except (ValueError, KeyError, TypeError) as error:
+            skipped.append({"file": path.name, "line": number, "reason": f"not an eval record: {error!r}"})
+            continue
+        missing = [i for i in ids if i not in chunk_text]
+        if missing:
+            skipped.append({"file": path.name, "line": number, "reason": f"context chunks {missing} are not in the chunks"})
+            continue
+        items.append({"question": question, "answer": answer, "context": [chunk_text[i] for i in ids]})
+        if len(items) == limit:
+            break
+    return items
+
+
+def blocks(sets: EvalSets, tokenizer) -> tuple[list[list[int]], list[list[int]]]:
+    """(domain, general) perplexity blocks in a model's own token ids: models with other tokenizers stay comparable
+    on the same text."""
+    held, domain = sets.domain_texts
+    domain_blocks = pack(held, tokenizer, sets.block_size)[0] or pack(domain, tokenizer, sets.block_size)[0]
+    general_blocks = pack(sets.general_texts, tokenizer, sets.block_size)[0]
+    if not domain_blocks or not general_blocks:
+        raise ValueError(f"the domain or general text makes no perplexity block of {sets.block_size} tokens")
+    return domain_blocks[: sets.max_blocks], general_blocks[: sets.max_blocks]
+
+
+def evaluate_model(
+    folder: Path, sets: EvalSets, max_new_tokens: int, batch_size: int, tokenizer_folder: Path | None = None
+) -> dict:
+    """Every gate metric of one model folder (transformers weights or a GGUF file, whose token ids are those of
+    `tokenizer_folder`), with per-example scores."""
+    from transformers import AutoTokenizer
+
+    domain_blocks, general_blocks = blocks(sets, AutoTokenizer.from_pretrained(tokenizer_folder or folder))
+    runtime = open_runtime(folder, batch_size=batch_size, n_ctx=4096)
+    try:
+        golden = runtime.chat(sets.conversations(sets.golden), max_new_tokens)
+        unanswerable = runtime.chat(sets.conversations(sets.unanswerable), max_new_tokens)
+        probe_chats = [[{"role": "user", "content": p["prompt"]}] for p in sets.probes]
+        probes = runtime.chat(probe_chats, max(p["max_tokens"] for p in sets.probes))
+        domain_ppl = runtime.perplexity(domain_blocks)
+        general_ppl = runtime.perplexity(general_blocks)
+    finally:
+        runtime.close()
+    f1 = [token_f1(r.text, item["answer"]) for r, item in zip(golden, sets.golden)]
+    abstained = [float(abstains(r.text, sets.abstention)) for r in unanswerable]
+    passed = {p["id"]: probe_passes(r.text, p["check"]) for r, p in zip(probes, sets.probes)}
+    capability = [passed[p["id"]] for p in sets.probes if p["category"] != "format"]
+    structured = [passed[p["id"]] for p in sets.probes if p["category"] == "format"]
+    categories = sorted({p["category"] for p in sets.probes})
+    tokens = sum(r.tokens for r in golden + unanswerable)
+    seconds = sum(r.seconds for r in golden + unanswerable)
+    return {
+        "metrics": {
+            "golden_exact_match": _mean([exact_match(r.text, i["answer"]) for r, i in zip(golden, sets.golden)]),
+            "golden_f1": _mean(f1),
+            "golden_rouge_l": _mean([rouge_l(r.text, i["answer"]) for r, i in zip(golden, sets.golden)]),
+            "false_abstention_rate": _mean([float(abstains(r.text, sets.abstention)) for r in golden]),
+            "abstention_accuracy": _mean(abstained),
+            "hallucination_rate": 1.0 - _mean(abstained),
+            "capability_accuracy": _mean(capability),
+            "format_compliance": _mean(structured),
+            **{f"probes_{c}": _mean([passed[p["id"]] for p in sets.probes if p["category"] == c]) for c in categories},
+            "domain_perplexity": domain_ppl,
+            "general_perplexity": general_ppl,
+            "tokens_per_s": tokens / seconds if seconds else 0.0,
+        },
+        "per_example": {"golden_f1": f1, "abstained": abstained},
+        "answers": {"golden": [r.text for r in golden], "unanswerable": [r.text for r in unanswerable]},
+    }
+
+
+def _mean(values: list) -> float:
+    return float(sum(values) / len(values)) if values else 0.0

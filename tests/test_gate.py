@@ -1,0 +1,189 @@
+"""Eval gate: metric functions against hand-computed values, the decision rules, and the registry flow on the
+tiny model (first run against the base, promotion, a damaged candidate rejected, rollback, same decision twice)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from doctune.cli import main
+from doctune.gate import registry
+from doctune.gate.metrics import (
+    abstains,
+    exact_match,
+    paired_randomization_p,
+    probe_passes,
+    retrieval_scores,
+    rouge_l,
+    token_f1,
+)
+from doctune.gate.rules import decide
+from doctune.gate.stage import REPORT_FILE, promote_component, read_decision, reject_component
+from doctune.stages import execute_stage
+from doctune.tracking import Tracker
+from doctune.train.artifacts import MODEL_KIND
+
+
+def test_answer_metrics_match_hand_computed_values():
+    assert exact_match("The Debian installer.", "debian installer") == 1.0
+    # "apt installs the package" normalises to 3 tokens ("the" goes), 2 of them in the reference: P = R = F1 = 2/3
+    assert token_f1("apt installs the package", "apt installs packages") == pytest.approx(2 / 3)
+    assert token_f1("apt", "apt installs packages") == pytest.approx(2 * 1 * (1 / 3) / (1 + 1 / 3))
+    # LCS of [w x y z] and [w y z q] is [w y z]: P = R = 3/4
+    assert rouge_l("w x y z", "w y z q") == pytest.approx(0.75)
+    assert rouge_l("x y", "a b") == 0.0 and token_f1("", "") == 1.0
+    assert abstains(
+        "I cannot answer that from the provided documentation.", "I cannot answer that from the provided documentation."
+    )
+    assert abstains("Sorry, the context does not contain this.", "I cannot answer that.")
+    assert not abstains("Run apt-get install.", "I cannot answer that from the provided documentation.")
+
+
+def test_probe_checks():
+    assert probe_passes("The answer is 1,024.", {"type": "number", "value": 1024})
+    assert not probe_passes("about 1000", {"type": "number", "value": 1024})
+    assert probe_passes("It is Paris.", {"type": "contains_any", "values": ["paris"]})
+    assert not probe_passes("Parisian", {"type": "contains_any", "values": ["paris"]})
+    assert probe_passes("RIVER", {"type": "contains_any", "values": ["RIVER"], "case_sensitive": True})
+    assert probe_passes("red, green, blue", {"type": "item_count", "value": 3, "separator": ","})
+    schema = {"name": "string", "age": "integer"}
+    assert probe_passes('```json\n{"name": "Ada", "age": 36}\n```', {"type": "json", "schema": schema})
+    assert not probe_passes('{"name": "Ada", "age": "36"}', {"type": "json", "schema": schema})
+    assert not probe_passes('{"name": "Ada", "age": true}', {"type": "json", "schema": schema})
+
+
+def test_ranx_retrieval_metrics_on_a_known_run():
+    qrels = {"q1": {"d1": 1}, "q2": {"d2": 1}}
+    run = {"q1": {"d1": 0.9, "d3": 0.5}, "q2": {"d3": 0.9, "d2": 0.5}}  # relevant at rank 1 and rank 2
+    scores = retrieval_scores(qrels, {"dense": run}, k=2)["metrics"]["dense"]
+    assert scores["mrr"] == pytest.approx((1 + 1 / 2) / 2)
+    assert scores["recall@2"] == pytest.approx(1.0)
+    assert scores["ndcg@2"] == pytest.approx((1 + 1 / math.log2(3)) / 2)
+    compared = retrieval_scores(qrels, {"a": run, "b": {"q1": {"d3": 1.0}, "q2": {"d3": 1.0}}}, k=2)
+    assert set(compared["fisher_p"]) == {"mrr", "recall@2", "ndcg@2"} and all(0 < p <= 1 for p in compared["fisher_p"].values())
+
+
+def test_paired_randomization_flags_a_consistently_worse_candidate():
+    champion = [0.8, 0.7, 0.9, 0.6, 0.85, 0.75, 0.9, 0.8, 0.7, 0.65, 0.8, 0.9]
+    worse = [c - 0.3 for c in champion]
+    assert paired_randomization_p(worse, champion) < 0.01
+    assert paired_randomization_p(champion, champion) == 1.0
+    assert paired_randomization_p([c + 0.1 for c in champion], champion) > 0.5
+
+
+def scores(f1: float, abstention: float = 0.5, n: int = 12, **extra) -> dict:
+    metrics = {"golden_f1": f1, "abstention_accuracy": abstention, "format_compliance": 1.0, "capability_accuracy": 0.6,
+               "general_perplexity": 20.0} | extra  # fmt: skip
+    return {"metrics": metrics, "per_example": {"golden_f1": [f1] * n, "abstained": [abstention] * n}}
+
+
+def test_rules_name_every_failure(make_config):
+    rules = make_config().gate.rules
+    good = decide({"candidate": scores(0.5), "champion": scores(0.4), "base": scores(0.3)}, {"gguf-q8_0": 1.01}, rules)
+    assert good["decision"] == "promote" and good["failed"] == []
+    bad = decide(
+        {"candidate": scores(0.2, general_perplexity=40.0), "champion": scores(0.4), "base": scores(0.3)},
+        {"gguf-q8_0": 1.05, "nf4": None},
+        rules,
+    )
+    assert bad["decision"] == "reject"
+    assert {"golden_f1_vs_champion", "golden_f1_beats_base", "general_perplexity_vs_base", "perplexity_ratio:gguf-q8_0",
+            "perplexity_ratio:nf4", "not_significantly_worse:golden_f1"} <= set(bad["failed"])  # fmt: skip
+
+
+# -- the gate stage and the registry on the tiny model --------------------------------------------------
+
+LENIENT = {"gate.rules.beat_base": False, "gate.rules.min_format_compliance": 0.0}  # a random tiny model formats nothing
+
+
+@pytest.fixture
+def candidate(make_config, small_corpus):
+    """ingest -> synth -> SFT -> merge -> quantize on the tiny model; the gate's inputs, as the pipeline hands them on."""
+    config = make_config(small_corpus, **LENIENT, **{"quantize.variants": "[gguf-q8_0]"})
+    tracker = Tracker(config)
+    parent = tracker.open_pipeline_run("gate-test")
+    ingested = execute_stage("ingest", config, tracker, parent, {})
+    data = execute_stage("synth", config, tracker, parent, {k: ingested.outputs[k] for k in ("chunks", "pages")}).outputs
+    sft = execute_stage("sft", config, tracker, parent, {"sft": data["sft"]})
+    merged = execute_stage("merge", config, tracker, parent, {"model": sft.outputs["model"]}).outputs["model"]
+    quantized = execute_stage("quantize", config, tracker, parent, {"model": merged, "cpt": data["cpt"]}).outputs["report"]
+    inputs = {"model": merged, "quantized": quantized, "chunks": ingested.outputs["chunks"]}
+    inputs |= {k: data[k] for k in ("golden", "unanswerable", "cpt")}
+    return config, tracker, parent, inputs
+
+
+def gate(config, tracker, parent, inputs) -> dict:
+    result = execute_stage("eval_gate", config, tracker, parent, inputs)
+    return {"run": result.run_id, **json.loads((tracker.fetch(result.outputs["report"]) / REPORT_FILE).read_text())}
+
+
+def test_first_run_is_compared_with_the_base_promoted_and_rolled_back(candidate, capsys):
+    config, tracker, parent, inputs = candidate
+    first = gate(config, tracker, parent, inputs)
+    assert first["champion_label"].startswith("none yet") and "champion" not in first["models"]
+    assert {"candidate", "candidate gguf-q8_0", "base"} <= set(first["models"])
+    assert first["decision"] == "promote", first["failed"]
+    assert str(registry.version_by_alias(tracker, registry.CHALLENGER).version) == first["version"]
+    assert registry.champion(tracker) is None  # the gate decides; the promote step moves the alias
+    promote_component(config.to_yaml(), parent, first["version"])
+    assert registry.champion(tracker)[0] == first["version"]
+
+    # The same inputs against the same champion: the same decision, scored afresh.
+    fresh = config.model_copy(update={"tracking": config.tracking.model_copy(update={"reuse_stage_results": False})})
+    again, repeat = gate(fresh, tracker, parent, inputs), gate(fresh, tracker, parent, inputs)
+    assert again["decision"] == repeat["decision"] and again["rules"] == repeat["rules"]
+    for name, model in again["models"].items():
+        timing_free = {k: v for k, v in model["metrics"].items() if k != "tokens_per_s"}
+        assert timing_free == {k: v for k, v in repeat["models"][name]["metrics"].items() if k != "tokens_per_s"}
+    assert again["champion_label"].startswith(f"version {first['version']}")
+
+    report = tracker.fetch(execute_stage("eval_gate", config, tracker, parent, inputs).outputs["report"])
+    html = (report / "gate_report.html").read_text()
+    assert "golden_f1" in html and "<img" in html and (report / "metrics.png").stat().st_size > 0
+
+    # A human promotes the newest version, then rolls back: the first champion serves again; both recorded.
+    args = ["--set", f"project.workdir={config.project.workdir}"]
+    assert main(["promote", repeat["version"], *args]) == 0
+    assert registry.champion(tracker)[0] == repeat["version"]
+    assert str(registry.version_by_alias(tracker, registry.PREVIOUS).version) == first["version"]
+    assert main(["rollback", *args]) == 0
+    assert registry.champion(tracker)[0] == first["version"]
+    assert "champion -> version" in capsys.readouterr().out
+    actions = tracker.client.search_runs([tracker.experiment_id], "tags.`doctune.kind` = 'registry'")
+    assert sorted(r.data.tags["doctune.action"] for r in actions) == ["promote", "promote", "rollback"]
+    assert main(["rollback", *args]) == 2  # nothing older to go back to: explained, not a traceback
+
+
+def test_a_damaged_candidate_is_never_promoted(candidate):
+    config, tracker, parent, inputs = candidate
+    first = gate(config, tracker, parent, inputs)
+    promote_component(config.to_yaml(), parent, first["version"])
+
+    from transformers import AutoModelForCausalLM
+
+    folder = tracker.fetch(inputs["model"])
+    damaged = AutoModelForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        damaged.model.embed_tokens.weight.mul_(40.0)  # tied with the output layer: confidently wrong next tokens
+    target = config.project.workdir / "damaged"
+    damaged.save_pretrained(target)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "doctune_model.json", "system_prompt.txt"):
+        if (folder / name).is_file():
+            (target / name).write_bytes((folder / name).read_bytes())
+    run = tracker.start_stage_run("merge", parent, {})
+    ref = run.log_output("model", target, kind=MODEL_KIND)
+    run.finish({"model": ref})
+
+    result = gate(config, tracker, parent, inputs | {"model": ref})
+    assert result["decision"] == "reject"
+    assert "general_perplexity_vs_base" in result["failed"], result["failed"]
+    refs = json.dumps({"report": tracker.outputs_of(tracker.client.get_run(result["run"]))["report"].to_dict()})
+    assert read_decision(refs, tracker.fetch) == {"decision": "reject", "version": result["version"], "failed": result["failed"]}
+    reject_component(config.to_yaml(), parent, result["version"], json.dumps(result["failed"]))
+    assert registry.champion(tracker)[0] == first["version"]
+    version = tracker.client.get_model_version(config.project.name, result["version"])
+    assert "general_perplexity_vs_base" in version.tags["doctune.rejected"]
+    assert version.tags["doctune.gate_decision"] == "reject"
