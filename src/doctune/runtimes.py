@@ -93,18 +93,45 @@ class TransformersRuntime:
         del self.model
 
 
+def cpu_has_amx() -> bool:
+    try:
+        return "amx_int8" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def load_llama(path: Path, **options):
+    """llama_cpp.Llama; on AMX CPUs with llama.cpp's extra CPU buffer types (AMX, weight repacking) off:
+    there a source build of llama-cpp-python 0.3.36 segfaults in quantized (q8_0) matmuls through them."""
+    try:
+        import llama_cpp
+        from llama_cpp import llama as llama_module
+    except ImportError:
+        raise RuntimeUnavailable(
+            "running a GGUF file needs llama-cpp-python (pip install 'doctune[serve]'), which is not installed"
+        ) from None
+    if not cpu_has_amx():
+        return llama_module.Llama(str(path), **options)
+    default = llama_cpp.llama_model_default_params
+
+    def params():
+        value = default()
+        value.use_extra_bufts = False
+        return value
+
+    llama_module.llama_cpp.llama_model_default_params = params  # Llama() has no argument for it
+    try:
+        return llama_module.Llama(str(path), **options)
+    finally:
+        llama_module.llama_cpp.llama_model_default_params = default
+
+
 class LlamaCppRuntime:
     """A GGUF file in llama.cpp (llama-cpp-python), with the chat template the file carries."""
 
     def __init__(self, path: Path, n_ctx: int = 2048):
-        try:
-            from llama_cpp import Llama
-        except ImportError:
-            raise RuntimeUnavailable(
-                "running a GGUF file needs llama-cpp-python (pip install 'doctune[serve]'), which is not installed"
-            ) from None
         started = time.perf_counter()
-        self.llm = Llama(str(path), n_ctx=n_ctx, logits_all=True, verbose=False, seed=0)
+        self.llm = load_llama(path, n_ctx=n_ctx, logits_all=True, verbose=False, seed=0)
         self.load_s = time.perf_counter() - started
 
     def chat(self, conversations: list[list[dict]], max_tokens: int) -> list[Reply]:
