@@ -401,7 +401,7 @@ def test_endpoint_teacher_against_a_live_llama_cpp_server(start_server, make_con
     port = free_port()
     gguf = bundled_gguf("smollm2-135m-instruct")
     start_server(
-        [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port),
+        [sys.executable, "-m", "doctune.llama_server", "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port),
          "--n_ctx", "4096", "--model_alias", "smollm2"],
         f"http://127.0.0.1:{port}/v1/models",
     )  # fmt: skip

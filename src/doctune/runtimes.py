@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,30 +101,31 @@ def cpu_has_amx() -> bool:
         return False
 
 
-def load_llama(path: Path, **options):
-    """llama_cpp.Llama; on AMX CPUs with llama.cpp's extra CPU buffer types (AMX, weight repacking) off:
-    there a source build of llama-cpp-python 0.3.36 segfaults in quantized (q8_0) matmuls through them."""
+@contextmanager
+def llama_cpp_safe_defaults():
+    """While active, llama.cpp models load with its extra CPU buffer types (AMX, weight repacking) off on AMX CPUs:
+    there a source build of llama-cpp-python 0.3.36 segfaults in quantized matmuls through them. No-op elsewhere."""
     try:
-        import llama_cpp
-        from llama_cpp import llama as llama_module
+        import llama_cpp.llama_cpp as bindings  # what llama_cpp.Llama calls
     except ImportError:
         raise RuntimeUnavailable(
             "running a GGUF file needs llama-cpp-python (pip install 'doctune[serve]'), which is not installed"
         ) from None
     if not cpu_has_amx():
-        return llama_module.Llama(str(path), **options)
-    default = llama_cpp.llama_model_default_params
+        yield
+        return
+    default = bindings.llama_model_default_params
 
     def params():
         value = default()
         value.use_extra_bufts = False
         return value
 
-    llama_module.llama_cpp.llama_model_default_params = params  # Llama() has no argument for it
+    bindings.llama_model_default_params = params  # neither Llama() nor the server has an option for it
     try:
-        return llama_module.Llama(str(path), **options)
+        yield
     finally:
-        llama_module.llama_cpp.llama_model_default_params = default
+        bindings.llama_model_default_params = default
 
 
 class LlamaCppRuntime:
@@ -131,7 +133,10 @@ class LlamaCppRuntime:
 
     def __init__(self, path: Path, n_ctx: int = 2048):
         started = time.perf_counter()
-        self.llm = load_llama(path, n_ctx=n_ctx, logits_all=True, verbose=False, seed=0)
+        with llama_cpp_safe_defaults():
+            from llama_cpp import Llama
+
+            self.llm = Llama(str(path), n_ctx=n_ctx, logits_all=True, verbose=False, seed=0)
         self.load_s = time.perf_counter() - started
 
     def chat(self, conversations: list[list[dict]], max_tokens: int) -> list[Reply]:
