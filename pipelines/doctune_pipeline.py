@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from kfp import compiler, dsl
+from kfp import dsl
 
 from components.close_run.component import close_run
 from components.cpt.component import cpt
@@ -17,57 +17,79 @@ from components.record_rejection.component import record_rejection
 from components.sft.component import sft
 from components.skip_stage.component import skip_stage
 from components.synth.component import synth
+from doctune.config import ClusterConfig
+from pipelines.cluster import compile_for_cluster
+from pipelines.placement import place
 
 IR_YAML = Path(__file__).with_name("doctune_pipeline.yaml")
+DESCRIPTION = "PDFs to a tuned, aligned, quantized LLM, promoted only when it beats the champion."
 
 
-@dsl.pipeline(name="doctune", description="PDFs to a tuned, aligned, quantized LLM, promoted only when it beats the champion.")
-def doctune_pipeline(config: str = "", parent_run_id: str = "", cpt_enabled: bool = True, dpo_enabled: bool = True):
-    """config: the run YAML (empty: built-in defaults); parent_run_id: an MLflow run to adopt (empty: create one);
-    cpt_enabled: run domain continued pre-training (off: SFT starts from the base model);
-    dpo_enabled: align the SFT model on the preference pairs (off: the SFT model goes on)."""
-    closing = close_run(config=config, parent_run_id=parent_run_id, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
-    with dsl.ExitHandler(closing, name="doctune-run"):
-        opened = open_run(config=config, parent_run_id=parent_run_id, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
-        opened.set_caching_options(False)  # a new pipeline run always gets its own parent run
-        parent = opened.output
-        ingested = ingest(config=config, parent_run_id=parent).set_display_name("ingest + chunk")
-        data = synth(config=config, parent_run_id=parent, ingest=ingested.output).set_display_name("synthetic data")
-        with dsl.If(cpt_enabled == True, name="cpt-on"):  # noqa: E712 (a KFP condition, not a Python comparison)
-            adapted = cpt(config=config, parent_run_id=parent, synth=data.output).set_display_name("domain CPT")
-        with dsl.Else(name="cpt-off"):
-            no_cpt = skip_stage(config=config, parent_run_id=parent, stage="cpt", passthrough="{}").set_display_name("CPT off")
-        tuned = sft(
-            config=config, parent_run_id=parent, synth=data.output, cpt=dsl.OneOf(adapted.output, no_cpt.output)
-        ).set_display_name("instruction SFT")
-        with dsl.If(dpo_enabled == True, name="dpo-on"):  # noqa: E712
-            aligned = dpo(config=config, parent_run_id=parent, synth=data.output, sft=tuned.output).set_display_name("DPO")
-        with dsl.Else(name="dpo-off"):
-            no_dpo = skip_stage(config=config, parent_run_id=parent, stage="dpo", passthrough=tuned.output)
-            no_dpo.set_display_name("DPO off")
-        merged = merge(config=config, parent_run_id=parent, dpo=dsl.OneOf(aligned.output, no_dpo.output))
-        merged.set_display_name("merge")
-        quantized = quantize(config=config, parent_run_id=parent, merge=merged.output, synth=data.output)
-        quantized.set_display_name("quantize")
-        gate = eval_gate(
-            config=config,
-            parent_run_id=parent,
-            merge=merged.output,
-            quantize=quantized.output,
-            synth=data.output,
-            ingest=ingested.output,
-        ).set_display_name("eval gate")
-        gate.set_caching_options(False)  # it reads the registry's champion, which is not a task input
-        with dsl.If(gate.outputs["decision"] == "promote", name="gate-passed"):
-            promoted = promote(config=config, parent_run_id=parent, version=gate.outputs["version"])
-            promoted.set_caching_options(False).set_display_name("promote: champion")
-        with dsl.Else(name="gate-failed"):
-            rejected = record_rejection(
-                config=config, parent_run_id=parent, version=gate.outputs["version"], failed=gate.outputs["failed"]
+def build_pipeline(cluster: ClusterConfig):
+    """The DAG with `cluster`'s settings on every task (see pipelines.placement)."""
+
+    @dsl.pipeline(name="doctune", description=DESCRIPTION)
+    def doctune_pipeline(config: str = "", parent_run_id: str = "", cpt_enabled: bool = True, dpo_enabled: bool = True):
+        """config: the run YAML (empty: built-in defaults); parent_run_id: an MLflow run to adopt (empty: create one);
+        cpt_enabled: run domain continued pre-training (off: SFT starts from the base model);
+        dpo_enabled: align the SFT model on the preference pairs (off: the SFT model goes on)."""
+        closing = place(
+            close_run(config=config, parent_run_id=parent_run_id, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER),
+            "close_run",
+            cluster,
+        )
+        with dsl.ExitHandler(closing, name="doctune-run"):
+            opened = open_run(config=config, parent_run_id=parent_run_id, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
+            place(opened, "open_run", cluster).set_caching_options(False)  # a new pipeline run gets its own parent run
+            parent = opened.output
+            ingested = ingest(config=config, parent_run_id=parent)
+            place(ingested, "ingest", cluster).set_display_name("ingest + chunk")
+            data = synth(config=config, parent_run_id=parent, ingest=ingested.output)
+            place(data, "synth", cluster).set_display_name("synthetic data")
+            with dsl.If(cpt_enabled == True, name="cpt-on"):  # noqa: E712 (a KFP condition, not a Python comparison)
+                adapted = place(cpt(config=config, parent_run_id=parent, synth=data.output), "cpt", cluster)
+                adapted.set_display_name("domain CPT")
+            with dsl.Else(name="cpt-off"):
+                no_cpt = skip_stage(config=config, parent_run_id=parent, stage="cpt", passthrough="{}")
+                place(no_cpt, "skip_stage", cluster).set_display_name("CPT off")
+            tuned = sft(config=config, parent_run_id=parent, synth=data.output, cpt=dsl.OneOf(adapted.output, no_cpt.output))
+            place(tuned, "sft", cluster).set_display_name("instruction SFT")
+            with dsl.If(dpo_enabled == True, name="dpo-on"):  # noqa: E712
+                aligned = place(dpo(config=config, parent_run_id=parent, synth=data.output, sft=tuned.output), "dpo", cluster)
+                aligned.set_display_name("DPO")
+            with dsl.Else(name="dpo-off"):
+                no_dpo = skip_stage(config=config, parent_run_id=parent, stage="dpo", passthrough=tuned.output)
+                place(no_dpo, "skip_stage", cluster).set_display_name("DPO off")
+            merged = merge(config=config, parent_run_id=parent, dpo=dsl.OneOf(aligned.output, no_dpo.output))
+            place(merged, "merge", cluster).set_display_name("merge")
+            quantized = quantize(config=config, parent_run_id=parent, merge=merged.output, synth=data.output)
+            place(quantized, "quantize", cluster).set_display_name("quantize")
+            gate = eval_gate(
+                config=config,
+                parent_run_id=parent,
+                merge=merged.output,
+                quantize=quantized.output,
+                synth=data.output,
+                ingest=ingested.output,
             )
-            rejected.set_caching_options(False).set_display_name("record rejection")
+            place(gate, "eval_gate", cluster).set_display_name("eval gate")
+            gate.set_caching_options(False)  # it reads the registry's champion, which is not a task input
+            with dsl.If(gate.outputs["decision"] == "promote", name="gate-passed"):
+                promoted = promote(config=config, parent_run_id=parent, version=gate.outputs["version"])
+                place(promoted, "promote", cluster).set_caching_options(False).set_display_name("promote: champion")
+            with dsl.Else(name="gate-failed"):
+                rejected = record_rejection(
+                    config=config, parent_run_id=parent, version=gate.outputs["version"], failed=gate.outputs["failed"]
+                )
+                place(rejected, "record_rejection", cluster).set_caching_options(False).set_display_name("record rejection")
+
+    return doctune_pipeline
 
 
-def compile_pipeline(path: Path = IR_YAML) -> Path:
-    compiler.Compiler().compile(doctune_pipeline, str(path))
-    return path
+# The DAG with the default cluster settings: what kfp.local runs and what pipelines/doctune_pipeline.yaml holds.
+doctune_pipeline = build_pipeline(ClusterConfig())
+
+
+def compile_pipeline(path: Path = IR_YAML, cluster: ClusterConfig | None = None) -> Path:
+    """Write the IR YAML; with `cluster`, its settings and image registry/tag (default: the defaults)."""
+    return compile_for_cluster(build_pipeline(cluster) if cluster else doctune_pipeline, path, cluster or ClusterConfig())

@@ -1,9 +1,9 @@
 from kfp import dsl
 
-from components.images import GPU_IMAGE
+from components.images import image_for
 
 
-@dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
+@dsl.component(base_image=image_for("dpo"), install_kfp_package=False)
 def dpo(config: str, parent_run_id: str, synth: str, sft: str) -> str:
     """Preference alignment of the SFT model on the synthetic preference pairs; returns the model reference."""
     from doctune.stages import run_stage_component

@@ -2,10 +2,10 @@ from typing import NamedTuple
 
 from kfp import dsl
 
-from components.images import GPU_IMAGE
+from components.images import image_for
 
 
-@dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
+@dsl.component(base_image=image_for("eval_gate"), install_kfp_package=False)
 def eval_gate(config: str, parent_run_id: str, merge: str, quantize: str, synth: str, ingest: str) -> NamedTuple(
     "GateOutputs", refs=str, decision=str, version=str, failed=str
 ):

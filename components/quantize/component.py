@@ -1,9 +1,9 @@
 from kfp import dsl
 
-from components.images import GPU_IMAGE
+from components.images import image_for
 
 
-@dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
+@dsl.component(base_image=image_for("quantize"), install_kfp_package=False)
 def quantize(config: str, parent_run_id: str, merge: str, synth: str) -> str:
     """GGUF and NF4 variants of the merged model, each loaded and measured in its runtime; returns their references
     and the report (sizes, load times, tokens/s, perplexity ratios to the merged model)."""

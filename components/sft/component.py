@@ -1,9 +1,9 @@
 from kfp import dsl
 
-from components.images import GPU_IMAGE
+from components.images import image_for
 
 
-@dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
+@dsl.component(base_image=image_for("sft"), install_kfp_package=False)
 def sft(config: str, parent_run_id: str, synth: str, cpt: str) -> str:
     """Instruction SFT on the synthetic chat data, from the CPT model (or the base model when `cpt` holds none)."""
     from doctune.stages import run_stage_component

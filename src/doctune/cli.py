@@ -185,6 +185,14 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 def cmd_stage(args: argparse.Namespace) -> int:
     config = _load(args)
+    if args.submit:
+        from pipelines.submit import submit_rerun
+
+        if not args.from_run:
+            raise ConfigError("--submit reruns a stage of an earlier run: pass --from-run RUN_ID too")
+        done = submit_rerun(args.name, args.from_run, config, host=args.host)
+        print(f"submitted rerun of {args.name} (inputs from {args.from_run}): KFP run {done.id}\n{done.url}")
+        return 0
     tracker = Tracker(config)
     if args.from_run:
         parent, inputs, replaced = resolve_from_run(args.name, tracker, args.from_run)
@@ -222,6 +230,35 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    from pipelines.submit import submit
+
+    done = submit(_load(args), host=args.host, run_name=args.name)
+    print(f"submitted KFP run {done.id}\n{done.url}")
+    return 0
+
+
+def cmd_schedule(args: argparse.Namespace) -> int:
+    from pipelines.submit import schedule
+
+    done = schedule(_load(args), args.cron, host=args.host, name=args.name)
+    print(f"created recurring run {done.id} ({args.cron}; one at a time, no catch-up)\n{done.url}")
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from pipelines.submit import list_runs
+
+    runs = list_runs(_load(args), host=args.host, limit=args.limit)
+    print(_table(["run", "name", "state", "created", "finished"],
+                 [[r["run_id"], r["name"], r["state"], r["created"], r["finished"]] for r in runs]))  # fmt: skip
+    return 0
+
+
+def _host_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", help="KFP API endpoint (default: cluster.host, then $KF_PIPELINES_ENDPOINT)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="doctune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -235,7 +272,25 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("name", choices=sorted(STAGES))
     _config_args(stage)
     stage.add_argument("--from-run", help="pipeline (or stage) run id whose recorded outputs feed this stage")
+    stage.add_argument("--submit", action="store_true", help="rerun it on the cluster (a one-component KFP run)")
+    _host_arg(stage)
     stage.set_defaults(func=cmd_stage)
+    sub_run = sub.add_parser("submit", help="compile the pipeline with the cluster settings and start a KFP run")
+    _config_args(sub_run)
+    _host_arg(sub_run)
+    sub_run.add_argument("--name", help="run name (default: project.name)")
+    sub_run.set_defaults(func=cmd_submit)
+    sched = sub.add_parser("schedule", help="create the recurring (e.g. weekly) retrain on the cluster")
+    _config_args(sched)
+    _host_arg(sched)
+    sched.add_argument("--cron", default="0 3 * * 1", help="5-field cron, cluster time zone (default: Mondays 03:00)")
+    sched.add_argument("--name", help="recurring run name (default: <project>-retrain)")
+    sched.set_defaults(func=cmd_schedule)
+    runs = sub.add_parser("runs", help="list the cluster's runs of this project's experiment")
+    _config_args(runs)
+    _host_arg(runs)
+    runs.add_argument("--limit", type=int, default=20)
+    runs.set_defaults(func=cmd_runs)
     prom = sub.add_parser("promote", help="make a registered version the champion (recorded with who and why)")
     prom.add_argument("version")
     prom.add_argument("--reason", default="promoted by hand")

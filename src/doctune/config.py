@@ -197,8 +197,16 @@ class TrainingConfig(Section):
     logging_steps: int = Field(2, ge=1)
     # Training processes: 0 = one per visible GPU (one on CPU). More than one: DDP, or DeepSpeed ZeRO-3 for `full`.
     processes: int = Field(0, ge=0, le=64)
+    # More than one: `full` only; a Kubeflow training job (cluster.training_job) runs `processes` ranks on each node.
+    nodes: int = Field(1, ge=1, le=512)
     deepspeed: DeepSpeedSettings = Field(default_factory=DeepSpeedSettings)
     seed: int = 42
+
+    @model_validator(mode="after")
+    def _nodes_need_full(self) -> TrainingConfig:
+        if self.nodes > 1 and self.method != "full":
+            raise ValueError(f"nodes ({self.nodes}) > 1 needs method full (ZeRO-3), not {self.method}")
+        return self
 
 
 class RopeScalingSettings(Section):
@@ -310,6 +318,112 @@ class GateConfig(Section):
     rules: GateRules = Field(default_factory=GateRules)
 
 
+class Resources(Section):
+    """Kubernetes requests and limits of one component's pod (limits default to the requests)."""
+
+    cpu: str = Field("2", pattern=r"^[0-9]+(\.[0-9]+)?m?$")
+    memory: str = Field("8Gi", pattern=r"^[0-9]+(\.[0-9]+)?([KMGTPE]i?)?$")
+    cpu_limit: str | None = Field(None, pattern=r"^[0-9]+(\.[0-9]+)?m?$")
+    memory_limit: str | None = Field(None, pattern=r"^[0-9]+(\.[0-9]+)?([KMGTPE]i?)?$")
+
+
+class Toleration(Section):
+    key: str
+    operator: Literal["Exists", "Equal"] = "Exists"
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = "NoSchedule"
+
+
+class GpuPlacement(Section):
+    """Where GPU components run: accelerator, count, and the GPU node pool's label and taint."""
+
+    stages: list[str] = Field(
+        default_factory=lambda: ["cpt", "sft", "dpo", "merge", "quantize"], description="components placed on the GPU pool"
+    )
+    accelerator_type: str = Field("nvidia.com/gpu", description="resource name; set_accelerator_type")
+    count: int = Field(1, ge=1, le=16, description="GPUs per pod; set_accelerator_limit")
+    node_selector: dict[str, str] = Field(default_factory=lambda: {"doctune.io/pool": "gpu"})
+    tolerations: list[Toleration] = Field(default_factory=lambda: [Toleration(key="nvidia.com/gpu")])
+
+
+class CacheVolume(Section):
+    """Model and dataset caches (and the stages' workdir) of every pod."""
+
+    kind: Literal["pvc", "ephemeral"] = Field("pvc", description="pvc: shared and kept (manifests/); ephemeral: per pod")
+    name: str = Field("doctune-model-cache", description="PVC name (kind pvc)")
+    mount_path: str = "/var/cache/doctune"
+    size: str = Field("100Gi", description="kind ephemeral: requested size")
+    storage_class: str | None = Field(None, description="kind ephemeral: storage class; null: the cluster default")
+
+
+class SecretEnv(Section):
+    """Keys of one Kubernetes Secret exposed to every pod as environment variables."""
+
+    secret: str
+    env: dict[str, str] = Field(description="secret key -> environment variable")
+
+
+class TrainingJobSettings(Section):
+    """A training stage with nodes > 1 creates this Kubeflow job through the Kubernetes API and waits for it."""
+
+    kind: Literal["PyTorchJob", "TrainJob"] = Field("PyTorchJob", description="TrainJob: Kubeflow Trainer v2")
+    runtime: str = Field("torch-distributed", description="TrainJob's ClusterTrainingRuntime")
+    namespace: str | None = Field(None, description="null: the namespace the component's pod runs in")
+    api_server: str | None = Field(None, description="null: in-cluster config, else ~/.kube/config")
+    timeout_s: float = Field(48 * 3600.0, gt=0)
+    poll_s: float = Field(15.0, gt=0)
+
+
+def _default_resources() -> dict[str, Resources]:
+    big = {"cpt", "sft", "dpo", "merge", "quantize", "eval_gate"}
+    return {
+        stage: Resources(cpu="8", memory="64Gi") if stage in big else Resources(cpu="4", memory="16Gi")
+        for stage in ("ingest", "synth", "cpt", "sft", "dpo", "merge", "quantize", "eval_gate")
+    }
+
+
+class ClusterConfig(Section):
+    """How the compiled pipeline runs on a Kubeflow cluster (kfp-kubernetes); ignored by local runs."""
+
+    host: str | None = Field(None, description="KFP API endpoint, e.g. https://kubeflow.example.com/pipeline")
+    namespace: str | None = Field(None, description="Kubeflow profile namespace (multi-user); null: single-user")
+    experiment: str = "doctune"
+    image_registry: str = "ghcr.io/doctune"
+    image_tag: str | None = Field(None, description="null: the doctune package version")
+    service_account: str = Field("doctune-pipeline", description="pipeline pods run as this (manifests/rbac.yaml)")
+    caching: bool = Field(True, description="KFP task caching; stage outputs are content-addressed references")
+    retries: int = Field(2, ge=0, le=10, description="retries of a failed task (node loss, preemption)")
+    retry_backoff: str = Field("120s", pattern=r"^[0-9]+s$")
+    resources: dict[str, Resources] = Field(default_factory=_default_resources)
+    bookkeeping: Resources = Field(
+        default_factory=lambda: Resources(cpu="500m", memory="2Gi"),
+        description="open/close run, skip, promote, record rejection: MLflow calls only",
+    )
+    gpu: GpuPlacement = Field(default_factory=GpuPlacement)
+    cache_volume: CacheVolume = Field(default_factory=CacheVolume)
+    secrets: list[SecretEnv] = Field(
+        default_factory=lambda: [
+            SecretEnv(
+                secret="doctune-mlflow", env={"username": "MLFLOW_TRACKING_USERNAME", "password": "MLFLOW_TRACKING_PASSWORD"}
+            ),
+            SecretEnv(
+                secret="doctune-object-store", env={"access-key": "AWS_ACCESS_KEY_ID", "secret-key": "AWS_SECRET_ACCESS_KEY"}
+            ),
+            SecretEnv(secret="doctune-teacher", env={"api-key": "DOCTUNE_TEACHER_API_KEY"}),
+        ],
+        description="Secrets as environment variables in every pod; never pipeline parameters",
+    )
+    training_job: TrainingJobSettings = Field(default_factory=TrainingJobSettings)
+
+    @field_validator("resources")
+    @classmethod
+    def _known_stages(cls, value: dict[str, Resources]) -> dict[str, Resources]:
+        unknown = sorted(set(value) - set(_default_resources()))
+        if unknown:
+            raise ValueError(f"resources for unknown components {unknown}; components: {sorted(_default_resources())}")
+        return {**_default_resources(), **value}
+
+
 class RunConfig(Section):
     project: ProjectConfig = Field(default_factory=ProjectConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
@@ -323,6 +437,7 @@ class RunConfig(Section):
     merge: MergeConfig = Field(default_factory=MergeConfig)
     quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
     gate: GateConfig = Field(default_factory=GateConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
     @property
     def tracking_uri(self) -> str:

@@ -267,6 +267,15 @@ def run_stage_component(name: str, config_yaml: str, parent_run_id: str, **upstr
     return refs_to_json(result.outputs)
 
 
+def rerun_stage_component(name: str, config_yaml: str, from_run: str) -> str:
+    """`doctune stage <name> --from-run <id>` inside a pod: a new stage run in that pipeline run, recording
+    the one it replaces; returns its refs JSON."""
+    config = config_from_yaml(config_yaml)
+    tracker = Tracker(config)
+    parent, inputs, replaced = resolve_from_run(name, tracker, from_run)
+    return refs_to_json(execute_stage(name, config, tracker, parent, inputs, replaces=replaced).outputs)
+
+
 def skip_stage_component(name: str, config_yaml: str, parent_run_id: str, passthrough: str) -> str:
     """A stage switched off for this run: tag the pipeline run, hand the given references on unchanged."""
     spec_for(name)

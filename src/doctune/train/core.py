@@ -38,6 +38,10 @@ class TrainingError(RuntimeError):
     """A training job that cannot start or did not finish; the message names the cause."""
 
 
+# Set in training-job pods: the mounted ZeRO-3 config file.
+DEEPSPEED_CONFIG_ENV = "DOCTUNE_DEEPSPEED_CONFIG"
+
+
 def default_learning_rate(stage: str, method: str) -> float:
     return DEFAULT_LEARNING_RATES[(stage, "full" if method == "full" else "adapter")]
 
@@ -56,7 +60,9 @@ class TrainJob:
     learning_rate: float
     tracking_uri: str = ""
     run_id: str = ""  # MLflow stage run that receives metrics (rank 0 only)
-    processes: int = 1
+    processes: int = 1  # per node
+    nodes: int = 1  # more than one: a Kubeflow training job (doctune.cluster.training_job)
+    cluster: dict = field(default_factory=dict)  # the run config's cluster section, for nodes > 1
     extra: dict = field(default_factory=dict)  # stage-specific values (e.g. CPT's RoPE settings)
 
     def save(self, path: Path) -> Path:
@@ -206,7 +212,11 @@ def training_arguments(job: TrainJob, prec: str, args_class, **extra):
     import torch
 
     s = job.settings
-    use_deepspeed = s["method"] == "full" and job.processes > 1
+    use_deepspeed = s["method"] == "full" and (job.processes > 1 or job.nodes > 1)
+    if use_deepspeed and job.nodes > 1:  # the ZeRO-3 ConfigMap the training job mounts
+        ds: dict | str = os.environ[DEEPSPEED_CONFIG_ENV]
+    elif use_deepspeed:
+        ds = deepspeed_config(s, prec)
     optim = "paged_adamw_8bit" if s["method"] == "qlora" and torch.cuda.is_available() else "adamw_torch"
     return args_class(
         output_dir=job.checkpoint_dir,
@@ -232,7 +242,7 @@ def training_arguments(job: TrainJob, prec: str, args_class, **extra):
         data_seed=s["seed"],
         optim=optim,
         use_cpu=not torch.cuda.is_available(),
-        deepspeed=deepspeed_config(s, prec) if use_deepspeed else None,
+        deepspeed=ds if use_deepspeed else None,
         include_num_input_tokens_seen="non_padding",
         report_to=[],
         disable_tqdm=True,
@@ -362,7 +372,10 @@ def _free_port() -> int:
 
 
 def launch(job: TrainJob, workdir: Path) -> dict:
-    """Run the job in-process, or across `job.processes` ranks with torchrun; returns the result summary."""
+    """Run the job in-process, across `job.processes` ranks with torchrun, or on `job.nodes` nodes as a Kubeflow
+    training job; returns the result summary."""
+    if job.nodes > 1:
+        return _launch_nodes(job, workdir)
     if job.processes <= 1:
         return run_job(job)
     spec = job.save(Path(workdir) / "job.json")
@@ -378,4 +391,26 @@ def launch(job: TrainJob, workdir: Path) -> dict:
     if code != 0 or not result_file.is_file():
         tail = log.read_text()[-3000:]
         raise TrainingError(f"{job.processes}-process training exited with {code}; last output:\n{tail}")
+    return json.loads(result_file.read_text())
+
+
+def _launch_nodes(job: TrainJob, workdir: Path) -> dict:
+    """`job.nodes` x `job.processes` ranks of ZeRO-3 in a training job; `workdir` must be on the shared cache volume."""
+    from doctune.cluster.training_job import DEEPSPEED_FILE, DEEPSPEED_MOUNT, job_name, run_training_job
+
+    spec = job.save(Path(workdir) / "job.json")
+    command = ["python", "-m", "torch.distributed.run", "-m", "doctune.train.worker", str(spec)]
+    name = job_name(job.stage, job.run_id or Path(workdir).name)
+    run_training_job(
+        name,
+        job.cluster,
+        command,
+        nodes=job.nodes,
+        gpus_per_node=job.processes,
+        deepspeed_config=deepspeed_config(job.settings, precision(job.settings["precision"])),
+        env={DEEPSPEED_CONFIG_ENV: f"{DEEPSPEED_MOUNT}/{DEEPSPEED_FILE}"},
+    )
+    result_file = Path(job.output_dir) / RESULT_FILE
+    if not result_file.is_file():
+        raise TrainingError(f"training job {name} succeeded but wrote no {result_file} (is {workdir} on the shared volume?)")
     return json.loads(result_file.read_text())

@@ -128,7 +128,12 @@ def train_stage(
     key = checkpoint_key(stage, settings, inputs, config)
     checkpoints = config.project.workdir / "cache" / "train" / stage / key
     processes = process_count(settings.processes)
-    with tempfile.TemporaryDirectory(prefix=f"doctune-{stage}-") as tmp:
+    shared = None
+    if settings.nodes > 1:  # training-job pods read data and write the model on the shared cache volume
+        processes = settings.processes or config.cluster.gpu.count
+        shared = config.project.workdir / "jobs"
+        shared.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f"doctune-{stage}-", dir=shared) as tmp:
         work = Path(tmp)
         tokenizer = prepare_tokenizer(model_dir)
         tokenizer.save_pretrained(work / "tokenizer")
@@ -147,6 +152,8 @@ def train_stage(
             tracking_uri=tracker.tracker.uri,
             run_id=tracker.run_id,
             processes=processes,
+            nodes=settings.nodes,
+            cluster=config.cluster.model_dump(mode="json") if settings.nodes > 1 else {},
             extra=data_summary.get("job_extra", {}),
         )
         tracker.set_tags({f"doctune.{stage}.learning_rate": job.learning_rate, f"doctune.{stage}.processes": processes})
