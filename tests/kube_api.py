@@ -13,6 +13,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -68,8 +69,8 @@ class KubeApi:
         parts = path.strip("/").split("/")
         if parts[:2] == ["api", "v1"] and len(parts) in (5, 6) and parts[2] == "namespaces" and parts[4] == "configmaps":
             return "configmaps", parts[3], parts[5] if len(parts) == 6 else None
-        if parts[0] == "apis" and len(parts) in (7, 8) and parts[3] == "namespaces" and (parts[1], parts[2], parts[5]) in CUSTOM:
-            return parts[5], parts[4], parts[7] if len(parts) == 8 else None
+        if parts[0] == "apis" and len(parts) in (6, 7) and parts[3] == "namespaces" and (parts[1], parts[2], parts[5]) in CUSTOM:
+            return parts[5], parts[4], parts[6] if len(parts) == 7 else None
         return None
 
     def _handle(self, method: str, path: str, body: dict) -> tuple[int, dict]:
@@ -184,7 +185,7 @@ def run_replicas_locally(api: KubeApi, obj: dict) -> None:
                 if mount["name"] in mounts and value.startswith(mount["mountPath"]):
                     value = mounts[mount["name"]] + value[len(mount["mountPath"]) :]
             env[item["name"]] = value
-        command = [os.environ.get("PYTHON", "python") if c == "python" else c for c in container["command"]]
+        command = [sys.executable if c == "python" else c for c in container["command"]]  # the image's python
         log = open(folder / f"node-{rank}.log", "w")  # noqa: SIM115 (closed when the process ends)
         processes.append((subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT), log))
     with api.lock:

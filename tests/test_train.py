@@ -415,3 +415,30 @@ def test_dpo_pairs_that_cannot_be_used_are_reported(make_config, tiny_model_dir,
     write_jsonl(folder / "train.jsonl", [same, {"prompt": "hi", "chosen": [], "rejected": []}])
     with pytest.raises(TrainingError, match=r"no usable pair \(2 skipped.*chosen and rejected are the same reply"):
         prepare(make_config(), folder)(prepare_tokenizer(tiny_model_dir), tmp_path / "data")
+
+
+def test_two_node_zero3_runs_as_a_pytorchjob_and_the_stage_records_its_model(make_config, datasets, tmp_path, capsys):
+    """nodes: 2 creates a PyTorchJob through the Kubernetes API (an emulator on 127.0.0.1 whose controller runs
+    each node as a local torchrun, rendezvous via the PET_* variables the operator sets) and waits for it."""
+    from kube_api import KubeApi
+
+    with KubeApi() as kube:
+        on_cluster = {"cluster.training_job.api_server": kube.url, "cluster.training_job.namespace": "ml",
+                      "cluster.training_job.poll_s": 0.5, "cluster.cache_volume.mount_path": str(tmp_path)}  # fmt: skip
+        training = overrides("sft", method="full", nodes=2, processes=1, max_steps=4, learning_rate=1e-3)
+        config = make_config(**training, **on_cluster)
+        tracker, parent, data = log_datasets(config, {"sft": datasets["sft"]})
+        result = execute_stage("sft", config, tracker, parent, {"sft": data["sft"]})
+        ((_, namespace, name),) = [key for key in kube.deleted if key[0] == "configmaps"]
+    job = next(obj for (kind, _, _), obj in kube.objects.items() if kind == "pytorchjobs")
+    assert namespace == "ml" and name == f"{job['metadata']['name']}-deepspeed"
+    assert job["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 1 and job["spec"]["nprocPerNode"] == "1"
+    assert [c["type"] for c in job["status"]["conditions"]] == ["Created", "Running", "Succeeded"]
+    folder = tracker.fetch(result.outputs["model"])
+    outcome = json.loads((folder / "train_result.json").read_text())
+    assert outcome["global_step"] == 4 and outcome["loss_history"][-1] < outcome["loss_history"][0]
+    args = json.loads((folder / "training_args.json").read_text())
+    assert args["deepspeed"].endswith("ds_config.json")  # the ConfigMap, mounted
+    assert "ZeRO" in kube.logs[job["metadata"]["name"]] or "deepspeed" in kube.logs[job["metadata"]["name"]].lower()
+    out = capsys.readouterr().out
+    assert f"PyTorchJob ml/{job['metadata']['name']}: created (2 nodes x 1 processes)" in out and "Succeeded" in out
