@@ -6,12 +6,14 @@ STAMP  := $(VENV)/.installed
 CONFIG ?= configs/default.yaml
 PDFS   ?=
 ARGS   ?=
+VERSION  := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+REGISTRY ?= ghcr.io/doctune
 
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup system-deps run test compile lint bench clean
+.PHONY: setup system-deps run test compile lint bench images push-images clean
 
 setup: $(STAMP)
 
@@ -49,6 +51,18 @@ bench: $(STAMP)
 	$(BIN)/python bench/synth_bench.py
 	$(BIN)/python bench/train_bench.py
 	$(BIN)/python bench/quantize_bench.py
+
+# Container images for the cluster (images/), tagged with the package version; needs a running docker engine.
+images:
+	@docker info >/dev/null 2>&1 || { echo "make images needs a running docker engine; none answers here" >&2; exit 1; }
+	docker build -f images/cpu/Dockerfile -t $(REGISTRY)/doctune-cpu:$(VERSION) \
+	  --build-arg DOCTUNE_GIT_COMMIT=$$(git rev-parse HEAD) .
+	docker build -f images/cuda/Dockerfile -t $(REGISTRY)/doctune-cuda:$(VERSION) \
+	  --build-arg DOCTUNE_GIT_COMMIT=$$(git rev-parse HEAD) .
+
+push-images: images
+	docker push $(REGISTRY)/doctune-cpu:$(VERSION)
+	docker push $(REGISTRY)/doctune-cuda:$(VERSION)
 
 clean:
 	rm -rf $(VENV) .doctune .pytest_cache .ruff_cache
