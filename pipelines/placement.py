@@ -8,6 +8,7 @@ from kfp import dsl, kubernetes
 from doctune.config import ClusterConfig
 
 CACHE_VOLUME = "doctune-cache"
+IMAGE_UID = 10001
 
 
 def place(task: dsl.PipelineTask, component: str, cluster: ClusterConfig) -> dsl.PipelineTask:
@@ -36,7 +37,13 @@ def place(task: dsl.PipelineTask, component: str, cluster: ClusterConfig) -> dsl
             storage_class_name=volume.storage_class,
         )
     for secret in cluster.secrets:
-        kubernetes.use_secret_as_env(task, secret_name=secret.secret, secret_key_to_env=dict(secret.env))
+        kubernetes.use_secret_as_env(
+            task, secret_name=secret.secret, secret_key_to_env=dict(secret.env), optional=secret.optional
+        )
+    # The images' user (images/*/Dockerfile); KFP adds no privilege escalation, all capabilities dropped.
+    kubernetes.set_security_context(task, run_as_user=IMAGE_UID, run_as_group=IMAGE_UID, run_as_non_root=True)
+    kubernetes.add_pod_label(task, "app.kubernetes.io/part-of", "doctune")
+    kubernetes.add_pod_label(task, "app.kubernetes.io/component", component.replace("_", "-"))
     if cluster.retries:
         task.set_retry(num_retries=cluster.retries, backoff_duration=cluster.retry_backoff, backoff_factor=2.0)
     task.set_caching_options(cluster.caching)

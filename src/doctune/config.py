@@ -361,6 +361,7 @@ class SecretEnv(Section):
 
     secret: str
     env: dict[str, str] = Field(description="secret key -> environment variable")
+    optional: bool = Field(False, description="pods start without it (e.g. no teacher API, no MLflow auth)")
 
 
 class TrainingJobSettings(Section):
@@ -368,6 +369,7 @@ class TrainingJobSettings(Section):
 
     kind: Literal["PyTorchJob", "TrainJob"] = Field("PyTorchJob", description="TrainJob: Kubeflow Trainer v2")
     runtime: str = Field("torch-distributed", description="TrainJob's ClusterTrainingRuntime")
+    priority_class: str = Field("doctune-training", description="the job's pods (manifests/base/gpu-pool.yaml)")
     namespace: str | None = Field(None, description="null: the namespace the component's pod runs in")
     api_server: str | None = Field(None, description="null: in-cluster config, else ~/.kube/config")
     timeout_s: float = Field(48 * 3600.0, gt=0)
@@ -404,12 +406,16 @@ class ClusterConfig(Section):
     secrets: list[SecretEnv] = Field(
         default_factory=lambda: [
             SecretEnv(
-                secret="doctune-mlflow", env={"username": "MLFLOW_TRACKING_USERNAME", "password": "MLFLOW_TRACKING_PASSWORD"}
+                secret="doctune-mlflow",
+                env={"username": "MLFLOW_TRACKING_USERNAME", "password": "MLFLOW_TRACKING_PASSWORD"},
+                optional=True,
             ),
             SecretEnv(
-                secret="doctune-object-store", env={"access-key": "AWS_ACCESS_KEY_ID", "secret-key": "AWS_SECRET_ACCESS_KEY"}
+                secret="doctune-object-store",
+                env={"access-key": "AWS_ACCESS_KEY_ID", "secret-key": "AWS_SECRET_ACCESS_KEY"},
+                optional=True,  # only where pods write artifacts to S3 directly, not through MLflow's proxy
             ),
-            SecretEnv(secret="doctune-teacher", env={"api-key": "DOCTUNE_TEACHER_API_KEY"}),
+            SecretEnv(secret="doctune-teacher", env={"api-key": "DOCTUNE_TEACHER_API_KEY"}, optional=True),
         ],
         description="Secrets as environment variables in every pod; never pipeline parameters",
     )

@@ -58,7 +58,7 @@ def _container(cluster: dict, command: list[str], gpus: int, env: dict[str, str]
     limits = {"cpu": resources["cpu_limit"] or resources["cpu"], "memory": resources["memory_limit"] or resources["memory"]}
     limits[cluster["gpu"]["accelerator_type"]] = str(gpus)
     secrets = [
-        {"name": variable, "valueFrom": {"secretKeyRef": {"name": secret["secret"], "key": key}}}
+        {"name": variable, "valueFrom": {"secretKeyRef": {"name": secret["secret"], "key": key, "optional": secret["optional"]}}}
         for secret in cluster["secrets"]
         for key, variable in secret["env"].items()
     ]
@@ -85,6 +85,7 @@ def _pod_spec(cluster: dict, container: dict, configmap: str) -> dict:
     )
     return {
         "serviceAccountName": cluster["service_account"],
+        "priorityClassName": cluster["training_job"]["priority_class"],
         "nodeSelector": dict(cluster["gpu"]["node_selector"]),
         "tolerations": [{k: v for k, v in t.items() if v is not None} for t in cluster["gpu"]["tolerations"]],
         "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "fsGroup": 10001},
@@ -130,6 +131,7 @@ def job_manifest(
                     "targetJobs": [{"name": "node"}],
                     "spec": {
                         "serviceAccountName": pod["serviceAccountName"],
+                        "priorityClassName": pod["priorityClassName"],
                         "nodeSelector": pod["nodeSelector"],
                         "tolerations": pod["tolerations"],
                         "securityContext": pod["securityContext"],
