@@ -17,7 +17,7 @@ def for_cluster(config: RunConfig) -> RunConfig:
     if config.tracking_uri.startswith(LOCAL_TRACKING) or "://" not in config.tracking_uri:
         raise ConfigError(
             f"tracking.uri is {config.tracking_uri!r}, a store on this machine that cluster pods cannot reach: "
-            "set it to the MLflow server (manifests/mlflow, e.g. http://mlflow.doctune.svc:5000)"
+            "set it to the MLflow server (manifests/base/mlflow, e.g. http://mlflow.kubeflow.svc.cluster.local:5000)"
         )
     mount = PurePosixPath(config.cluster.cache_volume.mount_path)
     pdfs = PurePosixPath(config.ingest.pdfs.as_posix())
