@@ -9,7 +9,7 @@ from kfp import local
 
 from doctune.config import RunConfig
 from doctune.tracking import Tracker
-from pipelines.doctune_pipeline import doctune_pipeline
+from pipelines.doctune_pipeline import build_pipeline
 
 
 class LocalRunError(RuntimeError):
@@ -35,8 +35,10 @@ def run_local(config: RunConfig, run_name: str = "local") -> str:
     tracker = Tracker(config)
     parent = tracker.open_pipeline_run(run_name=run_name)
     init_local(config.project.workdir / "kfp")
+    # kfp.local honours retry policies: here a failed task fails the run at once (retries are for lost cluster nodes).
+    pipeline = build_pipeline(config.cluster.model_copy(update={"retries": 0}))
     try:
-        doctune_pipeline(
+        pipeline(
             config=config.to_yaml(), parent_run_id=parent, cpt_enabled=config.cpt.enabled, dpo_enabled=config.dpo.enabled
         )
     except RuntimeError as exc:  # kfp.local reports a failed task this way; the exit handler closed the run

@@ -18,7 +18,7 @@ def test_compiled_ir_yaml_is_up_to_date(tmp_path):
 
 
 def test_ir_declares_the_stages_and_an_exit_handler():
-    spec = yaml.safe_load(IR_YAML.read_text())
+    spec = next(yaml.safe_load_all(IR_YAML.read_text()))  # the second document: kfp-kubernetes platform settings
     tasks = spec["root"]["dag"]["tasks"]
     assert tasks["close-run"]["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
     inner = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
