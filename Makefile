@@ -3,7 +3,8 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-CONFIG ?= configs/default.yaml
+PROFILE ?= default
+CONFIG ?= configs/$(PROFILE).yaml
 PDFS   ?=
 ARGS   ?=
 VERSION  := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
@@ -51,6 +52,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/synth_bench.py
 	$(BIN)/python bench/train_bench.py
 	$(BIN)/python bench/quantize_bench.py
+	$(BIN)/python bench/pipeline_bench.py
+	$(BIN)/python bench/report.py
 
 # Container images for the cluster (images/), tagged with the package version; needs a running docker engine.
 images:

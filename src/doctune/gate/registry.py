@@ -19,6 +19,7 @@ CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous-champion"
 HISTORY_TAG = f"{TAG}champion_history"
 MODEL_TAG = f"{TAG}model_ref"
 VARIANTS_TAG = f"{TAG}variant_refs"
+GATED_AGAINST_TAG = f"{TAG}gated_against"  # the champion's model digest when the version was judged ("none")
 
 
 class RegistryError(RuntimeError):
@@ -54,6 +55,10 @@ def champion(tracker: Tracker) -> tuple[str, ArtifactRef] | None:
     if version is None:
         return None
     return str(version.version), ArtifactRef.from_dict(json.loads(version.tags[MODEL_TAG]))
+
+
+def gated_against(tracker: Tracker, version: str) -> str:
+    return tracker.client.get_model_version(model_name(tracker), version).tags.get(GATED_AGAINST_TAG, "unknown")
 
 
 def register_candidate(tracker: Tracker, model: ArtifactRef, variants: dict[str, ArtifactRef], tags: dict[str, str]) -> str:

@@ -37,7 +37,11 @@ def external_digests(config: RunConfig, inputs: dict[str, ArtifactRef]) -> dict[
     """The champion is an input too: a gate result is reused only against the same champion."""
     from doctune.tracking import Tracker
 
-    current = registry.champion(Tracker(config))
+    tracker = Tracker(config)
+    current = registry.champion(tracker)
+    if current is not None and current[1].digest == inputs["model"].digest:
+        # This very model serves already: its gate result stands, keyed as when it was judged (a rerun reuses it).
+        return {"champion": registry.gated_against(tracker, current[0])}
     return {"champion": current[1].digest if current else "none"}
 
 
@@ -123,6 +127,7 @@ def run(config: RunConfig, inputs: dict[str, ArtifactRef], tracker: StageRun) ->
         variant_ratios[variant] = quantized["variants"][variant]["perplexity_ratio"]
         models[f"candidate {variant}"] = score(tracker.fetch(quantize_outputs[variant]), tokenizer_folder=merged)
     current = registry.champion(tracker.tracker)
+    gated_against = current[1].digest if current else "none"
     base_folder = resolve_model(base_spec, config.project.workdir / "cache")
     models["base"] = score(base_folder)
     if current is None:
@@ -138,6 +143,7 @@ def run(config: RunConfig, inputs: dict[str, ArtifactRef], tracker: StageRun) ->
     version = registry.register_candidate(
         tracker.tracker, inputs["model"], variant_refs,
         {f"{TAG}pipeline_run": parent, f"{TAG}gate_run": tracker.run_id, f"{TAG}base_model": base_spec,
+         registry.GATED_AGAINST_TAG: gated_against,
          f"{TAG}gate_decision": outcome["decision"], f"{TAG}failed_rules": ", ".join(outcome["failed"]) or "none",
          f"{TAG}datasets": json.dumps({k: inputs[k].digest for k in ("golden", "unanswerable", "cpt", "chunks")}
                                       | {f"{link['stage']}.{k}": v for link in meta.get("lineage", [])
@@ -218,7 +224,9 @@ def promote_component(config_yaml: str, parent_run_id: str, version: str) -> Non
     from doctune.tracking import Tracker
 
     tracker = Tracker(config_from_yaml(config_yaml))
-    registry.promote(tracker, version, reason=f"passed the gate in pipeline run {parent_run_id}")
+    current = registry.champion(tracker)
+    if current is None or current[0] != version:  # a rerun of an unchanged pipeline finds it serving already
+        registry.promote(tracker, version, reason=f"passed the gate in pipeline run {parent_run_id}")
     tracker.client.set_tag(parent_run_id, f"{TAG}gate.promoted", version)
 
 
