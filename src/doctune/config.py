@@ -245,9 +245,10 @@ class DpoConfig(TrainingConfig):
     loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
     # method full only: a frozen reference copy in memory, or its log-probs computed once before training.
     reference: Literal["copy", "precomputed"] = "copy"
-    max_length: int = Field(1024, ge=16, description="tokens of prompt + reply; longer prompts are cut in the middle")
-    eval_steps: int = Field(8, ge=1, description="reward accuracy on the validation pairs every N steps")
-    max_eval_pairs: int = Field(48, ge=1, description="validation pairs scored at each evaluation (CPU time)")
+    # Sized for the 2-core `make run`: a DPO step scores chosen and rejected under policy and reference.
+    max_length: int = Field(768, ge=16, description="tokens of prompt + reply; longer prompts are cut in the middle")
+    eval_steps: int = Field(16, ge=1, description="reward accuracy on the validation pairs every N steps")
+    max_eval_pairs: int = Field(16, ge=1, description="validation pairs scored at each evaluation (CPU time)")
 
 
 class MergeConfig(Section):

@@ -337,10 +337,14 @@ def run_job(job: TrainJob, callbacks: list | None = None) -> dict:
     if evaluation is not None:
         # SFT evaluated every eval_steps and kept its best checkpoint; CPT and DPO measure again on held-out data.
         best = trainer.state.best_metric if job.stage == "sft" else None
+        keys = BEFORE_METRICS.get(job.stage, ("eval_loss",))
+        last = next((h for h in reversed(trainer.state.log_history) if "eval_loss" in h), None)
         if best is not None:
             after = {"eval_loss": float(best)}
+        elif last is not None and last.get("step") == trainer.state.global_step:  # evaluated at the last step already
+            after = {k: float(v) for k, v in last.items() if k in keys}
         else:
-            after = {k: float(v) for k, v in trainer.evaluate().items() if k in BEFORE_METRICS.get(job.stage, ("eval_loss",))}
+            after = {k: float(v) for k, v in trainer.evaluate().items() if k in keys}
 
     result = {
         "global_step": trainer.state.global_step,
