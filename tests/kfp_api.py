@@ -7,11 +7,10 @@ No Kubeflow cluster can run on this machine; this is the server side of the wire
 from __future__ import annotations
 
 import json
-import threading
 import uuid
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlparse
+
+from json_api import JsonApiServer
 
 PREFIX = "/apis/v2beta1"
 
@@ -20,32 +19,27 @@ def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-class KfpApi:
+class KfpApi(JsonApiServer):
     def __init__(self, token: str | None = None):
+        super().__init__()
         self.token = token
         self.requests: list[dict] = []  # {"method", "path", "query", "body", "headers" (lower-case names)}
         self.experiments: dict[str, dict] = {}
         self.runs: dict[str, dict] = {}
         self.recurring_runs: dict[str, dict] = {}
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
-
-    def __enter__(self) -> KfpApi:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._server.shutdown()
-        self._server.server_close()
 
     def sent(self, method: str, path: str) -> list[dict]:
         return [r for r in self.requests if r["method"] == method and r["path"] == PREFIX + path]
 
     # -- the API ---------------------------------------------------------------
+
+    def handle(self, method: str, path: str, query: dict, headers: dict, body: dict) -> tuple[int, dict]:
+        self.requests.append({"method": method, "path": path, "query": query, "body": body, "headers": headers})
+        if self.token and headers.get("authorization") != f"Bearer {self.token}":
+            return 401, {"error": "unauthenticated", "code": 16, "message": "missing or bad token"}
+        if not path.startswith(PREFIX):
+            return 404, {"error": "not found", "code": 5, "message": "not found"}
+        return self._route(method, path[len(PREFIX) :], query, body)
 
     def _route(self, method: str, path: str, query: dict, body: dict) -> tuple[int, dict]:
         if path == "/healthz" and method == "GET":
@@ -77,38 +71,3 @@ class KfpApi:
             self.recurring_runs[job["recurring_run_id"]] = job
             return 200, job
         return 404, {"error": f"no route {method} {path}", "code": 5, "message": "not found"}
-
-    def _handler(self):
-        api = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args) -> None:  # quiet test output
-                pass
-
-            def _serve(self, method: str) -> None:
-                url = urlparse(self.path)
-                length = int(self.headers.get("Content-Length") or 0)
-                body = json.loads(self.rfile.read(length) or b"{}") if length else {}
-                query = parse_qs(url.query)
-                api.requests.append({"method": method, "path": url.path, "query": query, "body": body,
-                                     "headers": {k.lower(): v for k, v in self.headers.items()}})  # fmt: skip
-                if api.token and self.headers.get("Authorization") != f"Bearer {api.token}":
-                    status, reply = 401, {"error": "unauthenticated", "code": 16, "message": "missing or bad token"}
-                elif not url.path.startswith(PREFIX):
-                    status, reply = 404, {"error": "not found", "code": 5, "message": "not found"}
-                else:
-                    status, reply = api._route(method, url.path[len(PREFIX) :], query, body)
-                data = json.dumps(reply).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_GET(self) -> None:
-                self._serve("GET")
-
-            def do_POST(self) -> None:
-                self._serve("POST")
-
-        return Handler

@@ -19,9 +19,9 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import urlparse
+
+from json_api import JsonApiServer
 
 CUSTOM = {("kubeflow.org", "v1", "pytorchjobs"), ("trainer.kubeflow.org", "v1alpha1", "trainjobs")}
 
@@ -38,28 +38,15 @@ def set_condition(obj: dict, type_: str, reason: str, message: str = "") -> None
     conditions.append({"type": type_, "status": "True", "reason": reason, "message": message, "lastTransitionTime": _now()})
 
 
-class KubeApi:
+class KubeApi(JsonApiServer):
     def __init__(self, controller: Callable[[KubeApi, dict], None] | None = None):
+        super().__init__()
         self.objects: dict[tuple[str, str, str], dict] = {}  # (resource, namespace, name) -> object
         self.deleted: list[tuple[str, str, str]] = []
         self.requests: list[tuple[str, str]] = []
         self.controller = controller or run_replicas_locally
         self.lock = threading.Lock()
         self.logs: dict[str, str] = {}
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
-
-    def __enter__(self) -> KubeApi:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._server.shutdown()
-        self._server.server_close()
 
     def configmap_data(self, namespace: str, name: str) -> dict:
         return self.objects[("configmaps", namespace, name)]["data"]
@@ -73,7 +60,7 @@ class KubeApi:
             return parts[5], parts[4], parts[6] if len(parts) == 7 else None
         return None
 
-    def _handle(self, method: str, path: str, body: dict) -> tuple[int, dict]:
+    def handle(self, method: str, path: str, query: dict, headers: dict, body: dict) -> tuple[int, dict]:
         self.requests.append((method, path))
         found = self._resource(path)
         if found is None:
@@ -101,35 +88,6 @@ class KubeApi:
                 self.deleted.append(key)
                 return 200, self.objects.pop(key)
         return 405, _status(405, "MethodNotAllowed", method)
-
-    def _handler(self):
-        api = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args) -> None:
-                pass
-
-            def _serve(self, method: str) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                body = json.loads(self.rfile.read(length)) if length else {}
-                status, reply = api._handle(method, urlparse(self.path).path, body)
-                data = json.dumps(reply).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_GET(self) -> None:
-                self._serve("GET")
-
-            def do_POST(self) -> None:
-                self._serve("POST")
-
-            def do_DELETE(self) -> None:
-                self._serve("DELETE")
-
-        return Handler
 
 
 def _status(code: int, reason: str, message: str) -> dict:
