@@ -79,19 +79,20 @@ def output_to(log_path: Path):
     log_path.parent.mkdir(parents=True, exist_ok=True)
     sys.stdout.flush()
     sys.stderr.flush()
-    saved = os.dup(1), os.dup(2)
-    with open(log_path, "ab") as log:
-        os.dup2(log.fileno(), 1)
+    saved_fds, saved_streams = (os.dup(1), os.dup(2)), (sys.stdout, sys.stderr)
+    with open(log_path, "ab") as log, open(log_path, "a", buffering=1) as text:
+        os.dup2(log.fileno(), 1)  # child processes (the components)
         os.dup2(log.fileno(), 2)
+        sys.stdout = sys.stderr = text  # Python-level writers that are not fd 1/2 (e.g. under pytest's capture)
         try:
-            yield lambda line: os.write(saved[0], (line + "\n").encode())
+            yield lambda line: os.write(saved_fds[0], (line + "\n").encode())
         finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            os.close(saved[0])
-            os.close(saved[1])
+            text.flush()
+            sys.stdout, sys.stderr = saved_streams
+            os.dup2(saved_fds[0], 1)
+            os.dup2(saved_fds[1], 2)
+            os.close(saved_fds[0])
+            os.close(saved_fds[1])
 
 
 def run_local(config: RunConfig, run_name: str = "local", log_path: Path | None = None) -> str:
