@@ -14,7 +14,7 @@ import pytest
 from doctune.config import EndpointConfig, SynthConfig
 from doctune.stages import execute_stage
 from doctune.synth import filters
-from doctune.synth.build import alter, judged, replay_records
+from doctune.synth.build import Builder, alter, judged, rehearsal_records, replay_records
 from doctune.synth.extractive import QA, TEMPLATES, extractive_questions, fold
 from doctune.synth.prompts import ABSTENTION, SYSTEM_PROMPT, edge_order
 from doctune.synth.stage import SynthError
@@ -109,6 +109,18 @@ def test_replay_reaches_its_share_by_repeating_whole_texts():
     replay_chars = sum(len(r["text"]) for r in records)
     assert 400 <= replay_chars < 500 and counts["replay_repeats"] == 2
     assert replay_records(["x"], 100, 0.0, Counter()) == []
+
+
+def test_rehearsal_replies_join_sft_as_chats_without_the_documentation_prompt():
+    texts = [f"Question {i}?\n\nReply {i}.\n\nMore of reply {i}." for i in range(50)] + ["No reply here"]
+    counts = Counter()
+    chats = rehearsal_records(texts, 0.1, 180, counts)
+    assert len(chats) == counts["sft_rehearsal"] == 20  # 10% of 200 examples
+    assert chats[3]["messages"] == [{"role": "user", "content": "Question 3?"},
+                                    {"role": "assistant", "content": "Reply 3.\n\nMore of reply 3."}]  # fmt: skip
+    assert all(c["meta"]["form"] == "rehearsal" for c in chats)
+    assert rehearsal_records(texts, 0.0, 180, Counter()) == []
+    assert len(rehearsal_records(texts, 0.4, 1000, Counter())) == 50  # never more than there are replies
 
 
 def test_replay_dataset_errors_name_the_file(tmp_path):
@@ -217,6 +229,27 @@ def test_eval_sets_are_leak_free(corpus_synth):
     assert all(item["answer"] == ABSTENTION for item in unanswerable)
 
 
+def test_the_source_chunk_is_in_every_answerable_context(corpus_synth):
+    config, tracker, result = corpus_synth
+    sft = _jsonl(tracker.fetch(result.outputs["sft"]), "train.jsonl")
+    golden = _jsonl(tracker.fetch(result.outputs["golden"]), "golden.jsonl")
+    contexts = [(r["meta"]["chunk_id"], r["meta"]["context_chunk_ids"]) for r in sft if r["meta"]["form"] == "rag"]
+    contexts += [(g["chunk_ids"][0], g["meta"]["context_chunk_ids"]) for g in golden]
+    assert contexts and all(chunk in ids and len(ids) == config.retrieval.top_k for chunk, ids in contexts)
+
+
+def test_a_missed_source_chunk_takes_a_seeded_rank_not_always_the_last():
+    """Always last would put it in the middle of every edge-ordered context, where over-long prompts are cut."""
+    builder = Builder.__new__(Builder)
+    builder.config, builder.top_k = SynthConfig(), 4
+    assert builder.with_gold([5, 9, 7, 1], 9, "q") == [5, 9, 7, 1]
+    placed = [builder.with_gold([5, 6, 7, 8], 9, f"q{i}") for i in range(400)]
+    assert all(len(p) == 4 and p.count(9) == 1 and [x for x in p if x != 9] == [5, 6, 7] for p in placed)
+    ranks = Counter(p.index(9) for p in placed)
+    assert set(ranks) == {0, 1, 2, 3} and min(ranks.values()) > 60
+    assert placed == [builder.with_gold([5, 6, 7, 8], 9, f"q{i}") for i in range(400)]  # stable between runs
+
+
 def test_sft_records_share_one_system_prompt_and_end_in_end_of_turn(corpus_synth, tiny_model_dir):
     from transformers import AutoTokenizer
 
@@ -241,12 +274,16 @@ def test_sft_records_share_one_system_prompt_and_end_in_end_of_turn(corpus_synth
 def test_dpo_pairs_use_every_rejection_strategy(corpus_synth):
     _, tracker, result = corpus_synth
     pairs = _jsonl(tracker.fetch(result.outputs["dpo"]), "train.jsonl")
-    assert {p["meta"]["strategy"] for p in pairs} == {"other_chunk", "altered", "other_question", "unsupported_answer"}
+    strategies = Counter(p["meta"]["strategy"] for p in pairs)
+    assert set(strategies) == {"other_chunk", "altered", "other_question", "unsupported_answer", "needless_abstention"}
+    assert 0.5 < strategies["needless_abstention"] / strategies["unsupported_answer"] < 2
     for pair in pairs:
         assert pair["prompt"][0] == {"role": "system", "content": SYSTEM_PROMPT}
         assert pair["chosen"][0]["content"] != pair["rejected"][0]["content"]
         if pair["meta"]["strategy"] == "unsupported_answer":
             assert pair["chosen"][0]["content"] == ABSTENTION
+        if pair["meta"]["strategy"] == "needless_abstention":
+            assert pair["rejected"][0]["content"] == ABSTENTION and pair["meta"]["form"] == "rag"
 
 
 def test_empty_chunks_are_an_error_and_write_no_dataset(make_config, tmp_path):

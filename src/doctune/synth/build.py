@@ -95,6 +95,16 @@ class Builder:
             found.update(i for i, text in enumerate(self.folded) if evidence in text)
         return found
 
+    def with_gold(self, ranked: list[int], gold: int, key: str) -> list[int]:
+        """The retrieved chunks with the item's own chunk among them. Where retrieval missed it, it takes a
+        seeded random rank (as in RAFT): always last would put it in the middle of every edge-ordered context,
+        where a small model reads worst and where over-long prompts are cut."""
+        if gold in ranked:
+            return ranked
+        kept = ranked[: self.top_k - 1]
+        kept.insert(int(unit_fraction(self.config.seed, f"gold|{key}") * (len(kept) + 1)), gold)
+        return kept
+
     def passages(self, ids: list[int]) -> list[str]:
         return [self.chunks[i]["text"] for i in ids]
 
@@ -114,14 +124,14 @@ class Builder:
         cfg = self.config
         trainable = lambda i: self.split[self.chunks[i]["chunk_id"]] != "eval"  # noqa: E731
         holds = [self.holding(qa) for qa in items]
-        with_gold = self.retrieve(vectors, trainable, [set() for _ in items])
+        retrieved = self.retrieve(vectors, trainable, [set() for _ in items])
         without = self.retrieve(vectors, trainable, holds)
         answerable, abstaining = [], []
-        for qa, ranked, distractors, held in zip(items, with_gold, without, holds):
+        for qa, ranked, distractors, held in zip(items, retrieved, without, holds):
             base = {"chunk_id": qa.chunk_id, "qtype": qa.qtype, "question": qa.question, "evidence": qa.evidence}
             gold = self.by_id[qa.chunk_id]
             if unit_fraction(cfg.seed, f"rag|{qa.question}|{qa.chunk_id}") < cfg.rag_share:
-                ranked = ranked if gold in ranked else [*ranked[: self.top_k - 1], gold]
+                ranked = self.with_gold(ranked, gold, f"{qa.question}|{qa.chunk_id}")
                 ids = [self.chunks[i]["chunk_id"] for i in ranked]
                 user = rag_user_message(qa.question, edge_order(self.passages(ranked)))
                 answerable.append(self.chat(user, qa.answer, {**base, "form": "rag", "context_chunk_ids": edge_order(ids)}))
@@ -148,12 +158,17 @@ class Builder:
         capitals = sorted({w for qa in pool for w in re.findall(r"\b[A-Z][a-z]{3,}\b", qa.answer)})
         strategies = Counter()
         pairs = []
+        over_abstention = self.config.abstention_share / (1 - self.config.abstention_share)
         for record in records:
             meta = record["meta"]
             prompt, chosen = record["messages"][:2], record["messages"][2]["content"]
             key = f"{meta['question']}|{meta['chunk_id']}"
             if meta["form"] == "abstention":
                 strategy, rejected = "unsupported_answer", meta["withheld_answer"]
+            elif meta["form"] == "rag" and unit_fraction(self.config.seed, f"over|{key}") < over_abstention:
+                # The mirror of unsupported_answer, on a similar number of pairs: the same kind of prompt, its
+                # answer in context this time, so preference training teaches when to abstain, not only how.
+                strategy, rejected = "needless_abstention", ABSTENTION
             else:
                 strategy, rejected = self._rejected(chosen, meta, by_chunk, by_type, capitals, key)
             if rejected is None or fold(rejected) == fold(chosen):
@@ -208,7 +223,7 @@ class Builder:
                     )  # fmt: skip
                 continue
             gold = self.by_id[qa.chunk_id]
-            ranked = ranked if gold in ranked else [*ranked[: self.top_k - 1], gold]
+            ranked = self.with_gold(ranked, gold, f"{qa.question}|{qa.chunk_id}")
             ids = [self.chunks[i]["chunk_id"] for i in ranked]
             golden.append(
                 {"question": qa.question, "answer": qa.answer, "chunk_ids": [qa.chunk_id], "answerable": True,
@@ -268,6 +283,11 @@ def build(
             pairs = judged(pairs, judge, counts)
         out.dpo[name] = pairs
     counts["sft_abstention"] = sum(r["meta"]["form"] == "abstention" for split in out.sft.values() for r in split)
+    if config.replay.dataset is None:  # rehearsal texts are "prompt\n\nreply": chats; a text dataset is not
+        chats = rehearsal_records(replay, config.replay.sft_share, len(out.sft["train"]), counts)
+        out.sft["train"] = sorted(
+            out.sft["train"] + chats, key=lambda r: unit_fraction(config.seed, "order|" + r["meta"]["question"])
+        )
 
     # CPT text: every chunk outside the eval split, in document order, plus replay.
     domain = [{"text": c["text"], "source": "domain"} for c in chunks if builder.split[c["chunk_id"]] != "eval"]
@@ -302,7 +322,7 @@ def build(
     counts["eval_contaminated"] = contaminated
     total = len(items)
     shared = {item["chunk_ids"][0] for item in out.golden + out.unanswerable} & {
-        r["meta"]["chunk_id"] for split in out.sft.values() for r in split
+        r["meta"].get("chunk_id") for split in out.sft.values() for r in split
     }
     if shared:  # cannot happen by construction; a bug here must not ship a leaky eval
         raise ContaminationError(f"eval items share source chunks with SFT items: {sorted(shared)[:5]}")
@@ -330,6 +350,20 @@ def replay_records(texts: list[str], domain_chars: int, share: float, counts: Co
             total += len(text)
     counts["replay_texts"] = len(texts)
     counts["replay_repeats"] = repeats
+    return records
+
+
+def rehearsal_records(texts: list[str], share: float, domain_examples: int, counts: Counter) -> list[dict]:
+    """The base model's own replies to general prompts as SFT chats, `share` of the training examples. Asked
+    without the documentation system prompt, as general use (and the capability probes) ask."""
+    wanted = min(len(texts), round(share / (1 - share) * domain_examples)) if share > 0 else 0
+    records = []
+    for text in texts[:wanted]:
+        prompt, _, reply = text.partition("\n\n")
+        if reply.strip():
+            messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply.strip()}]
+            records.append({"messages": messages, "meta": {"form": "rehearsal", "question": prompt}})
+    counts["sft_rehearsal"] = len(records)
     return records
 
 

@@ -73,9 +73,9 @@ def _spread(values: list[int]) -> dict:
 
 
 def report(data: Datasets, filter_counts: dict, teacher_counts: Counter, teacher: str) -> dict:
-    sft_all = data.sft["train"] + data.sft["validation"]
+    sft_all = [r for r in data.sft["train"] + data.sft["validation"] if r["meta"]["form"] != "rehearsal"]
     abstaining = sum(r["meta"]["form"] == "abstention" for r in sft_all)
-    forms = Counter(r["meta"]["form"] for r in sft_all)
+    forms = Counter(r["meta"]["form"] for r in data.sft["train"] + data.sft["validation"])
     return {
         "teacher": teacher,
         "filters": filter_counts,
