@@ -442,3 +442,28 @@ def test_two_node_zero3_runs_as_a_pytorchjob_and_the_stage_records_its_model(mak
     assert "ZeRO" in kube.logs[job["metadata"]["name"]] or "deepspeed" in kube.logs[job["metadata"]["name"]].lower()
     out = capsys.readouterr().out
     assert f"PyTorchJob ml/{job['metadata']['name']}: created (2 nodes x 1 processes)" in out and "Succeeded" in out
+
+
+def test_learning_rate_defaults_follow_stage_method_and_model_size(tmp_path, tiny_model_dir):
+    from doctune.train.core import default_learning_rate
+
+    large = tmp_path / "large"
+    large.mkdir()
+    (large / "config.json").write_text(json.dumps({"hidden_size": 4096}))
+    assert default_learning_rate("sft", "lora", large) == 2e-4 and default_learning_rate("dpo", "qlora", large) == 5e-6
+    assert default_learning_rate("sft", "lora", tiny_model_dir) == 1e-3  # hidden size <= 1024
+    assert default_learning_rate("dpo", "lora", tiny_model_dir) == 5e-4
+    assert default_learning_rate("sft", "full", tiny_model_dir) == 2e-5  # full weights never take the larger steps
+    assert default_learning_rate("cpt", "lora", tiny_model_dir) == 1e-4
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU choice")
+def test_auto_precision_on_cpu_is_bf16_autocast_for_lora_only_where_amx_has_it(monkeypatch):
+    from doctune.train import core
+
+    monkeypatch.setattr("doctune.runtimes.cpu_flags", lambda: {"avx512f", "amx_bf16"})
+    assert core.precision("auto", "lora") == "bf16"
+    assert core.precision("auto", "full") == "fp32" and core.precision("auto", "qlora") == "fp32"
+    monkeypatch.setattr("doctune.runtimes.cpu_flags", lambda: {"avx2"})
+    assert core.precision("auto", "lora") == "fp32"
+    assert core.precision("fp32", "lora") == "fp32"

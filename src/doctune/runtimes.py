@@ -94,11 +94,17 @@ class TransformersRuntime:
         del self.model
 
 
-def cpu_has_amx() -> bool:
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux); empty where /proc/cpuinfo cannot be read."""
     try:
-        return "amx_int8" in Path("/proc/cpuinfo").read_text()
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
+        return set()
+    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+
+
+def cpu_has_amx() -> bool:
+    return "amx_int8" in cpu_flags()
 
 
 @contextmanager

@@ -42,8 +42,21 @@ class TrainingError(RuntimeError):
 DEEPSPEED_CONFIG_ENV = "DOCTUNE_DEEPSPEED_CONFIG"
 
 
-def default_learning_rate(stage: str, method: str) -> float:
-    return DEFAULT_LEARNING_RATES[(stage, "full" if method == "full" else "adapter")]
+# Adapters on small models (hidden size up to 1024: SmolLM2-135M/360M, Qwen2.5-0.5B) take larger steps. On the
+# bundled 135M model: 16 SFT LoRA steps at 1e-3 end at held-out loss 2.49 where 2e-4 ends at 2.96; 8 DPO LoRA
+# steps at 5e-4 take the validation loss from 0.693 to 0.621 (reward accuracy 0.75), where 5e-5 reaches 0.692.
+SMALL_MODEL_HIDDEN_SIZE = 1024
+SMALL_MODEL_LEARNING_RATES = {("sft", "adapter"): 1e-3, ("dpo", "adapter"): 5e-4}
+
+
+def default_learning_rate(stage: str, method: str, model_dir: str | Path | None = None) -> float:
+    key = (stage, "full" if method == "full" else "adapter")
+    if key in SMALL_MODEL_LEARNING_RATES and model_dir is not None:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+        hidden = config.get("hidden_size") or config.get("text_config", {}).get("hidden_size")
+        if hidden and hidden <= SMALL_MODEL_HIDDEN_SIZE:
+            return SMALL_MODEL_LEARNING_RATES[key]
+    return DEFAULT_LEARNING_RATES[key]
 
 
 @dataclass
@@ -87,16 +100,20 @@ def process_count(requested: int) -> int:
     return requested or max(1, visible_gpus())
 
 
-def precision(requested: str) -> str:
-    """fp32, bf16 or fp16: `auto` picks bf16 where the GPU supports it, fp16 on other GPUs, fp32 on CPU."""
+def precision(requested: str, method: str) -> str:
+    """fp32, bf16 or fp16: `auto` picks bf16 where the GPU supports it, fp16 on other GPUs; on a CPU, bf16
+    autocast for LoRA where AMX multiplies bf16 in hardware (1.36x the tokens/s of fp32 on the 2-core SFT, the
+    trained adapter stays fp32), fp32 otherwise."""
     import torch
+
+    from doctune.runtimes import cpu_flags
 
     if requested == "fp16" and not torch.cuda.is_available():
         raise TrainingError("precision fp16 needs a GPU; use fp32 or bf16 on CPU")
     if requested != "auto":
         return requested
     if not torch.cuda.is_available():
-        return "fp32"
+        return "bf16" if method == "lora" and "amx_bf16" in cpu_flags() else "fp32"
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
@@ -308,7 +325,7 @@ def run_job(job: TrainJob, callbacks: list | None = None) -> dict:
     from doctune.train import recipes
 
     set_seed(job.settings["seed"])
-    prec = precision(job.settings["precision"])
+    prec = precision(job.settings["precision"], job.settings["method"])
     tokenizer = AutoTokenizer.from_pretrained(job.tokenizer_dir)
     model, peft_config = load_model(job, prec, len(tokenizer))
     data = Path(job.data_dir)
@@ -411,7 +428,7 @@ def _launch_nodes(job: TrainJob, workdir: Path) -> dict:
         command,
         nodes=job.nodes,
         gpus_per_node=job.processes,
-        deepspeed_config=deepspeed_config(job.settings, precision(job.settings["precision"])),
+        deepspeed_config=deepspeed_config(job.settings, precision(job.settings["precision"], job.settings["method"])),
         env={DEEPSPEED_CONFIG_ENV: f"{DEEPSPEED_MOUNT}/{DEEPSPEED_FILE}"},
     )
     result_file = Path(job.output_dir) / RESULT_FILE

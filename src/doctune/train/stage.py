@@ -148,7 +148,7 @@ def train_stage(
             data_dir=str(work / "data"),
             checkpoint_dir=str(checkpoints),
             output_dir=str(work / "model"),
-            learning_rate=settings.learning_rate or default_learning_rate(stage, settings.method),
+            learning_rate=settings.learning_rate or default_learning_rate(stage, settings.method, model_dir),
             tracking_uri=tracker.tracker.uri,
             run_id=tracker.run_id,
             processes=processes,
