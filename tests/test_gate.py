@@ -94,6 +94,30 @@ def test_rules_name_every_failure(make_config):
             "perplexity_ratio:nf4", "not_significantly_worse:golden_f1"} <= set(bad["failed"])  # fmt: skip
 
 
+def test_beating_the_base_takes_a_significant_margin(make_config):
+    rules = make_config().gate.rules
+    base = scores(0.3)
+    noisy = scores(0.35)
+    noisy["per_example"]["golden_f1"] = [0.9, 0.0, 0.9, 0.0] + [0.3] * 8  # higher on average, on 4 of 12 questions
+    verdict = decide({"candidate": noisy, "champion": base, "base": base}, {}, rules)
+    assert "golden_f1_beats_base" in verdict["failed"]
+    steady = decide({"candidate": scores(0.35), "champion": base, "base": base}, {}, rules)
+    assert steady["decision"] == "promote"
+    (rule,) = [r for r in steady["rules"] if r["name"] == "golden_f1_beats_base"]
+    assert rule["value"] < rules.alpha
+
+
+def test_structured_output_bar_is_the_base_models_share_where_that_is_lower(make_config):
+    rules = make_config().gate.rules
+    weak_base = scores(0.3, format_compliance=0.4)
+    kept = decide({"candidate": scores(0.5, format_compliance=0.4), "champion": weak_base, "base": weak_base}, {}, rules)
+    lost = decide({"candidate": scores(0.5, format_compliance=0.33), "champion": weak_base, "base": weak_base}, {}, rules)
+    assert kept["decision"] == "promote" and lost["failed"] == ["format_compliance"]
+    strong_base = scores(0.3, format_compliance=1.0)
+    short = decide({"candidate": scores(0.5, format_compliance=0.9), "champion": strong_base, "base": strong_base}, {}, rules)
+    assert short["failed"] == ["format_compliance"]
+
+
 # -- the gate stage and the registry on the tiny model --------------------------------------------------
 
 LENIENT = {"gate.rules.beat_base": False, "gate.rules.min_format_compliance": 0.0}  # a random tiny model formats nothing
