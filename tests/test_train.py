@@ -134,6 +134,43 @@ def test_a_packed_row_attends_within_each_example_only(tiny_model_dir):
     torch.testing.assert_close(packed[1, : len(b)], alone[0], atol=1e-4, rtol=1e-4)
 
 
+def test_the_fused_lm_head_projects_only_labeled_positions_with_the_same_loss_and_gradients(tiny_model_dir, monkeypatch):
+    import trl.trainer.utils as trl_utils
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from doctune.train.recipes import fused_head_on_labeled_positions
+
+    monkeypatch.setattr(trl_utils, "_use_triton", trl_utils._use_triton)  # restored after the test
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    trl_utils.add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"))
+    ids = torch.randint(5, 200, (2, 64), generator=torch.Generator().manual_seed(0))
+    labels = torch.full_like(ids, -100)
+    labels[:, 40:48] = ids[:, 40:48]  # the answer: a few positions of a long prompt
+    rows = []
+    apply = trl_utils._ChunkedLogProbFunction.apply
+    monkeypatch.setattr(
+        trl_utils._ChunkedLogProbFunction, "apply", lambda hidden, *rest: rows.append(hidden.shape[0]) or apply(hidden, *rest)
+    )
+
+    def loss_and_grads():
+        model.zero_grad()
+        out = model(input_ids=ids, labels=labels, fused_lm_head=True)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return out.loss.detach(), out.entropy.detach(), grads
+
+    loss, entropy, grads = loss_and_grads()
+    fused_head_on_labeled_positions()
+    labeled_loss, labeled_entropy, labeled_grads = loss_and_grads()
+    assert rows == [2 * 63, 2 * 8]  # every shifted position, then only the labeled ones
+    torch.testing.assert_close(labeled_loss, loss)
+    torch.testing.assert_close(labeled_entropy, entropy)
+    for name, grad in grads.items():
+        torch.testing.assert_close(labeled_grads[name], grad, atol=1e-6, rtol=1e-4)
+
+
 # -- stages --------------------------------------------------------------------------
 
 

@@ -118,7 +118,7 @@ class ReplayConfig(Section):
     # A JSONL/Parquet dataset with a "text" column; null: the base model's own answers to shipped general prompts.
     dataset: Path | None = None
     max_new_tokens: int = Field(160, ge=8)
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(64, ge=1, description="prompts generated together (decoding is what costs: larger is faster)")
     max_prompts: int = Field(0, ge=0, description="use the first N shipped prompts; 0 = all")
     # The base model's own replies also join SFT as chats (self-distillation): without them, 64 SFT steps at the
     # small-model learning rate cost the bundled 135M model 16% of its capability-probe accuracy (0.211 -> 0.178).
@@ -326,6 +326,11 @@ class GateConfig(Section):
     max_unanswerable: int = Field(32, ge=1)
     max_new_tokens: int = Field(64, ge=1, description="greedy tokens per answer")
     batch_size: int = Field(8, ge=1, description="prompts generated together (transformers)")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="weights of the transformers models scored (all in the same precision): auto is bf16 where the "
+        "hardware multiplies it (a bf16 GPU, a CPU with AMX: 2.2x fp32 there), fp32 elsewhere",
+    )
     perplexity_blocks: int = Field(8, ge=1, description="blocks of held-out domain text and of general text")
     block_size: int = Field(256, ge=16)
     retrieval_k: int = Field(10, ge=1, description="cut-off of Recall@k and NDCG@k")

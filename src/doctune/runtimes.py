@@ -7,6 +7,7 @@ for perplexity; quantize measures variants with them, the gate evaluates candida
 from __future__ import annotations
 
 import math
+import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -135,15 +136,26 @@ def llama_cpp_safe_defaults():
 
 
 class LlamaCppRuntime:
-    """A GGUF file in llama.cpp (llama-cpp-python), with the chat template the file carries."""
+    """A GGUF file in llama.cpp (llama-cpp-python), with the chat template the file carries.
+
+    Decoding uses every core this process may run on (llama-cpp-python defaults to half of them); logits for every
+    position, which perplexity needs and chat does not, come from a second context opened only for it."""
 
     def __init__(self, path: Path, n_ctx: int = 2048):
         started = time.perf_counter()
+        self.path, self.n_ctx = path, n_ctx
+        self.llm = self._open(logits_all=False)
+        self.load_s = time.perf_counter() - started
+
+    def _open(self, logits_all: bool):
         with llama_cpp_safe_defaults():
             from llama_cpp import Llama
 
-            self.llm = Llama(str(path), n_ctx=n_ctx, logits_all=True, verbose=False, seed=0)
-        self.load_s = time.perf_counter() - started
+            threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            return Llama(
+                str(self.path), n_ctx=self.n_ctx, logits_all=logits_all, n_threads=threads, n_threads_batch=threads,
+                verbose=False, seed=0,
+            )  # fmt: skip
 
     def chat(self, conversations: list[list[dict]], max_tokens: int) -> list[Reply]:
         replies = []
@@ -157,23 +169,39 @@ class LlamaCppRuntime:
         return replies
 
     def perplexity(self, blocks: list[list[int]]) -> float:
-        def score(ids):
-            self.llm.reset()
-            self.llm.eval(ids)
-            return log_softmax(self.llm.scores[: len(ids)])
+        scorer = self._open(logits_all=True)
 
-        return perplexity_from_scores(blocks, score)
+        def score(ids):
+            scorer.reset()
+            scorer.eval(ids)
+            return log_softmax(scorer.scores[: len(ids)])
+
+        try:
+            return perplexity_from_scores(blocks, score)
+        finally:
+            scorer.close()
 
     def close(self) -> None:
         self.llm.close()
 
 
-def open_runtime(folder: Path, **options) -> TransformersRuntime | LlamaCppRuntime:
-    """The runtime for a model folder: its GGUF file when it holds one, else transformers."""
-    ggufs = sorted(Path(folder).glob("*.gguf"))
-    if ggufs:
-        return LlamaCppRuntime(ggufs[0], n_ctx=options.get("n_ctx", 2048))
+def hardware_bf16() -> bool:
+    """Whether this machine multiplies bf16 in hardware: a CUDA GPU that supports it, or a CPU with AMX."""
     import torch
 
-    dtype = {} if (Path(folder) / "config.json").read_text().find("quantization_config") >= 0 else {"dtype": torch.float32}
-    return TransformersRuntime(folder, batch_size=options.get("batch_size", 8), **dtype)
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return "amx_bf16" in cpu_flags()
+
+
+def open_runtime(folder: Path, batch_size: int = 8, n_ctx: int = 2048, precision: str = "fp32"):
+    """The runtime for a model folder: its GGUF file when it holds one, else transformers with its weights in
+    `precision` (fp32 or bf16; a bitsandbytes checkpoint keeps its own)."""
+    ggufs = sorted(Path(folder).glob("*.gguf"))
+    if ggufs:
+        return LlamaCppRuntime(ggufs[0], n_ctx=n_ctx)
+    import torch
+
+    quantized = "quantization_config" in (Path(folder) / "config.json").read_text()
+    dtype = {} if quantized else {"dtype": {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]}
+    return TransformersRuntime(folder, batch_size=batch_size, **dtype)

@@ -81,14 +81,19 @@ def blocks(sets: EvalSets, tokenizer) -> tuple[list[list[int]], list[list[int]]]
 
 
 def evaluate_model(
-    folder: Path, sets: EvalSets, max_new_tokens: int, batch_size: int, tokenizer_folder: Path | None = None
+    folder: Path,
+    sets: EvalSets,
+    max_new_tokens: int,
+    batch_size: int,
+    tokenizer_folder: Path | None = None,
+    precision: str = "fp32",
 ) -> dict:
-    """Every gate metric of one model folder (transformers weights or a GGUF file, whose token ids are those of
-    `tokenizer_folder`), with per-example scores."""
+    """Every gate metric of one model folder (transformers weights in `precision`, or a GGUF file whose token ids
+    are those of `tokenizer_folder`), with per-example scores."""
     from transformers import AutoTokenizer
 
     domain_blocks, general_blocks = blocks(sets, AutoTokenizer.from_pretrained(tokenizer_folder or folder))
-    runtime = open_runtime(folder, batch_size=batch_size, n_ctx=4096)
+    runtime = open_runtime(folder, batch_size=batch_size, n_ctx=4096, precision=precision)
     try:
         golden = runtime.chat(sets.conversations(sets.golden), max_new_tokens)
         unanswerable = runtime.chat(sets.conversations(sets.unanswerable), max_new_tokens)

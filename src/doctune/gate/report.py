@@ -59,6 +59,7 @@ def markdown(result: dict) -> str:
         f"# Gate: **{result['decision'].upper()}** (candidate version {result['version']})",
         "",
         f"Failed rules: {', '.join(result['failed']) or 'none'}. Champion: {result['champion_label']}.",
+        f"Transformers models scored in {result.get('precision', 'fp32')}; GGUF variants in llama.cpp.",
         "",
         "| metric | " + " | ".join(names) + " |",
         "|---|" + "---:|" * len(names),

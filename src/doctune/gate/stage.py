@@ -21,6 +21,7 @@ from doctune.gate.metrics import retrieval_scores
 from doctune.gate.report import loss_curves, markdown, metric_bars, to_html
 from doctune.gate.rules import decide
 from doctune.models import resolve_model
+from doctune.runtimes import hardware_bf16
 from doctune.synth.prompts import ABSTENTION
 from doctune.synth.stage import read_parquet
 from doctune.tracking import TAG, StageRun
@@ -114,8 +115,10 @@ def run(config: RunConfig, inputs: dict[str, ArtifactRef], tracker: StageRun) ->
     quantize_outputs = tracker.tracker.outputs_of(quantize_run)
     quantized = json.loads((tracker.fetch(inputs["quantized"]) / "quantize_report.json").read_text())
 
+    precision = g.precision if g.precision != "auto" else ("bf16" if hardware_bf16() else "fp32")
+
     def score(folder: Path, tokenizer_folder: Path | None = None) -> dict:
-        return evaluate_model(folder, sets, g.max_new_tokens, g.batch_size, tokenizer_folder=tokenizer_folder)
+        return evaluate_model(folder, sets, g.max_new_tokens, g.batch_size, tokenizer_folder, precision)
 
     models = {"candidate": score(merged)}
     variant_ratios, variant_refs = {}, {}
@@ -158,6 +161,7 @@ def run(config: RunConfig, inputs: dict[str, ArtifactRef], tracker: StageRun) ->
         "rules": outcome["rules"],
         "version": version,
         "champion_label": champion_label,
+        "precision": precision,
         "models": {m: {"metrics": models[m]["metrics"]} for m in shown},
         "quantized": quantized["variants"],
         "retrieval": retrieval,
