@@ -138,10 +138,12 @@ def test_the_fused_lm_head_projects_only_labeled_positions_with_the_same_loss_an
     import trl.trainer.utils as trl_utils
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
+    from trl.kernels.chunked_logprob import _use_triton
 
     from doctune.train.recipes import fused_head_on_labeled_positions
 
-    monkeypatch.setattr(trl_utils, "_use_triton", trl_utils._use_triton)  # restored after the test
+    # TRL's own decision (a training test earlier in this process may have installed doctune's); restored after.
+    monkeypatch.setattr(trl_utils, "_use_triton", _use_triton)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     trl_utils.add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"))
