@@ -106,14 +106,14 @@ def precision(requested: str, method: str) -> str:
     trained adapter stays fp32), fp32 otherwise."""
     import torch
 
-    from doctune.runtimes import cpu_flags
+    from doctune.runtimes import hardware_bf16
 
     if requested == "fp16" and not torch.cuda.is_available():
         raise TrainingError("precision fp16 needs a GPU; use fp32 or bf16 on CPU")
     if requested != "auto":
         return requested
     if not torch.cuda.is_available():
-        return "bf16" if method == "lora" and "amx_bf16" in cpu_flags() else "fp32"
+        return "bf16" if method == "lora" and hardware_bf16() else "fp32"
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
