@@ -138,8 +138,23 @@ def test_a_model_that_rehearses_nothing_is_an_error(tiny_model_dir, tmp_path):
     from doctune.config import ReplayConfig
     from doctune.synth.replay import ReplayError, rehearsal
 
-    with pytest.raises(ReplayError, match="answered none of 2 rehearsal prompts"):
-        rehearsal(str(tiny_model_dir), ReplayConfig(max_new_tokens=8, max_prompts=2), tmp_path)
+    with pytest.raises(ReplayError, match="answered none of 2 rehearsal prompts"):  # greedy: end of turn at once
+        rehearsal(str(tiny_model_dir), ReplayConfig(max_new_tokens=8, max_prompts=2, temperature=0), tmp_path, seed=0)
+
+
+def test_rehearsal_replies_are_sampled_reproducibly_per_seed(tiny_model_dir, tmp_path):
+    import torch
+
+    from doctune.config import ReplayConfig
+    from doctune.synth.replay import rehearsal
+
+    config = ReplayConfig(max_new_tokens=12, max_prompts=3, batch_size=2)
+    state = torch.random.get_rng_state()
+    first = rehearsal(str(tiny_model_dir), config, tmp_path / "a", seed=1)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's random stream is left as it was
+    assert rehearsal(str(tiny_model_dir), config, tmp_path / "b", seed=1) == first
+    assert rehearsal(str(tiny_model_dir), config, tmp_path / "c", seed=2) != first
+    assert len(first) == 3  # sampling draws text where greedy decoding of this model ends the turn at once
 
 
 @pytest.mark.real_model
@@ -147,10 +162,14 @@ def test_bundled_model_rehearses_general_prompts(tmp_path):
     from doctune.config import ReplayConfig
     from doctune.synth.replay import general_prompts, rehearsal
 
-    texts = rehearsal("bundled:smollm2-135m-instruct", ReplayConfig(max_new_tokens=32, max_prompts=4), tmp_path)
-    assert len(texts) == 4 and len(general_prompts()) >= 100
-    for prompt, text in zip(general_prompts(), texts):
-        assert text.startswith(prompt + "\n\n") and len(text) > len(prompt) + 20
+    config = ReplayConfig(max_new_tokens=32, max_prompts=4)
+    sampled = rehearsal("bundled:smollm2-135m-instruct", config, tmp_path, seed=13)
+    greedy = rehearsal("bundled:smollm2-135m-instruct", config.model_copy(update={"temperature": 0}), tmp_path, seed=13)
+    assert len(sampled) == len(greedy) == 4 and len(general_prompts()) >= 100
+    for prompt, text in zip(general_prompts(), sampled):
+        assert text.startswith(prompt + "\n\n") and text[len(prompt) + 2 :].strip()
+    assert "scatter" in greedy[0]  # "Explain why the sky is blue": the model's most likely answer is Rayleigh's
+    assert sampled != greedy
 
 
 def test_judge_keeps_only_pairs_both_orders_agree_on():

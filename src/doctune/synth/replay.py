@@ -1,7 +1,7 @@
 """Replay text for CPT: a user-supplied dataset, or the base model's own answers to shipped general prompts.
 
-Self-generated rehearsal keeps the model close to what it could already do; it is real model output,
-generated greedily once per (model, prompts, settings) and cached.
+Self-generated rehearsal keeps the model close to what it could already do; it is real model output, sampled
+from the base model's own distribution (seeded) once per (model, prompts, settings) and cached.
 """
 
 from __future__ import annotations
@@ -39,9 +39,10 @@ def load_replay_dataset(path: Path) -> list[str]:
     return texts
 
 
-def rehearsal(base_model: str, config: ReplayConfig, cache_dir: Path) -> list[str]:
-    """The base model's greedy answers to the shipped prompts, as 'prompt\\n\\nanswer' texts; generated in bf16 where
-    the hardware multiplies it (on the 2-core AMX CPU, bf16 at batch 64 takes 0.31x the time of fp32 at batch 16)."""
+def rehearsal(base_model: str, config: ReplayConfig, cache_dir: Path, seed: int) -> list[str]:
+    """The base model's answers to the shipped prompts, as 'prompt\\n\\nanswer' texts: sampled at
+    `config.temperature` with `seed` (greedy at 0); generated in bf16 where the hardware multiplies it (on the
+    2-core AMX CPU, bf16 at batch 64 takes 0.31x the time of fp32 at batch 16)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -51,7 +52,10 @@ def rehearsal(base_model: str, config: ReplayConfig, cache_dir: Path) -> list[st
     folder = resolve_model(base_model, cache_dir)
     weights = sorted((p.name, p.stat().st_size) for p in folder.glob("*.safetensors"))
     dtype = torch.bfloat16 if hardware_bf16() else torch.float32
-    settings = [base_model, weights, prompts, config.max_new_tokens, str(dtype)]
+    sampling = {"do_sample": False}
+    if config.temperature > 0:  # the whole distribution: no top-k or nucleus cut
+        sampling = {"do_sample": True, "temperature": config.temperature, "top_k": 0, "top_p": 1.0}
+    settings = [base_model, weights, prompts, config.max_new_tokens, str(dtype), sampling, seed, config.batch_size]
     key = hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:24]
     cached = Path(cache_dir) / "rehearsal" / f"{key}.json"
     if cached.is_file():
@@ -63,20 +67,10 @@ def rehearsal(base_model: str, config: ReplayConfig, cache_dir: Path) -> list[st
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     model.eval()
     texts = []
-    for start in range(0, len(prompts), config.batch_size):
-        batch = prompts[start : start + config.batch_size]
-        conversations = [[{"role": "user", "content": p}] for p in batch]
-        inputs = tokenizer.apply_chat_template(
-            conversations, add_generation_prompt=True, return_tensors="pt", return_dict=True, padding=True
-        )
-        with torch.no_grad():
-            output = model.generate(
-                **inputs, max_new_tokens=config.max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
-            )
-        for prompt, row in zip(batch, output[:, inputs["input_ids"].shape[1] :]):
-            answer = tokenizer.decode(row, skip_special_tokens=True).strip()
-            if answer:
-                texts.append(f"{prompt}\n\n{answer}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for start in range(0, len(prompts), config.batch_size):
+            texts += _replies(model, tokenizer, prompts[start : start + config.batch_size], config.max_new_tokens, sampling)
     if not texts:
         raise ReplayError(
             f"base model {base_model!r} answered none of {len(prompts)} rehearsal prompts with text; "
@@ -87,9 +81,26 @@ def rehearsal(base_model: str, config: ReplayConfig, cache_dir: Path) -> list[st
     return texts
 
 
-def replay_texts(base_model: str, config: ReplayConfig, cache_dir: Path) -> list[str]:
+def _replies(model, tokenizer, prompts: list[str], max_new_tokens: int, sampling: dict) -> list[str]:
+    import torch
+
+    conversations = [[{"role": "user", "content": p}] for p in prompts]
+    inputs = tokenizer.apply_chat_template(
+        conversations, add_generation_prompt=True, return_tensors="pt", return_dict=True, padding=True
+    )
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling)
+    texts = []
+    for prompt, row in zip(prompts, output[:, inputs["input_ids"].shape[1] :]):
+        answer = tokenizer.decode(row, skip_special_tokens=True).strip()
+        if answer:
+            texts.append(f"{prompt}\n\n{answer}")
+    return texts
+
+
+def replay_texts(base_model: str, config: ReplayConfig, cache_dir: Path, seed: int) -> list[str]:
     if config.share <= 0:
         return []
     if config.dataset is not None:
         return load_replay_dataset(config.dataset)
-    return rehearsal(base_model, config, cache_dir)
+    return rehearsal(base_model, config, cache_dir, seed)

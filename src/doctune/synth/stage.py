@@ -165,7 +165,7 @@ def run(config: RunConfig, inputs: dict[str, ArtifactRef], tracker: StageRun) ->
     kept, filter_counts = apply_filters(qas, config, lang_of, index)
     if not kept:
         raise SynthError(f"all {len(qas)} generated questions were filtered out ({filter_counts})")
-    replay = replay_texts(config.model.base_model, cfg.replay, cache)
+    replay = replay_texts(config.model.base_model, cfg.replay, cache, cfg.seed)
     judge = teacher.judge if cfg.judge and isinstance(teacher, EndpointTeacher) else None
     if cfg.judge and judge is None:
         raise SynthError("synth.judge needs synth.teacher=endpoint: the judge is asked through the teacher endpoint")
