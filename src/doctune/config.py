@@ -120,7 +120,7 @@ class ReplayConfig(Section):
     max_new_tokens: int = Field(160, ge=8)
     # Replies sampled at 1.0 follow the base model's own distribution, so training on them keeps it. Greedy replies
     # (0) are its most likely tokens only: as 10% of SFT they sharpened the bundled model (general-text entropy
-    # 2.62 -> 2.13 nats) and raised its general perplexity to 1.14x base, where SFT without rehearsal gave 1.05x.
+    # 2.64 -> 2.13 nats) and raised its general perplexity to 1.14x base; SFT without rehearsal gave 1.05x.
     temperature: float = Field(1.0, ge=0, le=2, description="sampling temperature of the base model's replies; 0 = greedy")
     batch_size: int = Field(64, ge=1, description="prompts generated together (decoding is what costs: larger is faster)")
     max_prompts: int = Field(0, ge=0, description="use the first N shipped prompts; 0 = all")
