@@ -52,7 +52,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/synth_bench.py
 	$(BIN)/python bench/train_bench.py
 	$(BIN)/python bench/quantize_bench.py
-	$(BIN)/python bench/pipeline_bench.py
+	$(BIN)/python bench/gpu_train_bench.py
+	$(BIN)/python bench/pipeline_bench.py $(if $(WORKDIR),--workdir $(WORKDIR))
 	$(BIN)/python bench/report.py
 
 # Container images for the cluster (images/), tagged with the package version; needs a running docker engine.
