@@ -63,8 +63,8 @@ def measure(method: str, config, batch: int, seq_len: int, steps: int, warmup: i
     if method == "lora":
         from peft import LoraConfig, get_peft_model
 
-        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-        lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=lora_dropout, target_modules=targets)
+        # PEFT's "all-linear", doctune's default: every linear layer of the blocks, not the LM head.
+        lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=lora_dropout, target_modules="all-linear")
         model = get_peft_model(model, lora)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-5, fused=True)
