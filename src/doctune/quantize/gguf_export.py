@@ -39,7 +39,7 @@ def writable(qtype) -> bool:
     block = gguf.GGML_QUANT_SIZES[qtype][0]
     try:
         gguf.quants.quantize(np.zeros((1, block), dtype=np.float32), qtype)
-    except NotImplementedError:
+    except NotImplementedError:  # gguf has no numpy quantizer for this type: a finished answer, not a gap
         return False
     return True
 
