@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-PROFILE ?= default
+PROFILE ?= cpu-demo
 CONFIG ?= configs/$(PROFILE).yaml
 PDFS   ?=
 ARGS   ?=
@@ -14,7 +14,7 @@ export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup system-deps run test compile lint bench images push-images clean
+.PHONY: setup system-deps run test compile lint config-docs bench images push-images clean
 
 setup: $(STAMP)
 
@@ -43,9 +43,14 @@ test: $(STAMP)
 compile: $(STAMP)
 	$(BIN)/doctune compile
 
+# configs/default.yaml and docs/config.md, generated from the config schema (src/doctune/config/); a test checks them.
+config-docs: $(STAMP)
+	$(BIN)/python -m doctune.config.reference
+
 lint: $(STAMP)
 	$(BIN)/ruff check src components pipelines tests bench conftest.py
 	$(BIN)/ruff format --check src components pipelines tests bench conftest.py
+	$(BIN)/lint-imports
 
 bench: $(STAMP)
 	$(BIN)/python bench/ingest_bench.py

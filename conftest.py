@@ -80,10 +80,12 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
 
 @pytest.fixture
 def make_config(tmp_path, tiny_model_dir, corpus):
-    """Build a RunConfig in a fresh workdir with the tiny model; extra keys as dotted overrides."""
+    """Build a RunConfig in a fresh workdir with the tiny model, over the 2-core demo profile (its step counts and
+    learning rates; the library defaults are a GPU run's); extra keys as dotted overrides."""
 
     def factory(pdfs: Path | None = None, **overrides: object):
         data = {
+            "extends": str(REPO / "configs" / "cpu-demo.yaml"),
             "project": {"workdir": str(tmp_path / "work")},
             "model": {"base_model": str(tiny_model_dir)},
             "ingest": {"pdfs": str(pdfs or corpus)},
@@ -105,6 +107,36 @@ def make_config(tmp_path, tiny_model_dir, corpus):
         return build_config(data, [f"{key}={value}" for key, value in overrides.items()])
 
     return factory
+
+
+@pytest.fixture
+def kfp_outputs(tmp_path):
+    """The typed output artifacts of a component, as the KFP executor hands them to its Python function."""
+    from kfp import dsl
+
+    kinds = {cls.schema_title: cls for cls in (dsl.Dataset, dsl.Model, dsl.Metrics, dsl.HTML, dsl.Markdown)}
+
+    def make(component) -> dict:
+        outputs = {}
+        for name, spec in component.component_spec.outputs.items():
+            kind = kinds.get(spec.type.split("@")[0])
+            if kind is not None:
+                path = tmp_path / "kfp-outputs" / component.name / name
+                path.parent.mkdir(parents=True, exist_ok=True)
+                outputs[name] = kind(name=name, uri=str(path), metadata={})
+        return outputs
+
+    return make
+
+
+@pytest.fixture
+def call_component(kfp_outputs):
+    """Call a stage component's Python function as its KFP task would; returns its refs JSON."""
+
+    def call(component, **arguments) -> str:
+        return component.python_func(**arguments, **kfp_outputs(component)).refs
+
+    return call
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@ as a share of the wall time (target < 10%), measured on the tiny profile in a fr
 
 A stage's own time is its MLflow stage run, from start to finish (the work plus logging its outputs); the rest is
 kfp.local (a process per component, importing doctune), the bookkeeping components and the parent run.
-The latest full run of the default profile under .doctune, when there is one, is reported the same way.
+The latest full run of the cpu-demo profile (`make run`) under .doctune, when there is one, is reported the same way.
 Writes bench/results/pipeline.json and pipeline.md.
 """
 
@@ -38,7 +38,7 @@ def overhead(tracker: Tracker, parent_run_id: str, wall: float | None = None) ->
 
 
 def latest_full_run(workdir: Path) -> dict | None:
-    config = load_config(REPO / "configs" / "default.yaml", [f"project.workdir={workdir}"])
+    config = load_config(REPO / "configs" / "cpu-demo.yaml", [f"project.workdir={workdir}"])
     if not (workdir / "mlflow.db").is_file():
         return None
     tracker = Tracker(config)
@@ -54,7 +54,7 @@ def latest_full_run(workdir: Path) -> dict | None:
 
 
 def main() -> None:
-    from pipelines.local import run_local
+    from doctune_kfp.pipelines.local import run_local
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")

@@ -33,7 +33,7 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     config = load_config(
-        None,
+        REPO / "configs" / "cpu-demo.yaml",
         [f"project.workdir={REPO / '.doctune'}", f"ingest.pdfs={args.pdfs}", f"quantize.variants={args.variants}",
          "quantize.generate_tokens=64"],
     )  # fmt: skip

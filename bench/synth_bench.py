@@ -56,7 +56,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-    config = load_config(None, [f"project.workdir={REPO / '.doctune'}"])
+    config = load_config(REPO / "configs" / "cpu-demo.yaml", [f"project.workdir={REPO / '.doctune'}"])
     cache = config.project.workdir / "cache"
     tokenizer = resolve_model(config.model.base_model, cache) / "tokenizer.json"
     ingested = ingest_folder(args.pdfs, IngestConfig(pdfs=args.pdfs, ocr="never"), tokenizer, progress=False)

@@ -20,7 +20,8 @@ from doctune.cpt.stage import prepare as prepare_cpt
 from doctune.sft.stage import prepare as prepare_sft
 from doctune.stages import execute_stage
 from doctune.tracking import Tracker
-from doctune.train.core import TrainJob, default_learning_rate, run_job
+from doctune.train.core import TrainJob, default_learning_rate
+from doctune.train.launch import run_job
 from doctune.train.stage import prepare_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,7 +72,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-    config = load_config(None, [f"project.workdir={REPO / '.doctune'}", f"ingest.pdfs={args.pdfs}"])
+    config = load_config(REPO / "configs" / "cpu-demo.yaml", [f"project.workdir={REPO / '.doctune'}", f"ingest.pdfs={args.pdfs}"])
     tracker, outputs = datasets(config)
     from doctune.models import resolve_model
 

@@ -5,11 +5,11 @@ from pathlib import Path
 import yaml
 from kfp import compiler, dsl
 
-from components.images import retag
-from components.rerun_stage.component import rerun_stage_component
 from doctune import __version__
 from doctune.config import ClusterConfig
-from pipelines.placement import place
+from doctune_kfp.components.images import retag
+from doctune_kfp.components.rerun_stage.component import rerun_stage_component
+from doctune_kfp.pipelines.placement import place
 
 
 def compile_for_cluster(pipeline_func, path: Path, cluster: ClusterConfig) -> Path:

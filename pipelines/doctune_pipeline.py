@@ -4,22 +4,22 @@ from pathlib import Path
 
 from kfp import dsl
 
-from components.close_run.component import close_run
-from components.cpt.component import cpt
-from components.dpo.component import dpo
-from components.eval_gate.component import eval_gate
-from components.ingest.component import ingest
-from components.merge.component import merge
-from components.open_run.component import open_run
-from components.promote.component import promote
-from components.quantize.component import quantize
-from components.record_rejection.component import record_rejection
-from components.sft.component import sft
-from components.skip_stage.component import skip_stage
-from components.synth.component import synth
 from doctune.config import ClusterConfig
-from pipelines.cluster import compile_for_cluster
-from pipelines.placement import place
+from doctune_kfp.components.close_run.component import close_run
+from doctune_kfp.components.cpt.component import cpt
+from doctune_kfp.components.dpo.component import dpo
+from doctune_kfp.components.eval_gate.component import eval_gate
+from doctune_kfp.components.ingest.component import ingest
+from doctune_kfp.components.merge.component import merge
+from doctune_kfp.components.open_run.component import open_run
+from doctune_kfp.components.promote.component import promote
+from doctune_kfp.components.quantize.component import quantize
+from doctune_kfp.components.record_rejection.component import record_rejection
+from doctune_kfp.components.sft.component import sft
+from doctune_kfp.components.skip_stage.component import skip_stage
+from doctune_kfp.components.synth.component import synth
+from doctune_kfp.pipelines.cluster import compile_for_cluster
+from doctune_kfp.pipelines.placement import place
 
 IR_YAML = Path(__file__).with_name("doctune_pipeline.yaml")
 DESCRIPTION = "PDFs to a tuned, aligned, quantized LLM, promoted only when it beats the champion."
@@ -44,33 +44,37 @@ def build_pipeline(cluster: ClusterConfig):
             parent = opened.output
             ingested = ingest(config=config, parent_run_id=parent)
             place(ingested, "ingest", cluster).set_display_name("ingest + chunk")
-            data = synth(config=config, parent_run_id=parent, ingest=ingested.output)
+            documents = ingested.outputs["refs"]
+            data = synth(config=config, parent_run_id=parent, documents=documents)
             place(data, "synth", cluster).set_display_name("synthetic data")
+            datasets = data.outputs["refs"]
             with dsl.If(cpt_enabled == True, name="cpt-on"):  # noqa: E712 (a KFP condition, not a Python comparison)
-                adapted = place(cpt(config=config, parent_run_id=parent, synth=data.output), "cpt", cluster)
+                adapted = place(cpt(config=config, parent_run_id=parent, datasets=datasets), "cpt", cluster)
                 adapted.set_display_name("domain CPT")
             with dsl.Else(name="cpt-off"):
                 no_cpt = skip_stage(config=config, parent_run_id=parent, stage="cpt", passthrough="{}")
                 place(no_cpt, "skip_stage", cluster).set_display_name("CPT off")
-            tuned = sft(config=config, parent_run_id=parent, synth=data.output, cpt=dsl.OneOf(adapted.output, no_cpt.output))
+            start_model = dsl.OneOf(adapted.outputs["refs"], no_cpt.output)
+            tuned = sft(config=config, parent_run_id=parent, datasets=datasets, model=start_model)
             place(tuned, "sft", cluster).set_display_name("instruction SFT")
             with dsl.If(dpo_enabled == True, name="dpo-on"):  # noqa: E712
-                aligned = place(dpo(config=config, parent_run_id=parent, synth=data.output, sft=tuned.output), "dpo", cluster)
-                aligned.set_display_name("DPO")
+                aligned = dpo(config=config, parent_run_id=parent, datasets=datasets, model=tuned.outputs["refs"])
+                place(aligned, "dpo", cluster).set_display_name("DPO")
             with dsl.Else(name="dpo-off"):
-                no_dpo = skip_stage(config=config, parent_run_id=parent, stage="dpo", passthrough=tuned.output)
+                no_dpo = skip_stage(config=config, parent_run_id=parent, stage="dpo", passthrough=tuned.outputs["refs"])
                 place(no_dpo, "skip_stage", cluster).set_display_name("DPO off")
-            merged = merge(config=config, parent_run_id=parent, dpo=dsl.OneOf(aligned.output, no_dpo.output))
+            final_model = dsl.OneOf(aligned.outputs["refs"], no_dpo.output)
+            merged = merge(config=config, parent_run_id=parent, model=final_model)
             place(merged, "merge", cluster).set_display_name("merge")
-            quantized = quantize(config=config, parent_run_id=parent, merge=merged.output, synth=data.output)
+            quantized = quantize(config=config, parent_run_id=parent, model=merged.outputs["refs"], datasets=datasets)
             place(quantized, "quantize", cluster).set_display_name("quantize")
             gate = eval_gate(
                 config=config,
                 parent_run_id=parent,
-                merge=merged.output,
-                quantize=quantized.output,
-                synth=data.output,
-                ingest=ingested.output,
+                model=merged.outputs["refs"],
+                quantized=quantized.outputs["refs"],
+                datasets=datasets,
+                documents=documents,
             )
             place(gate, "eval_gate", cluster).set_display_name("eval gate")
             gate.set_caching_options(False)  # it reads the registry's champion, which is not a task input

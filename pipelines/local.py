@@ -13,7 +13,7 @@ from kfp import local
 
 from doctune.config import RunConfig
 from doctune.tracking import TAG, Tracker
-from pipelines.doctune_pipeline import build_pipeline
+from doctune_kfp.pipelines.doctune_pipeline import build_pipeline
 
 
 class LocalRunError(RuntimeError):

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from doctune.cluster import for_cluster
 from doctune.config import RunConfig
-from pipelines.cluster import compile_for_cluster, compile_rerun
-from pipelines.doctune_pipeline import build_pipeline
+from doctune_kfp.pipelines.cluster import compile_for_cluster, compile_rerun
+from doctune_kfp.pipelines.doctune_pipeline import build_pipeline
 
 TOKEN_ENV = "DOCTUNE_KFP_TOKEN"  # a bearer token (e.g. `kubectl create token`), for clusters behind auth
 

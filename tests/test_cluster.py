@@ -9,9 +9,9 @@ import pytest
 import yaml
 from kfp_api import KfpApi
 
-from doctune.cli import main
 from doctune.config import ClusterConfig, ConfigError, build_config
-from pipelines.doctune_pipeline import compile_pipeline
+from doctune_kfp.pipelines.cli import main
+from doctune_kfp.pipelines.doctune_pipeline import compile_pipeline
 
 STAGES = ("ingest", "synth", "cpt", "sft", "dpo", "merge", "quantize", "eval-gate")
 GPU_STAGES = ("cpt", "sft", "dpo", "merge", "quantize")

@@ -7,11 +7,11 @@ import json
 import re
 from pathlib import Path
 
-from doctune.cli import main
 from doctune.config import load_config
 from doctune.gate import registry
 from doctune.gate.stage import REPORT_FILE
 from doctune.tracking import TAG, Tracker
+from doctune_kfp.pipelines.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ["ingest", "synth", "cpt", "sft", "dpo", "merge", "quantize", "eval_gate"]

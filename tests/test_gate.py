@@ -9,7 +9,6 @@ import math
 import pytest
 import torch
 
-from doctune.cli import main
 from doctune.gate import registry
 from doctune.gate.metrics import (
     abstains,
@@ -21,10 +20,11 @@ from doctune.gate.metrics import (
     token_f1,
 )
 from doctune.gate.rules import decide
-from doctune.gate.stage import REPORT_FILE, promote_component, read_decision, reject_component
-from doctune.stages import execute_stage
+from doctune.gate.stage import REPORT_FILE, read_decision
+from doctune.stages import execute_stage, promote_component, reject_component
 from doctune.tracking import Tracker
 from doctune.train.artifacts import MODEL_KIND
+from doctune_kfp.pipelines.cli import main
 
 
 def test_answer_metrics_match_hand_computed_values():
@@ -133,9 +133,11 @@ def candidate(make_config, small_corpus):
     data = execute_stage("synth", config, tracker, parent, {k: ingested.outputs[k] for k in ("chunks", "pages")}).outputs
     sft = execute_stage("sft", config, tracker, parent, {"sft": data["sft"]})
     merged = execute_stage("merge", config, tracker, parent, {"model": sft.outputs["model"]}).outputs["model"]
-    quantized = execute_stage("quantize", config, tracker, parent, {"model": merged, "cpt": data["cpt"]}).outputs["report"]
+    quantized = execute_stage("quantize", config, tracker, parent, {"model": merged, "heldout": data["heldout"]}).outputs[
+        "report"
+    ]
     inputs = {"model": merged, "quantized": quantized, "chunks": ingested.outputs["chunks"]}
-    inputs |= {k: data[k] for k in ("golden", "unanswerable", "cpt")}
+    inputs |= {k: data[k] for k in ("golden", "unanswerable", "heldout")}
     return config, tracker, parent, inputs
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from components.images import CPU_IMAGE, CUDA_STAGES, GPU_IMAGE, image_for, retag
 from doctune import __version__
+from doctune_kfp.components.images import CPU_IMAGE, CUDA_STAGES, GPU_IMAGE, image_for, retag
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILES = {"cpu": REPO / "images" / "cpu" / "Dockerfile", "cuda": REPO / "images" / "cuda" / "Dockerfile"}

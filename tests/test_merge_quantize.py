@@ -27,7 +27,7 @@ def logits_of(model, tokenizer) -> torch.Tensor:
 def sft_model(make_config, datasets):  # noqa: F811
     """A LoRA SFT model with a clearly trained adapter, logged as the pipeline logs it."""
     config = make_config(**overrides("sft", max_steps=3, learning_rate=3e-2), **{"synth.replay.share": 0.0})
-    tracker, parent, data = log_datasets(config, {"sft": datasets["sft"], "cpt": datasets["cpt"]})
+    tracker, parent, data = log_datasets(config, {"sft": datasets["sft"], "heldout": datasets["heldout"]})
     sft = execute_stage("sft", config, tracker, parent, {"sft": data["sft"]})
     return config, tracker, parent, data, sft.outputs["model"]
 
@@ -82,7 +82,7 @@ def test_quantize_writes_checked_variants_and_reports_the_ones_it_cannot(sft_mod
     config = config.model_copy(
         update={"quantize": config.quantize.model_copy(update={"variants": ["gguf-f16", "gguf-q4_k", "gguf-q8_0", "nf4"]})}
     )
-    result = execute_stage("quantize", config, tracker, parent, {"model": merged, "cpt": data["cpt"]})
+    result = execute_stage("quantize", config, tracker, parent, {"model": merged, "heldout": data["heldout"]})
     assert set(result.outputs) == {"gguf-f16", "gguf-q8_0", "nf4", "report"}
     report = json.loads((tracker.fetch(result.outputs["report"]) / REPORT_FILE).read_text())
     assert "GGUF type q4_k for LlamaForCausalLM: cannot be written by the gguf package" in report["failed"]["gguf-q4_k"]
@@ -124,10 +124,10 @@ def test_bundled_smollm2_merged_and_q8_0_gguf_answer_in_their_runtimes(make_conf
 
     config = make_config(
         **overrides("sft", max_steps=2, max_length=256),
-        **{"model.base_model": "bundled:smollm2-135m-instruct", "quantize.variants": "[gguf-q8_0]", "cpt.eval_fraction": 0.25},
+        **{"model.base_model": "bundled:smollm2-135m-instruct", "quantize.variants": "[gguf-q8_0]"},
         **{"quantize.block_size": 256, "quantize.eval_blocks": 4, "quantize.generate_tokens": 24},
     )
-    tracker, parent, data = log_datasets(config, {"sft": datasets["sft"], "cpt": datasets["cpt"]})
+    tracker, parent, data = log_datasets(config, {"sft": datasets["sft"], "heldout": datasets["heldout"]})
     sft = execute_stage("sft", config, tracker, parent, {"sft": data["sft"]})
     merged = execute_stage("merge", config, tracker, parent, {"model": sft.outputs["model"]}).outputs["model"]
     folder = materialize(merged, config, tracker.fetch)
@@ -136,7 +136,7 @@ def test_bundled_smollm2_merged_and_q8_0_gguf_answer_in_their_runtimes(make_conf
     reply = model.generate(**ids, max_new_tokens=24, do_sample=False)[0][ids["input_ids"].shape[1] :]
     assert len(tokenizer.decode(reply, skip_special_tokens=True).split()) >= 3
 
-    result = execute_stage("quantize", config, tracker, parent, {"model": merged, "cpt": data["cpt"]})
+    result = execute_stage("quantize", config, tracker, parent, {"model": merged, "heldout": data["heldout"]})
     report = json.loads((tracker.fetch(result.outputs["report"]) / REPORT_FILE).read_text())
     q8 = report["variants"]["gguf-q8_0"]
     assert q8["pre_tokenizer"] == "smollm"

@@ -6,10 +6,10 @@ import re
 
 import yaml
 
-from doctune.cli import main
 from doctune.gate import registry
 from doctune.tracking import Tracker
-from pipelines.doctune_pipeline import IR_YAML, compile_pipeline
+from doctune_kfp.pipelines.cli import main
+from doctune_kfp.pipelines.doctune_pipeline import IR_YAML, compile_pipeline
 
 
 def test_compiled_ir_yaml_is_up_to_date(tmp_path):
@@ -102,8 +102,8 @@ def test_local_pipeline_failure_closes_the_run_as_failed(make_config, tmp_path, 
 
 def test_a_run_without_a_parent_id_opens_and_closes_its_own(make_config, small_corpus, tmp_path):
     """What a scheduled run on a cluster does: no submitter created the MLflow parent run."""
-    from pipelines.doctune_pipeline import doctune_pipeline
-    from pipelines.local import init_local
+    from doctune_kfp.pipelines.doctune_pipeline import doctune_pipeline
+    from doctune_kfp.pipelines.local import init_local
 
     config = make_config(small_corpus)
     init_local(tmp_path / "kfp")

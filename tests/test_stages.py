@@ -6,9 +6,9 @@ import shutil
 
 import pytest
 
-from doctune.cli import main
 from doctune.stages import StageError, execute_stage, resolve_from_run
 from doctune.tracking import Tracker
+from doctune_kfp.pipelines.cli import main
 
 
 def _run_ingest(config):

@@ -11,12 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from doctune.chat import ABSTENTION, SYSTEM_PROMPT, edge_order
 from doctune.config import EndpointConfig, SynthConfig
 from doctune.stages import execute_stage
 from doctune.synth import filters
 from doctune.synth.build import Builder, alter, judged, rehearsal_records, replay_records
 from doctune.synth.extractive import QA, TEMPLATES, extractive_questions, fold
-from doctune.synth.prompts import ABSTENTION, SYSTEM_PROMPT, edge_order
+from doctune.synth.replay import ReplayText
 from doctune.synth.stage import SynthError
 from doctune.synth.teachers import EndpointTeacher, TeacherError, generate
 from doctune.tracking import Tracker
@@ -105,14 +106,15 @@ def test_altered_answers_change_a_number_or_a_name():
 
 def test_replay_reaches_its_share_by_repeating_whole_texts():
     counts = Counter()
-    records = replay_records(["a" * 100, "b" * 100], domain_chars=1600, share=0.2, counts=counts)
+    records = replay_records([ReplayText("a" * 100), ReplayText("b" * 100)], domain_chars=1600, share=0.2, counts=counts)
     replay_chars = sum(len(r["text"]) for r in records)
     assert 400 <= replay_chars < 500 and counts["replay_repeats"] == 2
-    assert replay_records(["x"], 100, 0.0, Counter()) == []
+    assert replay_records([ReplayText("x")], 100, 0.0, Counter()) == []
 
 
 def test_rehearsal_replies_join_sft_as_chats_without_the_documentation_prompt():
-    texts = [f"Question {i}?\n\nReply {i}.\n\nMore of reply {i}." for i in range(50)] + ["No reply here"]
+    texts = [ReplayText.rehearsal(f"Question {i}?", f"Reply {i}.\n\nMore of reply {i}.") for i in range(50)]
+    texts.append(ReplayText("No reply here"))  # a replay dataset's text: not a chat
     counts = Counter()
     chats = rehearsal_records(texts, 0.1, 180, counts)
     assert len(chats) == counts["sft_rehearsal"] == 20  # 10% of 200 examples
@@ -167,8 +169,8 @@ def test_bundled_model_rehearses_general_prompts(tmp_path):
     greedy = rehearsal("bundled:smollm2-135m-instruct", config.model_copy(update={"temperature": 0}), tmp_path, seed=13)
     assert len(sampled) == len(greedy) == 4 and len(general_prompts()) >= 100
     for prompt, text in zip(general_prompts(), sampled):
-        assert text.startswith(prompt + "\n\n") and text[len(prompt) + 2 :].strip()
-    assert "scatter" in greedy[0]  # "Explain why the sky is blue": the model's most likely answer is Rayleigh's
+        assert text.prompt == prompt and text.text.startswith(prompt + "\n\n") and text.reply.strip()
+    assert "scatter" in greedy[0].reply  # "Explain why the sky is blue": the model's most likely answer is Rayleigh's
     assert sampled != greedy
 
 
@@ -217,7 +219,7 @@ def _jsonl(folder: Path, name: str) -> list[dict]:
 
 def test_synth_outputs_every_dataset(corpus_synth):
     _, tracker, result = corpus_synth
-    assert set(result.outputs) == {"cpt", "sft", "dpo", "golden", "unanswerable", "raw", "report"}
+    assert set(result.outputs) == {"cpt", "heldout", "sft", "dpo", "golden", "unanswerable", "raw", "report"}
     report = json.loads((tracker.fetch(result.outputs["report"]) / "synth_report.json").read_text())
     sizes = report["datasets"]
     assert sizes["sft_train"] > 300 and sizes["dpo_train"] > 300 and sizes["golden"] > 20 and sizes["unanswerable"] > 20
@@ -239,6 +241,8 @@ def test_eval_sets_are_leak_free(corpus_synth):
     training_chunks = {r["meta"]["chunk_id"] for r in sft} | {c for r in sft for c in r["meta"].get("context_chunk_ids", [])}
     assert eval_chunks and not eval_chunks & training_chunks
     cpt = _jsonl(tracker.fetch(result.outputs["cpt"]), "train.jsonl")
+    heldout = _jsonl(tracker.fetch(result.outputs["heldout"]), "heldout.jsonl")
+    assert heldout and not {r["text"] for r in heldout} & {r["text"] for r in cpt}  # no training stage sees it
     assert not [
         g for g in golden if len(g["meta"]["evidence"]) > 40 and any(g["meta"]["evidence"] in fold(r["text"]) for r in cpt)
     ]
@@ -440,8 +444,8 @@ def test_endpoint_teacher_against_a_live_llama_cpp_server(start_server, make_con
     import pymupdf
 
     from conftest import free_port
-    from doctune.cli import main
     from doctune.models import bundled_gguf
+    from doctune_kfp.pipelines.cli import main
 
     pdfs = tmp_path / "pdfs"
     pdfs.mkdir()

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from doctune.sft.stage import CUT_MARK, tokenize_example
+from doctune.chat import CUT_MARK
+from doctune.sft.stage import tokenize_example
 from doctune.stages import execute_stage
 from doctune.tracking import Tracker
 from doctune.train.artifacts import chat_template_of, materialize, read_meta
@@ -61,17 +62,19 @@ def log_datasets(config, folders: dict[str, Path]):
 
 @pytest.fixture
 def datasets(tmp_path, corpus):
-    cpt = tmp_path / "cpt"
+    cpt, heldout = tmp_path / "cpt", tmp_path / "heldout"
     texts = corpus_texts(corpus)
+    trained, held = [t for i, t in enumerate(texts) if i % 5], texts[::5]  # synth holds out a share of domain text
     write_jsonl(
-        cpt / "train.jsonl", [{"text": t, "source": "domain"} for t in texts] + [{"text": "2 + 2 = 4.", "source": "replay"}]
+        cpt / "train.jsonl", [{"text": t, "source": "domain"} for t in trained] + [{"text": "2 + 2 = 4.", "source": "replay"}]
     )
+    write_jsonl(heldout / "heldout.jsonl", [{"text": t, "source": "domain"} for t in held])
     sft = tmp_path / "sft"
     records = sft_records(24)
     write_jsonl(sft / "train.jsonl", records[:20])
     write_jsonl(sft / "validation.jsonl", records[20:])
     (sft / "system_prompt.txt").write_text(SYSTEM)
-    return {"cpt": cpt, "sft": sft}
+    return {"cpt": cpt, "heldout": heldout, "sft": sft}
 
 
 FAST = {"max_steps": 6, "save_steps": 3, "logging_steps": 1, "batch_size": 2, "warmup_ratio": 0.0}
@@ -177,9 +180,9 @@ def test_the_fused_lm_head_projects_only_labeled_positions_with_the_same_loss_an
 
 
 def test_cpt_lora_loss_falls_and_logs_an_adapter_with_its_lineage(make_config, datasets):
-    config = make_config(**overrides("cpt", max_steps=12, save_steps=6, learning_rate=2e-2, block_size=64, eval_fraction=0.2))
-    tracker, parent, data = log_datasets(config, {"cpt": datasets["cpt"]})
-    result = execute_stage("cpt", config, tracker, parent, {"cpt": data["cpt"]})
+    config = make_config(**overrides("cpt", max_steps=12, save_steps=6, learning_rate=2e-2, block_size=64))
+    tracker, parent, data = log_datasets(config, {"cpt": datasets["cpt"], "heldout": datasets["heldout"]})
+    result = execute_stage("cpt", config, tracker, parent, {"cpt": data["cpt"], "heldout": data["heldout"]})
     run = tracker.client.get_run(result.run_id)
     losses = metric_history(tracker, result.run_id, "cpt.loss")
     assert len(losses) >= 10 and sum(losses[-3:]) < sum(losses[:3])
@@ -299,14 +302,14 @@ def _killed_after_first_checkpoint(config_yaml: str, parent: str, inputs_json: s
 
     from doctune.artifacts import refs_from_json
     from doctune.config import config_from_yaml
-    from doctune.train import core
+    from doctune.train import launch
 
     class Preempt(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):
             os._exit(137)
 
-    original = core.run_job
-    core.run_job = lambda job, callbacks=None: original(job, [Preempt()])
+    original = launch.run_job
+    launch.run_job = lambda job, callbacks=None: original(job, [Preempt()])
     config = config_from_yaml(config_yaml)
     execute_stage("cpt", config, Tracker(config), parent, refs_from_json(inputs_json))
 
@@ -361,13 +364,14 @@ def test_zero3_full_fine_tune_over_two_processes(make_config, datasets, tmp_path
 @pytest.mark.real_model
 def test_bundled_smollm2_cpt_lowers_domain_perplexity_and_sft_follows(make_config, datasets):
     settings = {
-        **overrides("cpt", max_steps=10, block_size=256, batch_size=2, eval_fraction=0.25, learning_rate=3e-4),
+        **overrides("cpt", max_steps=10, block_size=256, batch_size=2, learning_rate=3e-4),
         **overrides("sft", max_steps=4, max_length=256, batch_size=2),
         "model.base_model": "bundled:smollm2-135m-instruct",
     }
     config = make_config(**settings)
-    tracker, parent, data = log_datasets(config, {"cpt": datasets["cpt"], "sft": datasets["sft"]})
-    cpt = execute_stage("cpt", config, tracker, parent, {"cpt": data["cpt"]})
+    folders = {name: datasets[name] for name in ("cpt", "heldout", "sft")}
+    tracker, parent, data = log_datasets(config, folders)
+    cpt = execute_stage("cpt", config, tracker, parent, {"cpt": data["cpt"], "heldout": data["heldout"]})
     metrics = tracker.client.get_run(cpt.run_id).data.metrics
     assert metrics["cpt.perplexity_after"] < metrics["cpt.perplexity_before"]
     sft = execute_stage("sft", config, tracker, parent, {"sft": data["sft"], "model": cpt.outputs["model"]})
@@ -483,26 +487,30 @@ def test_two_node_zero3_runs_as_a_pytorchjob_and_the_stage_records_its_model(mak
     assert f"PyTorchJob ml/{job['metadata']['name']}: created (2 nodes x 1 processes)" in out and "Succeeded" in out
 
 
-def test_learning_rate_defaults_follow_stage_method_and_model_size(tmp_path, tiny_model_dir):
+def test_learning_rate_defaults_follow_stage_and_method_not_model_size(tmp_path, tiny_model_dir):
+    from doctune.config import load_config
     from doctune.train.core import default_learning_rate
 
     large = tmp_path / "large"
     large.mkdir()
     (large / "config.json").write_text(json.dumps({"hidden_size": 4096}))
     assert default_learning_rate("sft", "lora", large) == 2e-4 and default_learning_rate("dpo", "qlora", large) == 5e-6
-    assert default_learning_rate("sft", "lora", tiny_model_dir) == 1e-3  # hidden size <= 1024
-    assert default_learning_rate("dpo", "lora", tiny_model_dir) == 5e-4
-    assert default_learning_rate("sft", "full", tiny_model_dir) == 2e-5  # full weights never take the larger steps
+    assert default_learning_rate("sft", "lora", tiny_model_dir) == 2e-4  # small models: the same standard rates
+    assert default_learning_rate("dpo", "lora", tiny_model_dir) == 5e-6
+    assert default_learning_rate("sft", "full", tiny_model_dir) == 2e-5
     assert default_learning_rate("cpt", "lora", tiny_model_dir) == 1e-4
+    # The larger steps tuned on the bundled 135M model are the CPU demo profile's, set there explicitly.
+    demo = load_config(Path(__file__).resolve().parents[1] / "configs" / "cpu-demo.yaml")
+    assert (demo.cpt.learning_rate, demo.sft.learning_rate, demo.dpo.learning_rate) == (None, 1e-3, 5e-4)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU choice")
 def test_auto_precision_on_cpu_is_bf16_autocast_for_lora_only_where_amx_has_it(monkeypatch):
     from doctune.train import core
 
-    monkeypatch.setattr("doctune.runtimes.cpu_flags", lambda: {"avx512f", "amx_bf16"})
+    monkeypatch.setattr("doctune.devices.cpu_flags", lambda: {"avx512f", "amx_bf16"})
     assert core.precision("auto", "lora") == "bf16"
     assert core.precision("auto", "full") == "fp32" and core.precision("auto", "qlora") == "fp32"
-    monkeypatch.setattr("doctune.runtimes.cpu_flags", lambda: {"avx2"})
+    monkeypatch.setattr("doctune.devices.cpu_flags", lambda: {"avx2"})
     assert core.precision("auto", "lora") == "fp32"
     assert core.precision("fp32", "lora") == "fp32"

@@ -1,6 +1,6 @@
 from kfp import dsl
 
-from components.images import CPU_IMAGE
+from doctune_kfp.components.images import CPU_IMAGE
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)

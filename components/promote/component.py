@@ -1,11 +1,11 @@
 from kfp import dsl
 
-from components.images import CPU_IMAGE
+from doctune_kfp.components.images import CPU_IMAGE
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def promote(config: str, parent_run_id: str, version: str):
     """The gate passed: `champion` moves to the candidate version, the old one becomes `previous-champion`."""
-    from doctune.gate.stage import promote_component
+    from doctune.stages import promote_component
 
     promote_component(config, parent_run_id, version)

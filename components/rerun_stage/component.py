@@ -1,6 +1,6 @@
 from kfp import dsl
 
-from components.images import image_for
+from doctune_kfp.components.images import image_for
 
 
 def rerun_stage(config: str, stage: str, from_run: str) -> str:

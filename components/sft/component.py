@@ -1,11 +1,29 @@
+from typing import NamedTuple
+
 from kfp import dsl
 
-from components.images import image_for
+from doctune_kfp.components.images import image_for
 
 
 @dsl.component(base_image=image_for("sft"), install_kfp_package=False)
-def sft(config: str, parent_run_id: str, synth: str, cpt: str) -> str:
-    """Instruction SFT on the synthetic chat data, from the CPT model (or the base model when `cpt` holds none)."""
+def sft(
+    config: str,
+    parent_run_id: str,
+    datasets: str,
+    model: str,
+    tuned_model: dsl.Output[dsl.Model],
+    training_metrics: dsl.Output[dsl.Metrics],
+) -> NamedTuple("StageOutputs", refs=str):
+    """Instruction SFT on the synthetic chat data. `datasets`: synth's references; `model`: the CPT model's
+    references, or none (`{}`) to start from the base model.
+
+    Returns the stage's MLflow references (refs JSON) as `refs`; the typed outputs point at the same MLflow
+    artifacts (URI and digest) for Kubeflow's lineage view."""
+    from collections import namedtuple
+
     from doctune.stages import run_stage_component
 
-    return run_stage_component("sft", config, parent_run_id, synth=synth, cpt=cpt)
+    typed = {"tuned_model": tuned_model, "training_metrics": training_metrics}
+    return namedtuple("StageOutputs", ["refs"])(
+        run_stage_component("sft", config, parent_run_id, typed, datasets=datasets, model=model)
+    )

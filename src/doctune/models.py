@@ -8,13 +8,11 @@
 
 from __future__ import annotations
 
-import fcntl
 import importlib.util
-import shutil
-import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from doctune.cache import Cache
 
 
 class ModelResolutionError(RuntimeError):
@@ -53,17 +51,6 @@ def bundled_gguf(name: str) -> Path:
     if not path.is_file():
         raise ModelResolutionError(f"bundled model {name!r}: {path} is missing from package {entry.package}")
     return path
-
-
-@contextmanager
-def _locked(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def convert_gguf(gguf: Path, target: Path) -> None:
@@ -109,19 +96,8 @@ def resolve_model(spec: str, cache_dir: Path) -> Path:
     if spec.startswith(BUNDLED_PREFIX):
         name = spec[len(BUNDLED_PREFIX) :]
         gguf = bundled_gguf(name)
-        target = Path(cache_dir) / "models" / "bundled" / name
-        if (target / "config.json").is_file():
-            return target
-        with _locked(target.with_suffix(".lock")):
-            if (target / "config.json").is_file():
-                return target
-            scratch = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-            try:
-                (build_tiny_random if name in TINY_RANDOM else convert_gguf)(gguf, scratch)
-                scratch.rename(target)
-            finally:
-                shutil.rmtree(scratch, ignore_errors=True)
-        return target
+        build = build_tiny_random if name in TINY_RANDOM else convert_gguf
+        return Cache(Path(cache_dir)).folder("models/bundled", name, lambda scratch: build(gguf, scratch), "config.json")
     local = Path(spec).expanduser()
     if local.exists():
         if not (local / "config.json").is_file() and not (local / "tokenizer.json").is_file():

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import numpy as np
 
+from doctune.cache import Cache
 from doctune.models import resolve_embedder
 
 
@@ -17,22 +17,19 @@ class ChunkIndex:
 
         self.model = SentenceTransformer(str(resolve_embedder(embedding_model, cache_dir)), device="cpu")
         self.batch_size = batch_size
-        self.vectors = self._cached_embed(texts, embedding_model, Path(cache_dir) / "embeddings")
+        self.vectors = self._cached_embed(texts, embedding_model, Cache(Path(cache_dir)))
 
-    def _cached_embed(self, texts: list[str], embedding_model: str, folder: Path) -> np.ndarray:
+    def _cached_embed(self, texts: list[str], embedding_model: str, cache: Cache) -> np.ndarray:
         """The chunk vectors, computed once per (model, texts): synth and the gate index the same chunks."""
         digest = hashlib.sha256(embedding_model.encode())
         for text in texts:
             digest.update(hashlib.sha256(text.encode()).digest())
-        path = folder / f"{digest.hexdigest()}.npy"
-        if path.is_file():
-            return np.load(path)
-        vectors = self.embed(texts)
-        folder.mkdir(parents=True, exist_ok=True)
-        scratch = path.with_suffix(f".{os.getpid()}.tmp.npy")
-        np.save(scratch, vectors)
-        scratch.replace(path)  # atomic: a concurrent reader sees all of it or none
-        return vectors
+
+        def write(scratch: Path) -> None:
+            with open(scratch, "wb") as handle:
+                np.save(handle, self.embed(texts))
+
+        return np.load(cache.file("embeddings", f"{digest.hexdigest()}.npy", write))
 
     def embed(self, texts: list[str]) -> np.ndarray:
         if not texts:

@@ -10,19 +10,14 @@ import math
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
+
+from doctune.devices import cpu_has_amx, torch_dtype
+from doctune.generation import Reply, chat_replies
 
 
 class RuntimeUnavailable(RuntimeError):
     """The runtime a model format needs is not installed."""
-
-
-@dataclass
-class Reply:
-    text: str
-    tokens: int
-    seconds: float
 
 
 def perplexity_from_scores(blocks: list[list[int]], score_block) -> float:
@@ -61,25 +56,7 @@ class TransformersRuntime:
 
     def chat(self, conversations: list[list[dict]], max_tokens: int) -> list[Reply]:
         """Greedy replies, in batches of prompts padded on the left."""
-        import torch
-
-        replies = []
-        for start in range(0, len(conversations), self.batch_size):
-            batch = conversations[start : start + self.batch_size]
-            texts = [self.tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in batch]
-            encoded = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.model.device)
-            started = time.perf_counter()
-            with torch.no_grad():
-                out = self.model.generate(
-                    **encoded, max_new_tokens=max_tokens, do_sample=False, pad_token_id=self.tokenizer.pad_token_id
-                )
-            seconds = (time.perf_counter() - started) / len(batch)
-            for row in out[:, encoded["input_ids"].shape[1] :]:
-                ids = [int(t) for t in row if int(t) != self.tokenizer.pad_token_id]
-                if self.tokenizer.eos_token_id in ids:
-                    ids = ids[: ids.index(self.tokenizer.eos_token_id)]
-                replies.append(Reply(self.tokenizer.decode(ids, skip_special_tokens=True).strip(), len(ids), seconds))
-        return replies
+        return chat_replies(self.model, self.tokenizer, conversations, max_tokens, self.batch_size)
 
     def perplexity(self, blocks: list[list[int]]) -> float:
         import torch
@@ -93,19 +70,6 @@ class TransformersRuntime:
 
     def close(self) -> None:
         del self.model
-
-
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags (Linux); empty where /proc/cpuinfo cannot be read."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
-
-
-def cpu_has_amx() -> bool:
-    return "amx_int8" in cpu_flags()
 
 
 @contextmanager
@@ -185,23 +149,12 @@ class LlamaCppRuntime:
         self.llm.close()
 
 
-def hardware_bf16() -> bool:
-    """Whether this machine multiplies bf16 in hardware: a CUDA GPU that supports it, or a CPU with AMX."""
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    return "amx_bf16" in cpu_flags()
-
-
 def open_runtime(folder: Path, batch_size: int = 8, n_ctx: int = 2048, precision: str = "fp32"):
     """The runtime for a model folder: its GGUF file when it holds one, else transformers with its weights in
     `precision` (fp32 or bf16; a bitsandbytes checkpoint keeps its own)."""
     ggufs = sorted(Path(folder).glob("*.gguf"))
     if ggufs:
         return LlamaCppRuntime(ggufs[0], n_ctx=n_ctx)
-    import torch
-
     quantized = "quantization_config" in (Path(folder) / "config.json").read_text()
-    dtype = {} if quantized else {"dtype": {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]}
+    dtype = {} if quantized else {"dtype": torch_dtype(precision)}
     return TransformersRuntime(folder, batch_size=batch_size, **dtype)

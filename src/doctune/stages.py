@@ -9,12 +9,14 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import tempfile
 import time
 from dataclasses import dataclass, field
-from functools import cache
 from pathlib import Path
 
+from doctune import cache
 from doctune.artifacts import ArtifactRef, refs_from_json, refs_to_json
+from doctune.code_digest import code_digest
 from doctune.config import RunConfig, config_from_yaml
 from doctune.tracking import TAG, Tracker, library_versions
 
@@ -27,6 +29,16 @@ class StageSpec:
     inputs: dict[str, tuple[str, str]] = field(default_factory=dict)  # input -> (producer stage, output)
     # Inputs a fresh run may do without (ingest reads its PDFs from config instead).
     optional_inputs: frozenset[str] = frozenset()
+    # The component's arguments: each carries one upstream component's references (refs JSON), named by what this
+    # stage takes from it -> the producer stage.
+    params: dict[str, str] = field(default_factory=dict)
+    # Typed KFP outputs the component declares -> (the stage output it describes, or "" for the stage run itself;
+    # its KFP kind: dataset, model, metrics, html or markdown).
+    kfp_outputs: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+    def code_digest(self) -> str:
+        """sha256 of the stage module and every doctune module it imports (not the whole package)."""
+        return code_digest(self.module)
 
 
 STAGES: dict[str, StageSpec] = {
@@ -36,18 +48,36 @@ STAGES: dict[str, StageSpec] = {
         sections=("model", "ingest"),
         inputs={"sources": ("ingest", "sources")},
         optional_inputs=frozenset({"sources"}),
+        kfp_outputs={
+            "pages_dataset": ("pages", "dataset"),
+            "chunks_dataset": ("chunks", "dataset"),
+            "ingest_report": ("report", "markdown"),
+        },
     ),
     "synth": StageSpec(
         name="synth",
         module="doctune.synth.stage",
         sections=("model", "retrieval", "synth"),
         inputs={"chunks": ("ingest", "chunks"), "pages": ("ingest", "pages")},
+        params={"documents": "ingest"},
+        kfp_outputs={
+            "cpt_dataset": ("cpt", "dataset"),
+            "heldout_dataset": ("heldout", "dataset"),
+            "sft_dataset": ("sft", "dataset"),
+            "dpo_dataset": ("dpo", "dataset"),
+            "golden_dataset": ("golden", "dataset"),
+            "unanswerable_dataset": ("unanswerable", "dataset"),
+            "synth_report": ("report", "markdown"),
+        },
     ),
     "cpt": StageSpec(
         name="cpt",
         module="doctune.cpt.stage",
         sections=("model", "cpt"),
-        inputs={"cpt": ("synth", "cpt")},
+        inputs={"cpt": ("synth", "cpt"), "heldout": ("synth", "heldout")},
+        optional_inputs=frozenset({"heldout"}),  # without it CPT trains with no before/after perplexity
+        params={"datasets": "synth"},
+        kfp_outputs={"adapted_model": ("model", "model"), "training_metrics": ("", "metrics")},
     ),
     "sft": StageSpec(
         name="sft",
@@ -56,39 +86,52 @@ STAGES: dict[str, StageSpec] = {
         # Without a CPT model (CPT switched off) SFT starts from model.base_model.
         inputs={"sft": ("synth", "sft"), "model": ("cpt", "model")},
         optional_inputs=frozenset({"model"}),
+        params={"datasets": "synth", "model": "cpt"},
+        kfp_outputs={"tuned_model": ("model", "model"), "training_metrics": ("", "metrics")},
     ),
     "dpo": StageSpec(
         name="dpo",
         module="doctune.dpo.stage",
         sections=("model", "dpo"),
         inputs={"dpo": ("synth", "dpo"), "model": ("sft", "model")},
+        params={"datasets": "synth", "model": "sft"},
+        kfp_outputs={"aligned_model": ("model", "model"), "training_metrics": ("", "metrics")},
     ),
     "merge": StageSpec(
         name="merge",
         module="doctune.merge.stage",
         sections=("model", "merge"),
         inputs={"model": ("dpo", "model")},
+        params={"model": "dpo"},
+        kfp_outputs={"merged_model": ("model", "model"), "merge_metrics": ("", "metrics")},
     ),
     "quantize": StageSpec(
         name="quantize",
         module="doctune.quantize.stage",
-        sections=("model", "cpt", "quantize"),  # cpt: its seed and eval_fraction pick the held-out text
-        inputs={"model": ("merge", "model"), "cpt": ("synth", "cpt")},
+        sections=("model", "quantize"),
+        inputs={"model": ("merge", "model"), "heldout": ("synth", "heldout")},
+        params={"model": "merge", "datasets": "synth"},
+        kfp_outputs={"quantize_report": ("report", "dataset"), "quantize_metrics": ("", "metrics")},
     ),
     "eval_gate": StageSpec(
         name="eval_gate",
         module="doctune.gate.stage",
-        sections=("model", "retrieval", "cpt", "gate"),  # cpt: its seed and eval_fraction pick the held-out text
+        sections=("model", "retrieval", "gate"),
         inputs={
             "model": ("merge", "model"),
             "quantized": ("quantize", "report"),
             "golden": ("synth", "golden"),
             "unanswerable": ("synth", "unanswerable"),
-            "cpt": ("synth", "cpt"),
+            "heldout": ("synth", "heldout"),
             "chunks": ("ingest", "chunks"),
         },
+        params={"model": "merge", "quantized": "quantize", "datasets": "synth", "documents": "ingest"},
+        kfp_outputs={"gate_report": ("report", "html"), "gate_metrics": ("", "metrics")},
     ),
 }
+
+
+CACHE_ENTRIES_FILE = "cache_entries.json"
 
 
 class StageError(RuntimeError):
@@ -110,24 +153,13 @@ def spec_for(name: str) -> StageSpec:
     return STAGES[name]
 
 
-@cache
-def code_digest() -> str:
-    """sha256 over doctune's own source: any code change invalidates reuse of earlier results."""
-    digest = hashlib.sha256()
-    root = Path(__file__).resolve().parent
-    for path in sorted(root.rglob("*.py")):
-        digest.update(path.relative_to(root).as_posix().encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
-
-
 def cache_key(spec: StageSpec, config: RunConfig, input_digests: dict[str, str]) -> str:
     blob = json.dumps(
         {
             "stage": spec.name,
             "config": config.digest(spec.sections),
             "inputs": input_digests,
-            "code": code_digest(),
+            "code": spec.code_digest(),
             "libraries": library_versions(),
         },
         sort_keys=True,
@@ -174,6 +206,7 @@ def execute_stage(
         return StageResult(name, run.run_id, outputs, earlier.info.run_id, time.monotonic() - started)
 
     run = tracker.start_stage_run(name, parent_run_id, tags)
+    cache.forget_used()
     try:
         run.log_params(config.flat(spec.sections))
         run.log_text(config.to_yaml(), "config/run.yaml")
@@ -183,6 +216,8 @@ def execute_stage(
     except BaseException as exc:
         run.fail(exc)
         raise
+    finally:  # what `doctune cache prune` keeps for this run
+        run.log_text(json.dumps(cache.used_entries(), indent=0), CACHE_ENTRIES_FILE)
     run.finish(outputs)
     return StageResult(name, run.run_id, outputs, None, seconds)
 
@@ -242,6 +277,23 @@ def _recorded_output(
     )
 
 
+def cache_entries_in_use(tracker: Tracker) -> set[str]:
+    """Cache entries (kind/name) some run of this experiment still references: the artifacts its stage runs
+    consumed and produced, and what each recorded as used (training merges, bundled models, embeddings...)."""
+    entries: set[str] = set()
+    for run in tracker.client.search_runs([tracker.experiment_id], filter_string=f"tags.`{TAG}kind` = 'stage'"):
+        tags = run.data.tags
+        digests = [v for k, v in tags.items() if k.startswith((f"{TAG}output.", f"{TAG}upstream."))]
+        entries |= {f"artifacts/{d.replace(':', '-')}" for d in digests if d.startswith("sha256:")}
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                local = tracker.client.download_artifacts(run.info.run_id, CACHE_ENTRIES_FILE, tmp)
+            except Exception:  # a run from before entries were recorded
+                continue
+            entries |= set(json.loads(Path(local).read_text()))
+    return entries
+
+
 # -- entry points for the thin KFP components --------------------------------
 
 
@@ -254,17 +306,67 @@ def open_pipeline_run(config_yaml: str, parent_run_id: str, kfp_run_id: str) -> 
     return tracker.open_pipeline_run(run_name=f"kfp-{kfp_run_id}", kfp_run_id=kfp_run_id)
 
 
-def run_stage_component(name: str, config_yaml: str, parent_run_id: str, **upstream: str) -> str:
-    """Run one stage with upstream outputs given as {producer stage: refs JSON}; returns its refs JSON."""
+def run_stage_component(name: str, config_yaml: str, parent_run_id: str, kfp_outputs: dict | None = None, **upstream: str) -> str:
+    """Run one stage; `upstream` maps the component's arguments (spec.params) to the refs JSON they carry.
+    `kfp_outputs` (the component's typed KFP output artifacts by name) are described from the result.
+    Returns the stage's refs JSON."""
     config = config_from_yaml(config_yaml)
     spec = spec_for(name)
-    produced = {producer: refs_from_json(text) for producer, text in upstream.items()}
+    unknown = sorted(set(upstream) - set(spec.params))
+    if unknown:
+        raise StageError(f"component {name!r} takes {sorted(spec.params)}, not {unknown}")
+    produced = {spec.params[param]: refs_from_json(text) for param, text in upstream.items()}
     inputs = {}
     for input_name, (producer, output) in spec.inputs.items():
         if output in produced.get(producer, {}):
             inputs[input_name] = produced[producer][output]
-    result = execute_stage(name, config, Tracker(config), parent_run_id, inputs)
+    tracker = Tracker(config)
+    result = execute_stage(name, config, tracker, parent_run_id, inputs)
+    describe_kfp_outputs(spec, result, tracker, kfp_outputs or {})
     return refs_to_json(result.outputs)
+
+
+def describe_kfp_outputs(spec: StageSpec, result: StageResult, tracker: Tracker, artifacts: dict) -> None:
+    """Fill a component's typed KFP outputs from a stage result, so Kubeflow's UI and metadata store show lineage,
+    metrics and reports: datasets and models point at the MLflow artifact (URI) and carry its digest; metrics are the
+    stage run's; HTML and Markdown reports are copied in. The MLflow reference stays the contract between stages.
+    `artifacts` are kfp.dsl artifact objects (uri, path, metadata; log_metric for Metrics), used without importing kfp."""
+    missing = sorted(set(spec.kfp_outputs) - set(artifacts))
+    if artifacts and missing:
+        raise StageError(f"component {spec.name!r} declares no typed outputs {missing}")
+    for param, artifact in artifacts.items():
+        output, kind = spec.kfp_outputs[param]
+        if kind == "metrics":
+            source = tracker.client.get_run(result.reused_from or result.run_id)
+            for key, value in sorted(source.data.metrics.items()):  # scalars only: the UI plots every key
+                artifact.log_metric(key, float(value))
+            continue
+        ref = result.outputs[output]
+        uri = f"{tracker.client.get_run(ref.run_id).info.artifact_uri}/{ref.artifact_path}"
+        metadata = {"digest": ref.digest, "mlflow_run_id": ref.run_id, "artifact_path": ref.artifact_path, "kind": ref.kind}
+        if kind in ("dataset", "model"):
+            artifact.uri = uri
+            artifact.metadata.update(metadata)
+            continue
+        folder = tracker.fetch(ref)
+        artifact.metadata.update(metadata | {"mlflow_uri": uri})
+        if kind == "html":
+            Path(artifact.path).write_text(_self_contained_html(folder))
+        else:  # markdown: the report's .md file
+            reports = sorted(folder.glob("*.md"))
+            Path(artifact.path).write_text(reports[0].read_text() if reports else "")
+
+
+def _self_contained_html(folder: Path) -> str:
+    """The report's HTML page with its charts inlined, so one file shows whole in the Kubeflow UI."""
+    import base64
+
+    page = next(iter(sorted(folder.glob("*.html"))), None)
+    text = page.read_text() if page else ""
+    for image in folder.glob("*.png"):
+        data = base64.b64encode(image.read_bytes()).decode()
+        text = text.replace(f'src="{image.name}"', f'src="data:image/png;base64,{data}"')
+    return text
 
 
 def rerun_stage_component(name: str, config_yaml: str, from_run: str) -> str:
@@ -289,3 +391,32 @@ def close_pipeline_run(config_yaml: str, parent_run_id: str, kfp_run_id: str, st
     if run_id is None:
         raise StageError(f"no MLflow pipeline run is tagged with KFP run {kfp_run_id}")
     tracker.close_pipeline_run(run_id, succeeded=state == "SUCCEEDED", error=error)
+
+
+def gate_component(
+    config_yaml: str, parent_run_id: str, kfp_outputs: dict | None = None, **upstream: str
+) -> tuple[str, str, str, str]:
+    """Run the gate; returns (refs JSON, decision, version, failed rules JSON) for the pipeline's If/Else."""
+    from doctune.gate.stage import read_decision
+
+    refs = run_stage_component("eval_gate", config_yaml, parent_run_id, kfp_outputs, **upstream)
+    decision = read_decision(refs, Tracker(config_from_yaml(config_yaml)).fetch)
+    return refs, decision["decision"], decision["version"], json.dumps(decision["failed"])
+
+
+def promote_component(config_yaml: str, parent_run_id: str, version: str) -> None:
+    from doctune.gate import registry
+
+    tracker = Tracker(config_from_yaml(config_yaml))
+    current = registry.champion(tracker)
+    if current is None or current[0] != version:  # a rerun of an unchanged pipeline finds it serving already
+        registry.promote(tracker, version, reason=f"passed the gate in pipeline run {parent_run_id}")
+    tracker.client.set_tag(parent_run_id, f"{TAG}gate.promoted", version)
+
+
+def reject_component(config_yaml: str, parent_run_id: str, version: str, failed_json: str) -> None:
+    from doctune.gate import registry
+
+    tracker = Tracker(config_from_yaml(config_yaml))
+    registry.reject(tracker, version, json.loads(failed_json))
+    tracker.client.set_tag(parent_run_id, f"{TAG}gate.rejected", version)

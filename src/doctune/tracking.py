@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import subprocess
-import tempfile
 import time
 import warnings
 from functools import cache
@@ -23,7 +22,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from doctune.artifacts import ArtifactIntegrityError, ArtifactRef, refs_from_json, refs_to_json, verify_folder, write_manifest
+from doctune.cache import Cache
 from doctune.config import RunConfig
+from doctune.records import read_jsonl
 
 TAG = "doctune."
 PARENT_TAG = "mlflow.parentRunId"
@@ -72,7 +73,7 @@ class Tracker:
         self.config = config
         self.uri = config.tracking_uri
         workdir = config.project.workdir
-        self.cache_dir = workdir / "cache" / "artifacts"
+        self.cache = Cache(workdir / "cache")
         if self.uri.startswith("sqlite:///"):
             workdir.mkdir(parents=True, exist_ok=True)
         self.client = MlflowClient(tracking_uri=self.uri)
@@ -152,44 +153,35 @@ class Tracker:
     # -- artifacts -------------------------------------------------------
 
     def fetch(self, ref: ArtifactRef) -> Path:
-        """Download (or reuse) an artifact folder and verify it against the reference's digest.
+        """A local copy of an artifact folder, verified against the reference's digest on every use.
 
-        A failed check raises ArtifactIntegrityError and leaves nothing behind.
+        A cached copy that no longer matches (edited or corrupted on disk) is discarded and downloaded again; a
+        download that does not match raises ArtifactIntegrityError naming the file, and leaves nothing behind.
         """
         what = f"artifact {ref.artifact_path!r} of run {ref.run_id} ({ref.kind})"
-        final = self.cache_dir / ref.digest.replace(":", "-")
-        if final.is_dir():
-            verify_folder(final, ref.digest, what + " [local cache]")
-            return final
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        scratch = Path(tempfile.mkdtemp(prefix=".fetch-", dir=self.cache_dir))
-        try:
+        name = ref.digest.replace(":", "-")
+        cached = self.cache.entry("artifacts", name)
+        if cached.is_dir():
             try:
-                local = Path(self.client.download_artifacts(ref.run_id, ref.artifact_path, str(scratch)))
+                verify_folder(cached, ref.digest, what + " [local cache]")
+                return cached
+            except ArtifactIntegrityError as exc:
+                warnings.warn(f"{exc}; discarded, downloading it again", stacklevel=2)
+                self.cache.discard("artifacts", name)
+
+        def download(scratch: Path) -> None:
+            landing = scratch / ".download"
+            landing.mkdir()
+            try:
+                local = Path(self.client.download_artifacts(ref.run_id, ref.artifact_path, str(landing)))
             except MlflowException as exc:
                 raise ArtifactIntegrityError(f"{what}: cannot be downloaded from {self.uri}: {exc}") from exc
             verify_folder(local, ref.digest, what)
-            try:
-                local.rename(final)
-            except OSError:
-                if not final.is_dir():  # another process finished the same fetch first
-                    raise
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-        return final
+            for path in local.iterdir():  # the artifact folder's content becomes the entry
+                path.rename(scratch / path.name)
+            shutil.rmtree(landing)
 
-
-def _json_lines(path: Path) -> list[dict]:
-    """The parseable object records of a JSONL file (the consuming stage reports the others)."""
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
+        return self.cache.folder("artifacts", name, download)
 
 
 class StageRun:
@@ -226,7 +218,11 @@ class StageRun:
         import pandas as pd
         from mlflow.entities import DatasetInput, InputTag
 
-        frame = pd.read_parquet(table) if table.suffix == ".parquet" else pd.DataFrame(_json_lines(table))
+        frame = (
+            pd.read_parquet(table)
+            if table.suffix == ".parquet"
+            else pd.DataFrame([{k: v for k, v in r.items() if k != "_line"} for r in read_jsonl(table, [])])
+        )
         source = f"{self.client.get_run(ref.run_id).info.artifact_uri}/{ref.artifact_path}/{table.name}"
         with warnings.catch_warnings():  # source-resolver and integer-schema hints, not problems here
             warnings.simplefilter("ignore", UserWarning)

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from components.rerun_stage.component import rerun_stage_component
 from doctune.artifacts import refs_from_json
 from doctune.stages import execute_stage
 from doctune.tracking import TAG, Tracker
-from pipelines.local import init_local
+from doctune_kfp.components.rerun_stage.component import rerun_stage_component
+from doctune_kfp.pipelines.local import init_local
 
 
-def test_rerun_component_adds_a_stage_run_that_records_the_one_it_replaces(make_config, small_corpus, tmp_path):
+def test_rerun_component_adds_a_stage_run_that_records_the_one_it_replaces(make_config, small_corpus, call_component, tmp_path):
     config = make_config(small_corpus)
     tracker = Tracker(config)
     parent = tracker.open_pipeline_run("rerun-test")

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import json
 
-from components.ingest.component import ingest
-from components.synth.component import synth
 from doctune.artifacts import refs_from_json
 from doctune.tracking import Tracker
+from doctune_kfp.components.ingest.component import ingest
+from doctune_kfp.components.synth.component import synth
 
 
-def test_synth_component_consumes_ingest_references(make_config, small_corpus):
+def test_synth_component_consumes_ingest_references(make_config, small_corpus, call_component):
     config = make_config(small_corpus)
     tracker = Tracker(config)
     parent = tracker.open_pipeline_run("component-test")
-    ingested = ingest.python_func(config=config.to_yaml(), parent_run_id=parent)
-    refs = refs_from_json(synth.python_func(config=config.to_yaml(), parent_run_id=parent, ingest=ingested))
-    assert set(refs) == {"cpt", "sft", "dpo", "golden", "unanswerable", "raw", "report"}
+    ingested = call_component(ingest, config=config.to_yaml(), parent_run_id=parent)
+    refs = refs_from_json(call_component(synth, config=config.to_yaml(), parent_run_id=parent, documents=ingested))
+    assert set(refs) == {"cpt", "heldout", "sft", "dpo", "golden", "unanswerable", "raw", "report"}
     (run,) = tracker.stage_runs(parent, "synth")
     assert run.data.tags["doctune.upstream.chunks"] == refs_from_json(ingested)["chunks"].digest
     first = json.loads((tracker.fetch(refs["sft"]) / "train.jsonl").read_text().splitlines()[0])

@@ -1,63 +1,33 @@
-"""CPT: causal LM on the domain text (plus replay), packed into fixed blocks; held-out domain perplexity before/after."""
+"""CPT: causal LM on the domain text (plus replay), packed into fixed blocks; perplexity on the held-out domain text
+(the `heldout` artifact synth wrote, which no training stage sees) before and after."""
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from doctune.artifacts import ArtifactRef
 from doctune.config import RunConfig
+from doctune.records import HELDOUT_FILE, TRAIN_FILE, read_jsonl, skip
+from doctune.textblocks import pack
 from doctune.tracking import StageRun
 from doctune.train.core import TrainingError
-from doctune.train.stage import read_jsonl, save_split, train_file, train_stage
-
-
-def held_out(text: str, seed: int, fraction: float) -> bool:
-    """Stable assignment of a domain text to the perplexity hold-out."""
-    digest = hashlib.sha256(f"{seed}:{text}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
-
-
-def pack(texts: list[str], tokenizer, block_size: int) -> tuple[list[list[int]], int]:
-    """Texts joined with EOS, cut into full blocks of block_size tokens; returns (blocks, tokens dropped at the end)."""
-    stream: list[int] = []
-    for text in texts:
-        stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-        stream.append(tokenizer.eos_token_id)
-    full = len(stream) // block_size
-    return [stream[i * block_size : (i + 1) * block_size] for i in range(full)], len(stream) - full * block_size
+from doctune.train.stage import save_split, train_file, train_stage
 
 
 def load_texts(path: Path) -> tuple[list[dict], list[dict]]:
+    """{text, source} records of a CPT or held-out file; records without text are listed as skipped."""
     skipped: list[dict] = []
     records = []
     for record in read_jsonl(path, skipped):
         text = record.get("text")
         if not isinstance(text, str) or not text.strip():
-            skipped.append({"file": path.name, "line": record["_line"], "reason": "field 'text' is missing or empty"})
+            skip(skipped, path, record, "field 'text' is missing or empty")
             continue
         records.append({"text": text, "source": record.get("source", "domain")})
     return records, skipped
 
 
-def domain_texts(config: RunConfig, cpt_dir: Path) -> tuple[list[str], list[str]]:
-    """(the domain texts CPT holds out with its seed and fraction, all domain texts) of a CPT dataset."""
-    records, _ = load_texts(train_file(cpt_dir, "CPT"))
-    domain = [r["text"] for r in records if r["source"] == "domain"]
-    return [t for t in domain if held_out(t, config.cpt.seed, config.cpt.eval_fraction)], domain
-
-
-def held_out_blocks(config: RunConfig, cpt_dir: Path, tokenizer, block_size: int, count: int) -> list[list[int]]:
-    """CPT's held-out domain text in blocks, for perplexity after training (quantize, gate); all domain text
-    when the hold-out fills no block."""
-    held, domain = domain_texts(config, cpt_dir)
-    blocks = pack(held, tokenizer, block_size)[0] or pack(domain, tokenizer, block_size)[0]
-    if not blocks:
-        raise TrainingError(f"CPT dataset {cpt_dir}: its domain text makes no block of {block_size} tokens")
-    return blocks[:count]
-
-
-def prepare(config: RunConfig, dataset_dir: Path):
+def prepare(config: RunConfig, dataset_dir: Path, heldout_dir: Path | None):
     cfg = config.cpt
     path = train_file(dataset_dir, "CPT")
 
@@ -65,10 +35,11 @@ def prepare(config: RunConfig, dataset_dir: Path):
         records, skipped = load_texts(path)
         if not records:
             raise TrainingError(f"CPT dataset {path}: no usable text records ({len(skipped)} skipped: {skipped[:3]})")
-        evaluation = [r["text"] for r in records if r["source"] == "domain" and held_out(r["text"], cfg.seed, cfg.eval_fraction)]
-        held = set(evaluation)
-        train = [r["text"] for r in records if r["text"] not in held]
-        train_blocks, dropped = pack(train, tokenizer, cfg.block_size)
+        evaluation: list[str] = []
+        if heldout_dir is not None and (heldout_dir / HELDOUT_FILE).is_file():
+            held, held_skipped = load_texts(heldout_dir / HELDOUT_FILE)
+            evaluation, skipped = [r["text"] for r in held], skipped + held_skipped
+        train_blocks, dropped = pack([r["text"] for r in records], tokenizer, cfg.block_size)
         if not train_blocks:
             raise TrainingError(
                 f"CPT dataset {path}: {dropped} tokens make no full block of block_size {cfg.block_size}; lower cpt.block_size"
@@ -97,5 +68,6 @@ def prepare(config: RunConfig, dataset_dir: Path):
 
 def run(config: RunConfig, inputs: dict[str, ArtifactRef], tracker: StageRun) -> dict[str, ArtifactRef]:
     dataset_dir = tracker.fetch(inputs["cpt"])
-    tracker.log_dataset_input(inputs["cpt"], dataset_dir / "train.jsonl", context="cpt")
-    return train_stage("cpt", config, inputs, tracker, prepare(config, dataset_dir))
+    heldout_dir = tracker.fetch(inputs["heldout"]) if "heldout" in inputs else None
+    tracker.log_dataset_input(inputs["cpt"], dataset_dir / TRAIN_FILE, context="cpt")
+    return train_stage("cpt", config, inputs, tracker, prepare(config, dataset_dir, heldout_dir))

@@ -7,10 +7,11 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from doctune.cpt.stage import pack
+from doctune.chat import conversation, rag_user_message
 from doctune.gate.metrics import abstains, exact_match, probe_passes, rouge_l, token_f1
+from doctune.records import EvalItem, SkipRecord, eval_item, read_jsonl, skip
 from doctune.runtimes import open_runtime
-from doctune.synth.prompts import edge_order, rag_user_message
+from doctune.textblocks import perplexity_blocks
 
 
 @dataclass
@@ -19,21 +20,18 @@ class EvalSets:
 
     system_prompt: str
     abstention: str
-    golden: list[dict]  # {question, answer, context: [passage...]}
+    golden: list[dict]  # {question, answer, context: [passage...] in the order the prompt shows them}
     unanswerable: list[dict]
     probes: list[dict]
-    domain_texts: tuple[list[str], list[str]]  # (held-out, all): packed with each model's own tokenizer
+    heldout_texts: list[str]  # domain text no training stage saw: packed with each model's own tokenizer
     general_texts: list[str]
     block_size: int
     max_blocks: int
     skipped: list[dict] = field(default_factory=list)
 
     def conversations(self, items: list[dict]) -> list[list[dict]]:
-        return [
-            [{"role": "system", "content": self.system_prompt},
-             {"role": "user", "content": rag_user_message(item["question"], edge_order(item["context"]))}]
-            for item in items
-        ]  # fmt: skip
+        """The prompts as training data shows them: the passages in their recorded (already edge-ordered) order."""
+        return [conversation(rag_user_message(item["question"], item["context"]), self.system_prompt) for item in items]
 
 
 def shipped_probes() -> list[dict]:
@@ -49,21 +47,17 @@ def shipped_general_text() -> list[str]:
 def eval_items(path: Path, chunk_text: dict[str, str], limit: int, skipped: list[dict]) -> list[dict]:
     """Golden/unanswerable records with their recorded context passages; unusable records are listed, not fatal."""
     items = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
+    for record in read_jsonl(path, skipped):
         try:
-            record = json.loads(line)
-            question, answer = record["question"], record["answer"]
-            ids = record.get("meta", {}).get("context_chunk_ids") or record["chunk_ids"]
-        except (ValueError, KeyError, TypeError) as error:
-            skipped.append({"file": path.name, "line": number, "reason": f"not an eval record: {error!r}"})
+            item: EvalItem = eval_item(record)
+        except SkipRecord as exc:
+            skip(skipped, path, record, f"not an eval record: {exc}")
             continue
-        missing = [i for i in ids if i not in chunk_text]
+        missing = [i for i in item.context_ids if i not in chunk_text]
         if missing:
-            skipped.append({"file": path.name, "line": number, "reason": f"context chunks {missing} are not in the chunks"})
+            skip(skipped, path, record, f"context chunks {missing} are not in the chunks")
             continue
-        items.append({"question": question, "answer": answer, "context": [chunk_text[i] for i in ids]})
+        items.append({"question": item.question, "answer": item.answer, "context": [chunk_text[i] for i in item.context_ids]})
         if len(items) == limit:
             break
     return items
@@ -72,12 +66,11 @@ def eval_items(path: Path, chunk_text: dict[str, str], limit: int, skipped: list
 def blocks(sets: EvalSets, tokenizer) -> tuple[list[list[int]], list[list[int]]]:
     """(domain, general) perplexity blocks in a model's own token ids: models with other tokenizers stay comparable
     on the same text."""
-    held, domain = sets.domain_texts
-    domain_blocks = pack(held, tokenizer, sets.block_size)[0] or pack(domain, tokenizer, sets.block_size)[0]
-    general_blocks = pack(sets.general_texts, tokenizer, sets.block_size)[0]
+    domain_blocks = perplexity_blocks(sets.heldout_texts, tokenizer, sets.block_size, sets.max_blocks)
+    general_blocks = perplexity_blocks(sets.general_texts, tokenizer, sets.block_size, sets.max_blocks)
     if not domain_blocks or not general_blocks:
-        raise ValueError(f"the domain or general text makes no perplexity block of {sets.block_size} tokens")
-    return domain_blocks[: sets.max_blocks], general_blocks[: sets.max_blocks]
+        raise ValueError("the held-out domain text or the general text is empty: no perplexity to measure")
+    return domain_blocks, general_blocks
 
 
 def evaluate_model(

@@ -30,6 +30,7 @@ from doctune.ingest.documents import (
 )
 from doctune.ingest.pdf import FileProbe, close_cached, probe, tesseract_available
 from doctune.models import resolve_model
+from doctune.records import CHUNKS_FILE, INGEST_REPORT_FILE, PAGES_FILE
 from doctune.tracking import StageRun
 
 
@@ -121,6 +122,100 @@ def _report_row(probe_: FileProbe, doc: DocumentResult | None, ocr_note: str) ->
     return row
 
 
+def ocr_note(config: IngestConfig) -> str:
+    """What a skipped image-only document's report row adds about OCR."""
+    if config.ocr == "never":
+        return "; OCR disabled (ingest.ocr=never)"
+    return "" if tesseract_available() else "; OCR unavailable: tesseract is not installed"
+
+
+def mark_duplicates(probes: list[FileProbe]) -> None:
+    """A file with the same content as an earlier one is reported as its duplicate and not ingested twice."""
+    first_seen: dict[str, str] = {}
+    for item in probes:
+        if item.status != "ok":
+            continue
+        if item.sha256 in first_seen:
+            item.status, item.reason = "duplicate", f"same content as {first_seen[item.sha256]}"
+        else:
+            first_seen[item.sha256] = item.source
+
+
+class DocumentScheduler:
+    """Per document: extract page ranges -> clean -> tokenize segments -> chunk, over a pool of workers.
+
+    Extractions are fed `workers` at a time so a finished document's later steps start at once instead of queueing
+    behind every extraction; a large document's tokenization is split over workers too. A step that fails marks
+    its document skipped (with the reason) and costs no other document.
+    """
+
+    def __init__(self, pool, workers: int, config: IngestConfig, tokenizer_file: Path, bar):
+        self.pool, self.workers, self.config, self.tokenizer_file, self.bar = pool, workers, config, str(tokenizer_file), bar
+        self.jobs: deque = deque()
+        self.remaining: Counter = Counter()  # steps outstanding per document
+        self.raw: dict[str, list] = {}  # extracted pages so far
+        self.cleaned: dict[str, DocumentResult] = {}
+        self.offsets: dict[str, dict[int, list]] = {}  # token offsets per segment start
+        self.running: dict[Future, tuple[str, FileProbe, int]] = {}
+        self.docs: dict[str, DocumentResult] = {}  # finished documents
+
+    def run(self, usable: list[FileProbe]) -> dict[str, DocumentResult]:
+        self.jobs.extend((item, first, last) for item in usable for first, last in page_tasks(item))
+        self.remaining.update(item.sha256 for item, _, _ in self.jobs)
+        self.raw = {p.sha256: [] for p in usable}
+        self.feed()
+        while self.running:
+            done, _ = wait(self.running, return_when=FIRST_COMPLETED)
+            for future in done:
+                kind, item, position = self.running.pop(future)
+                if item.status != "ok":
+                    continue  # an earlier step of this document failed
+                try:
+                    value = future.result()
+                except Exception as exc:  # one document's failure must not cost the others
+                    item.status, item.reason = "skipped", f"{kind} step failed: {type(exc).__name__}: {exc}"
+                    for state in (self.raw, self.cleaned, self.offsets):
+                        state.pop(item.sha256, None)
+                    continue
+                {"extract": self.extracted, "clean": self.clean_done, "tokenize": self.tokenized}[kind](item, position, value)
+            self.feed()
+        return self.docs
+
+    def feed(self) -> None:
+        while self.jobs and sum(kind == "extract" for kind, _, _ in self.running.values()) < self.workers:
+            item, first, last = self.jobs.popleft()
+            self.running[self.pool.submit(extract_task, item, first, last, self.config)] = ("extract", item, first)
+
+    def extracted(self, item: FileProbe, _: int, pages: list) -> None:
+        key = item.sha256
+        self.raw[key].extend(pages)
+        self.bar.update(len(pages))
+        self.remaining[key] -= 1
+        if self.remaining[key] == 0:
+            self.running[self.pool.submit(clean_document, item, self.raw.pop(key), self.config)] = ("clean", item, 0)
+
+    def clean_done(self, item: FileProbe, _: int, doc: DocumentResult) -> None:
+        key = item.sha256
+        self.cleaned[key] = doc
+        pieces = segments(doc)
+        self.offsets[key] = {}
+        self.remaining[key] = len(pieces)
+        for start, end in pieces:
+            task = self.pool.submit(tokenize_segment, self.tokenizer_file, doc.text[start:end], start)
+            self.running[task] = ("tokenize", item, start)
+        if not pieces:
+            self.docs[key] = chunk_clean_document(self.cleaned.pop(key), [], self.config)
+
+    def tokenized(self, item: FileProbe, start: int, offsets: list) -> None:
+        key = item.sha256
+        self.offsets[key][start] = offsets
+        self.remaining[key] -= 1
+        if self.remaining[key] == 0:
+            by_start = self.offsets.pop(key)
+            merged = [pair for position in sorted(by_start) for pair in by_start[position]]
+            self.docs[key] = chunk_clean_document(self.cleaned.pop(key), merged, self.config)
+
+
 def ingest_folder(folder: Path, config: IngestConfig, tokenizer_file: Path, progress: bool = True) -> IngestResult:
     """Ingest and chunk every PDF under a folder. Bad files are reported, never fatal here."""
     started = time.perf_counter()
@@ -134,88 +229,21 @@ def ingest_folder(folder: Path, config: IngestConfig, tokenizer_file: Path, prog
         if workers == 1
         else ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=close_cached)
     )
-    ocr_note = ""
-    if config.ocr != "never" and not tesseract_available():
-        ocr_note = "; OCR unavailable: tesseract is not installed"
-    elif config.ocr == "never":
-        ocr_note = "; OCR disabled (ingest.ocr=never)"
     try:
         probes = [f.result() for f in [pool.submit(probe, path, path.relative_to(root).as_posix()) for path in files]]
-        first_seen: dict[str, str] = {}
-        for item in probes:
-            if item.status != "ok":
-                continue
-            if item.sha256 in first_seen:
-                item.status, item.reason = "duplicate", f"same content as {first_seen[item.sha256]}"
-            else:
-                first_seen[item.sha256] = item.source
+        mark_duplicates(probes)
         usable = sorted((p for p in probes if p.status == "ok"), key=lambda p: -p.page_count)
-        # Per document: extract page ranges -> clean -> tokenize segments -> chunk. Extractions are fed
-        # `workers` at a time so a finished document's later steps start at once instead of queueing
-        # behind every extraction; a large document's tokenization is split over workers too.
-        jobs = deque((item, first, last) for item in usable for first, last in page_tasks(item))
-        remaining = Counter(item.sha256 for item, _, _ in jobs)
-        raw: dict[str, list] = {p.sha256: [] for p in usable}
-        cleaned: dict[str, DocumentResult] = {}
-        offsets: dict[str, dict[int, list]] = {}
-        running: dict[Future, tuple[str, FileProbe, int]] = {}
-        docs: dict[str, DocumentResult] = {}
-        bar = tqdm(total=sum(p.page_count for p in usable), unit="page", desc="ingest", disable=not progress, file=sys.stderr)
-
-        def feed() -> None:
-            while jobs and sum(kind == "extract" for kind, _, _ in running.values()) < workers:
-                item, first, last = jobs.popleft()
-                running[pool.submit(extract_task, item, first, last, config)] = ("extract", item, first)
-
-        feed()
-        while running:
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in done:
-                kind, item, position = running.pop(future)
-                key = item.sha256
-                if item.status != "ok":
-                    continue  # an earlier step of this document failed
-                try:
-                    value = future.result()
-                except Exception as exc:  # one document's failure must not cost the others
-                    item.status, item.reason = "skipped", f"{kind} step failed: {type(exc).__name__}: {exc}"
-                    for state in (raw, cleaned, offsets):
-                        state.pop(key, None)
-                    continue
-                if kind == "extract":
-                    pages = value
-                    raw[key].extend(pages)
-                    bar.update(len(pages))
-                    remaining[key] -= 1
-                    if remaining[key] == 0:
-                        running[pool.submit(clean_document, item, raw.pop(key), config)] = ("clean", item, 0)
-                elif kind == "clean":
-                    doc = cleaned[key] = value
-                    pieces = segments(doc)
-                    offsets[key] = {}
-                    remaining[key] = len(pieces)
-                    for start, end in pieces:
-                        task = pool.submit(tokenize_segment, str(tokenizer_file), doc.text[start:end], start)
-                        running[task] = ("tokenize", item, start)
-                    if not pieces:
-                        docs[key] = chunk_clean_document(cleaned.pop(key), [], config)
-                else:
-                    offsets[key][position] = value
-                    remaining[key] -= 1
-                    if remaining[key] == 0:
-                        pieces_by_start = offsets.pop(key)
-                        merged = [pair for start in sorted(pieces_by_start) for pair in pieces_by_start[start]]
-                        docs[key] = chunk_clean_document(cleaned.pop(key), merged, config)
-            feed()
-        bar.close()
+        total = sum(p.page_count for p in usable)
+        with tqdm(total=total, unit="page", desc="ingest", disable=not progress, file=sys.stderr) as bar:
+            docs = DocumentScheduler(pool, workers, config, tokenizer_file, bar).run(usable)
     finally:
         pool.shutdown(wait=True)
         close_cached()
 
-    result = IngestResult()
+    result, note = IngestResult(), ocr_note(config)
     for item in probes:  # report and outputs in input order, whatever order workers finished
         doc = docs.get(item.sha256) if item.status == "ok" else None
-        result.files.append(_report_row(item, doc, ocr_note))
+        result.files.append(_report_row(item, doc, note))
         if doc is not None:
             result.pages.extend(doc.pages)
             result.chunks.extend(doc.chunks)
@@ -290,7 +318,7 @@ def run(config: RunConfig, inputs: dict[str, ArtifactRef], tracker: StageRun) ->
         out = Path(tmp)
         report = out / "report"
         report.mkdir()
-        (report / "ingest_report.json").write_text(json.dumps({"summary": summary, "files": result.files}, indent=1))
+        (report / INGEST_REPORT_FILE).write_text(json.dumps({"summary": summary, "files": result.files}, indent=1))
         (report / "ingest_report.md").write_text(report_markdown(result))
         outputs["report"] = tracker.log_output("report", report, kind="ingest_report")
         if summary["documents"] == 0:
@@ -308,9 +336,9 @@ def run(config: RunConfig, inputs: dict[str, ArtifactRef], tracker: StageRun) ->
             outputs["sources"] = tracker.log_output("sources", sources, kind="pdf_corpus")
 
         (out / "pages").mkdir()
-        _write_parquet(result.pages, PAGE_FEATURES, out / "pages" / "pages.parquet")
+        _write_parquet(result.pages, PAGE_FEATURES, out / "pages" / PAGES_FILE)
         outputs["pages"] = tracker.log_output("pages", out / "pages", kind="pages")
         (out / "chunks").mkdir()
-        _write_parquet(result.chunks, CHUNK_FEATURES, out / "chunks" / "chunks.parquet")
+        _write_parquet(result.chunks, CHUNK_FEATURES, out / "chunks" / CHUNKS_FILE)
         outputs["chunks"] = tracker.log_output("chunks", out / "chunks", kind="chunks")
     return outputs

@@ -13,7 +13,10 @@ import tempfile
 from pathlib import Path
 
 from doctune.artifacts import ArtifactRef
+from doctune.chat import conversation, render_ids
 from doctune.config import RunConfig
+from doctune.devices import precision, torch_dtype
+from doctune.records import SYSTEM_PROMPT_FILE, read_text_file
 from doctune.tracking import StageRun
 from doctune.train.artifacts import (
     MODEL_KIND,
@@ -27,7 +30,6 @@ from doctune.train.artifacts import (
     write_meta,
 )
 
-SYSTEM_PROMPT_FILE = "system_prompt.txt"
 CARD_FILE = "README.md"
 DEFAULT_TOLERANCE = {"fp32": 1e-3, "bf16": 0.5}
 # What a merged folder keeps of its input: weights are rewritten; training leftovers stay behind.
@@ -38,27 +40,9 @@ class MergeError(RuntimeError):
     """The merged model does not behave like the adapter model it came from."""
 
 
-def merge_precision(requested: str) -> str:
-    import torch
-
-    if requested == "auto":
-        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
-    return requested
-
-
 def probe_ids(tokenizer, system_prompt: str | None, prompts: list[str]) -> list[list[int]]:
     """Token ids of each verify prompt as serving renders it: system prompt, user turn, generation prompt."""
-    probes = []
-    for prompt in prompts:
-        messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
-            {"role": "user", "content": prompt}
-        ]
-        probes.append(
-            list(
-                tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
-            )
-        )
-    return probes
+    return [render_ids(tokenizer, conversation(prompt, system_prompt), generation_prompt=True) for prompt in prompts]
 
 
 def stage_metrics(tracker: StageRun, chain: list[dict]) -> dict[str, dict[str, float]]:
@@ -111,12 +95,11 @@ def model_card(base_spec: str, chain: list[dict], metrics: dict[str, dict[str, f
 
 def merge_model(config: RunConfig, model_input: ArtifactRef, fetch, target: Path) -> dict:
     """Write the standalone model for `model_input` into `target`; returns the merge check."""
-    import torch
     from transformers import AutoTokenizer
 
     folder = fetch(model_input)
     meta = read_meta(folder)
-    prec = merge_precision(config.merge.precision)
+    prec = precision(config.merge.precision, "merge")
     if meta["format"] == "full":  # a full fine-tune: nothing to fold in
         source = materialize(model_input, config, fetch)
         for path in source.iterdir():
@@ -125,10 +108,10 @@ def merge_model(config: RunConfig, model_input: ArtifactRef, fetch, target: Path
         return {"precision": "as trained", "adapter": False}
     base_folder = base_folder_of(meta, config, fetch)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    system = (folder / SYSTEM_PROMPT_FILE).read_text() if (folder / SYSTEM_PROMPT_FILE).is_file() else None
+    system = read_text_file(folder, SYSTEM_PROMPT_FILE)
     check = merge_adapter(
         base_folder, folder, target,
-        dtype=torch.bfloat16 if prec == "bf16" else torch.float32,
+        dtype=torch_dtype(prec),
         rope_scaling=meta.get("rope_scaling"),
         probes=probe_ids(tokenizer, system, config.merge.verify_prompts),
     )  # fmt: skip

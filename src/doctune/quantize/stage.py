@@ -14,16 +14,17 @@ import tempfile
 from pathlib import Path
 
 from doctune.artifacts import ArtifactRef
+from doctune.chat import conversation
 from doctune.config import RunConfig
-from doctune.cpt.stage import held_out_blocks
-from doctune.merge.stage import SYSTEM_PROMPT_FILE
 from doctune.models import BUNDLED_PREFIX, bundled_gguf
 from doctune.quantize.gguf_export import GgufExportError, pre_tokenizer_of_gguf, write_gguf
+from doctune.records import HELDOUT_FILE, QUANTIZE_REPORT_FILE, SYSTEM_PROMPT_FILE, read_jsonl, read_text_file
 from doctune.runtimes import open_runtime
+from doctune.textblocks import perplexity_blocks
 from doctune.tracking import StageRun
 from doctune.train.artifacts import read_meta
 
-REPORT_FILE = "quantize_report.json"
+REPORT_FILE = QUANTIZE_REPORT_FILE
 GGUF_KIND = "gguf_model"
 NF4_KIND = "nf4_model"
 BASELINE = "merged"
@@ -33,11 +34,16 @@ class QuantizeError(RuntimeError):
     """No variant could be produced, or there is no text to measure them on."""
 
 
-def chat_messages(model_dir: Path, prompt: str) -> list[dict]:
-    system = model_dir / SYSTEM_PROMPT_FILE
-    return ([{"role": "system", "content": system.read_text()}] if system.is_file() else []) + [
-        {"role": "user", "content": prompt}
-    ]
+def heldout_blocks(heldout_dir: Path, tokenizer, block_size: int, count: int) -> list[list[int]]:
+    """Blocks of the held-out domain text synth wrote (no training stage saw it)."""
+    texts = [r["text"] for r in read_jsonl(heldout_dir / HELDOUT_FILE, []) if isinstance(r.get("text"), str)]
+    blocks = perplexity_blocks(texts, tokenizer, block_size, count)
+    if not blocks:
+        raise QuantizeError(
+            f"the held-out domain text ({heldout_dir / HELDOUT_FILE}) is empty: synth holds out text only when the corpus "
+            "gives two or more domain texts and synth.heldout_fraction > 0"
+        )
+    return blocks
 
 
 def folder_size(path: Path) -> int:
@@ -99,7 +105,7 @@ def produce(variant: str, merged: Path, target: Path, base_spec: str) -> dict:
 
 def quantize_variants(config: RunConfig, merged: Path, base_spec: str, blocks: list[list[int]], root: Path) -> dict:
     """Produce and measure every configured variant into root/<variant>; returns the report (failures included)."""
-    messages = chat_messages(merged, config.quantize.prompt)
+    messages = conversation(config.quantize.prompt, read_text_file(merged, SYSTEM_PROMPT_FILE))
     weights = sum(folder_size(p) for p in merged.glob("*.safetensors"))
     baseline = {"size_bytes": weights, **measure(merged, config, blocks, messages)}
     report = {"eval_blocks": len(blocks), "block_size": len(blocks[0]), "prompt": messages, BASELINE: baseline}
@@ -127,9 +133,7 @@ def run(config: RunConfig, inputs: dict[str, ArtifactRef], tracker: StageRun) ->
     merged = tracker.fetch(inputs["model"])
     base_spec = read_meta(merged).get("base_model", config.model.base_model)
     q = config.quantize
-    blocks = held_out_blocks(
-        config, tracker.fetch(inputs["cpt"]), AutoTokenizer.from_pretrained(merged), q.block_size, q.eval_blocks
-    )
+    blocks = heldout_blocks(tracker.fetch(inputs["heldout"]), AutoTokenizer.from_pretrained(merged), q.block_size, q.eval_blocks)
     with tempfile.TemporaryDirectory(prefix="doctune-quantize-") as tmp:
         report = quantize_variants(config, merged, base_spec, blocks, Path(tmp))
         tracker.log_metrics(report_metrics(report))

@@ -11,45 +11,21 @@ from __future__ import annotations
 from pathlib import Path
 
 from doctune.artifacts import ArtifactRef
+from doctune.chat import InvalidMessages, render_ids, with_user_cut
 from doctune.config import RunConfig
+from doctune.records import (
+    ABSTENTION_FILE,
+    SYSTEM_PROMPT_FILE,
+    TRAIN_FILE,
+    VALIDATION_FILE,
+    SkipRecord,
+    read_jsonl,
+    read_text_file,
+    sft_messages,
+)
 from doctune.tracking import StageRun
 from doctune.train.core import TrainingError
-from doctune.train.stage import read_jsonl, save_split, train_file, train_stage
-
-ROLES = ("system", "user", "assistant")
-CUT_MARK = "\n…\n"
-
-
-class SkipRecord(ValueError):
-    """One record that cannot become a training example; the reason goes to the data report."""
-
-
-def render_ids(tokenizer, messages: list[dict], generation_prompt: bool = False) -> list[int]:
-    encoded = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt, return_dict=True)
-    return list(encoded["input_ids"])
-
-
-def check_messages(record: dict) -> list[dict]:
-    messages = record.get("messages")
-    if not isinstance(messages, list) or len(messages) < 2:
-        raise SkipRecord("field 'messages' must be a list of at least two messages")
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or message.get("role") not in ROLES or not isinstance(message.get("content"), str):
-            raise SkipRecord(f"messages[{i}] needs a role in {ROLES} and a string content")
-    if messages[-1]["role"] != "assistant" or not messages[-1]["content"].strip():
-        raise SkipRecord("the last message must be a non-empty assistant reply")
-    if messages[-2]["role"] != "user":
-        raise SkipRecord("the reply must follow a user message")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
-
-
-def cut_middle(tokenizer, text: str, remove: int) -> str:
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    keep = len(ids) - remove
-    if keep < 16:
-        raise SkipRecord(f"longer than max_length even with the user turn cut to 16 tokens ({len(ids)} tokens there)")
-    head = keep // 2
-    return tokenizer.decode(ids[:head]) + CUT_MARK + tokenizer.decode(ids[len(ids) - (keep - head) :])
+from doctune.train.stage import save_split, train_file, train_stage
 
 
 def tokenize_example(tokenizer, messages: list[dict], max_length: int) -> tuple[list[int], list[int], bool]:
@@ -66,12 +42,10 @@ def tokenize_example(tokenizer, messages: list[dict], max_length: int) -> tuple[
         if len(full) <= max_length:
             labels = [-100] * len(prompt) + full[len(prompt) :]
             return full, labels, truncated
-        overflow = len(full) - max_length
-        messages = [
-            *messages[:-2],
-            {"role": "user", "content": cut_middle(tokenizer, messages[-2]["content"], overflow + 4)},
-            messages[-1],
-        ]
+        try:
+            messages = with_user_cut(tokenizer, messages, len(full) - max_length + 4)
+        except InvalidMessages as exc:
+            raise SkipRecord(str(exc)) from None
         truncated = True
     raise SkipRecord("could not be cut to max_length")
 
@@ -88,7 +62,7 @@ def tokenize_file(tokenizer, path: Path, max_length: int, skipped: list[dict]) -
     input_ids, labels, truncated = [], [], 0
     for record in read_jsonl(path, skipped):
         try:
-            ids, labs, cut = tokenize_example(tokenizer, check_messages(record), max_length)
+            ids, labs, cut = tokenize_example(tokenizer, sft_messages(record), max_length)
         except SkipRecord as exc:
             skipped.append({"file": path.name, "line": record["_line"], "reason": str(exc)})
             continue
@@ -115,7 +89,7 @@ def prepare(config: RunConfig, dataset_dir: Path):
             raise TrainingError(f"SFT dataset {train_path}: no usable example ({len(skipped)} skipped: {reasons[:3]})")
         save_split(data_dir, "train", ids, labels)
         summary = {"train_examples": len(ids), "train_truncated": truncated}
-        validation = dataset_dir / "validation.jsonl"
+        validation = dataset_dir / VALIDATION_FILE
         if validation.is_file():
             v_ids, v_labels, v_truncated = tokenize_file(tokenizer, validation, cfg.max_length, skipped)
             v_ids, v_labels = v_ids[: cfg.max_eval_examples], v_labels[: cfg.max_eval_examples]
@@ -138,10 +112,7 @@ def prepare(config: RunConfig, dataset_dir: Path):
 
 def run(config: RunConfig, inputs: dict[str, ArtifactRef], tracker: StageRun) -> dict[str, ArtifactRef]:
     dataset_dir = tracker.fetch(inputs["sft"])
-    tracker.log_dataset_input(inputs["sft"], dataset_dir / "train.jsonl", context="sft")
-    extra = {
-        name: (dataset_dir / name).read_text()
-        for name in ("system_prompt.txt", "abstention.txt")
-        if (dataset_dir / name).is_file()
-    }
+    tracker.log_dataset_input(inputs["sft"], dataset_dir / TRAIN_FILE, context="sft")
+    texts = {name: read_text_file(dataset_dir, name) for name in (SYSTEM_PROMPT_FILE, ABSTENTION_FILE)}
+    extra = {name: text for name, text in texts.items() if text is not None}
     return train_stage("sft", config, inputs, tracker, prepare(config, dataset_dir), extra_files=extra)

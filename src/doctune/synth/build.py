@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from doctune.chat import ABSTENTION, SYSTEM_PROMPT, conversation, edge_order, rag_user_message
 from doctune.config import SynthConfig
 from doctune.retrieval import ChunkIndex
 from doctune.synth.extractive import QA, fold
 from doctune.synth.filters import words
-from doctune.synth.prompts import ABSTENTION, SYSTEM_PROMPT, edge_order, rag_user_message
+from doctune.synth.replay import ReplayText
 
 
 class ContaminationError(RuntimeError):
@@ -62,6 +63,7 @@ class Datasets:
     sft: dict[str, list[dict]] = field(default_factory=lambda: {"train": [], "validation": []})
     dpo: dict[str, list[dict]] = field(default_factory=lambda: {"train": [], "validation": []})
     cpt: list[dict] = field(default_factory=list)
+    heldout: list[dict] = field(default_factory=list)  # domain text no training stage sees: perplexity after training
     golden: list[dict] = field(default_factory=list)
     unanswerable: list[dict] = field(default_factory=list)
     counts: Counter = field(default_factory=Counter)
@@ -112,11 +114,7 @@ class Builder:
 
     @staticmethod
     def chat(user: str, assistant: str, meta: dict) -> dict:
-        messages = [
-            {"role": "system", "content": SYSTEM_PROMPT},
-            {"role": "user", "content": user},
-            {"role": "assistant", "content": assistant},
-        ]
+        messages = [*conversation(user, SYSTEM_PROMPT), {"role": "assistant", "content": assistant}]
         return {"messages": messages, "meta": meta}
 
     def sft_records(self, items: list[QA], vectors: np.ndarray) -> tuple[list[dict], list[dict]]:
@@ -260,7 +258,7 @@ def build(
     qas: list[QA],
     index: ChunkIndex,
     top_k: int,
-    replay: list[str],
+    replay: list[ReplayText],
     judge: Callable[[str, str, str], str | None] | None = None,
 ) -> Datasets:
     builder = Builder(config, chunks, index, top_k)
@@ -283,15 +281,19 @@ def build(
             pairs = judged(pairs, judge, counts)
         out.dpo[name] = pairs
     counts["sft_abstention"] = sum(r["meta"]["form"] == "abstention" for split in out.sft.values() for r in split)
-    if config.replay.dataset is None:  # rehearsal texts are "prompt\n\nreply": chats; a text dataset is not
-        chats = rehearsal_records(replay, config.replay.sft_share, len(out.sft["train"]), counts)
+    chats = rehearsal_records(replay, config.replay.sft_share, len(out.sft["train"]), counts)
+    if chats:
         out.sft["train"] = sorted(
             out.sft["train"] + chats, key=lambda r: unit_fraction(config.seed, "order|" + r["meta"]["question"])
         )
 
-    # CPT text: every chunk outside the eval split, in document order, plus replay.
+    # CPT text: every chunk outside the eval split, in document order, plus replay; a share of it is held out.
     domain = [{"text": c["text"], "source": "domain"} for c in chunks if builder.split[c["chunk_id"]] != "eval"]
-    out.cpt = domain + replay_records(replay, sum(len(r["text"]) for r in domain), config.replay.share, counts)
+    out.heldout = held_out(domain, config.seed, config.heldout_fraction)
+    held = {id(r) for r in out.heldout}
+    trained = [r for r in domain if id(r) not in held]
+    out.cpt = trained + replay_records(replay, sum(len(r["text"]) for r in trained), config.replay.share, counts)
+    counts["cpt_heldout_texts"] = len(out.heldout)
 
     golden, unanswerable = builder.eval_items(pools["eval"], vectors["eval"])
     # Held-out content that recurs in training (repeated pages, boilerplate, the same fact in two chunks)
@@ -334,35 +336,45 @@ def build(
     return out
 
 
-def replay_records(texts: list[str], domain_chars: int, share: float, counts: Counter) -> list[dict]:
+def held_out(domain: list[dict], seed: int, fraction: float) -> list[dict]:
+    """A stable `fraction` of the domain texts, chosen by hash; at least one when there are two or more (a small
+    corpus is still measured), never all of them."""
+    if fraction <= 0 or len(domain) < 2:
+        return []
+    ranked = sorted(range(len(domain)), key=lambda i: unit_fraction(seed, "heldout|" + domain[i]["text"]))
+    chosen = [i for i in ranked if unit_fraction(seed, "heldout|" + domain[i]["text"]) < fraction] or ranked[:1]
+    return [domain[i] for i in sorted(chosen[: len(domain) - 1])]
+
+
+def replay_records(texts: list[ReplayText], domain_chars: int, share: float, counts: Counter) -> list[dict]:
     """Replay text reaching `share` of CPT characters; repeated whole when there is less (counted)."""
     if share <= 0 or not texts:
         return []
     wanted = share / (1 - share) * domain_chars
-    have = sum(len(t) for t in texts)
+    have = sum(len(t.text) for t in texts)
     repeats = max(1, int(np.ceil(wanted / have)))
     records, total = [], 0
     for _ in range(repeats):
         for text in texts:
             if total >= wanted:
                 break
-            records.append({"text": text, "source": "replay"})
-            total += len(text)
+            records.append({"text": text.text, "source": "replay"})
+            total += len(text.text)
     counts["replay_texts"] = len(texts)
     counts["replay_repeats"] = repeats
     return records
 
 
-def rehearsal_records(texts: list[str], share: float, domain_examples: int, counts: Counter) -> list[dict]:
+def rehearsal_records(texts: list[ReplayText], share: float, domain_examples: int, counts: Counter) -> list[dict]:
     """The base model's own replies to general prompts as SFT chats, `share` of the training examples. Asked
-    without the documentation system prompt, as general use (and the capability probes) ask."""
+    without the documentation system prompt, as general use (and the capability probes) ask. Texts of a user's
+    replay dataset are not chats and are left out."""
     wanted = min(len(texts), round(share / (1 - share) * domain_examples)) if share > 0 else 0
     records = []
     for text in texts[:wanted]:
-        prompt, _, reply = text.partition("\n\n")
-        if reply.strip():
-            messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply.strip()}]
-            records.append({"messages": messages, "meta": {"form": "rehearsal", "question": prompt}})
+        if text.prompt and text.reply.strip():
+            messages = [{"role": "user", "content": text.prompt}, {"role": "assistant", "content": text.reply.strip()}]
+            records.append({"messages": messages, "meta": {"form": "rehearsal", "question": text.prompt}})
     counts["sft_rehearsal"] = len(records)
     return records
 

@@ -1,30 +1,7 @@
-"""The fixed texts a tuned model is trained, evaluated and served with. Change them and every dataset changes."""
+"""What the synth stage asks LLM teachers and judges, and the JSON schemas their replies must follow. (The texts a
+tuned model is trained and served with are in doctune.chat.)"""
 
 from __future__ import annotations
-
-# Stored with the SFT dataset artifact and reused verbatim by eval and serving.
-SYSTEM_PROMPT = (
-    "You are a documentation assistant. Answer the question using only the documentation you were given. "
-    "If the context does not contain the answer, say so instead of guessing."
-)
-ABSTENTION = "I cannot answer that from the provided documentation."
-
-
-def rag_user_message(question: str, passages: list[str]) -> str:
-    """A user turn that carries retrieved context, numbered in the order given."""
-    context = "\n\n".join(f"[{i}] {text}" for i, text in enumerate(passages, start=1))
-    return f"Context:\n{context}\n\nQuestion: {question}"
-
-
-def edge_order(ranked: list[str]) -> list[str]:
-    """Most relevant first and last, least relevant in the middle (against lost-in-the-middle).
-
-    Ranks 1, 2, 3, 4, 5 are placed as 1, 3, 5, 4, 2.
-    """
-    front = ranked[0::2]
-    back = ranked[1::2]
-    return front + back[::-1]
-
 
 TEACHER_SYSTEM = "You write exam questions about technical documentation. You reply with JSON only."
 

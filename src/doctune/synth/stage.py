@@ -11,13 +11,27 @@ from pathlib import Path
 import numpy as np
 
 from doctune.artifacts import ArtifactRef
+from doctune.cache import Cache
+from doctune.chat import ABSTENTION, SYSTEM_PROMPT
+from doctune.code_digest import code_digest
 from doctune.config import RunConfig
+from doctune.records import (
+    ABSTENTION_FILE,
+    CHUNKS_FILE,
+    GOLDEN_FILE,
+    HELDOUT_FILE,
+    PAGES_FILE,
+    SYNTH_REPORT_FILE,
+    SYSTEM_PROMPT_FILE,
+    TRAIN_FILE,
+    UNANSWERABLE_FILE,
+    read_parquet,
+    write_jsonl,
+)
 from doctune.retrieval import ChunkIndex
-from doctune.stages import code_digest
 from doctune.synth import filters
 from doctune.synth.build import Datasets, build
 from doctune.synth.extractive import QA
-from doctune.synth.prompts import ABSTENTION, SYSTEM_PROMPT
 from doctune.synth.replay import replay_texts
 from doctune.synth.teachers import EndpointTeacher, generate, make_teacher
 from doctune.tracking import StageRun
@@ -25,19 +39,6 @@ from doctune.tracking import StageRun
 
 class SynthError(RuntimeError):
     """Nothing to generate from, or nothing left after filtering."""
-
-
-def read_parquet(path: Path) -> list[dict]:
-    import pyarrow.parquet as pq
-
-    return pq.read_table(path).to_pylist()
-
-
-def write_jsonl(path: Path, records: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        for record in records:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
 def apply_filters(qas: list[QA], config: RunConfig, lang_of: dict[str, str], index: ChunkIndex) -> tuple[list[QA], dict]:
@@ -83,6 +84,7 @@ def report(data: Datasets, filter_counts: dict, teacher_counts: Counter, teacher
         "datasets": {
             "cpt": len(data.cpt),
             "cpt_replay": sum(r["source"] == "replay" for r in data.cpt),
+            "heldout": len(data.heldout),
             "sft_train": len(data.sft["train"]),
             "sft_validation": len(data.sft["validation"]),
             "dpo_train": len(data.dpo["train"]),
@@ -143,23 +145,26 @@ def run(config: RunConfig, inputs: dict[str, ArtifactRef], tracker: StageRun) ->
     cfg = config.synth
     cache = config.project.workdir / "cache"
     chunks_dir = tracker.fetch(inputs["chunks"])
-    chunks = read_parquet(chunks_dir / "chunks.parquet")
+    chunks = read_parquet(chunks_dir / CHUNKS_FILE)
     if not chunks:
         raise SynthError(
             f"no chunks in {inputs['chunks'].artifact_path} of run {inputs['chunks'].run_id}: nothing to generate from"
         )
-    pages = read_parquet(tracker.fetch(inputs["pages"]) / "pages.parquet")
+    pages = read_parquet(tracker.fetch(inputs["pages"]) / PAGES_FILE)
     doc_lang = {p["doc_id"]: p["lang"] for p in pages}
     lang_of = {c["chunk_id"]: doc_lang.get(c["doc_id"], "und") for c in chunks}
-    tracker.log_dataset_input(inputs["chunks"], chunks_dir / "chunks.parquet", context="synth")
+    tracker.log_dataset_input(inputs["chunks"], chunks_dir / CHUNKS_FILE, context="synth")
 
     teacher = make_teacher(cfg, cache)
     settings = cfg.model_dump(mode="json", include={"teacher", "endpoint", "local", "min_questions", "max_questions"})
     settings["endpoint"].pop("api_key_env", None)
     # Resume only what the same chunks, settings and code started: a code fix must not reuse stale output.
-    key = hashlib.sha256(json.dumps([inputs["chunks"].digest, settings, code_digest()], sort_keys=True).encode()).hexdigest()[:24]
+    key = hashlib.sha256(
+        json.dumps([inputs["chunks"].digest, settings, code_digest(__name__)], sort_keys=True).encode()
+    ).hexdigest()[:24]
     concurrency = cfg.endpoint.max_concurrency if cfg.teacher == "endpoint" else 1
-    qas, exchanges, teacher_counts = generate(teacher, chunks, cache / "synth" / key / "generated.jsonl", concurrency)
+    checkpoint = Cache(cache).entry("synth", key) / "generated.jsonl"
+    qas, exchanges, teacher_counts = generate(teacher, chunks, checkpoint, concurrency)
 
     index = ChunkIndex([c["text"] for c in chunks], config.retrieval.embedding_model, cache)
     kept, filter_counts = apply_filters(qas, config, lang_of, index)
@@ -187,22 +192,23 @@ def run(config: RunConfig, inputs: dict[str, ArtifactRef], tracker: StageRun) ->
         for split in ("train", "validation"):
             write_jsonl(out / "sft" / f"{split}.jsonl", data.sft[split])
             write_jsonl(out / "dpo" / f"{split}.jsonl", data.dpo[split])
-        for name in ("sft", "dpo"):
-            (out / name / "system_prompt.txt").write_text(SYSTEM_PROMPT)
-            (out / name / "abstention.txt").write_text(ABSTENTION)
-        write_jsonl(out / "cpt" / "train.jsonl", data.cpt)
-        write_jsonl(out / "golden" / "golden.jsonl", data.golden)
-        write_jsonl(out / "unanswerable" / "unanswerable.jsonl", data.unanswerable)
-        (out / "golden" / "system_prompt.txt").write_text(SYSTEM_PROMPT)
-        (out / "unanswerable" / "system_prompt.txt").write_text(SYSTEM_PROMPT)
+        write_jsonl(out / "cpt" / TRAIN_FILE, data.cpt)
+        write_jsonl(out / "heldout" / HELDOUT_FILE, data.heldout)  # may be empty: a one-text corpus
+        write_jsonl(out / "golden" / GOLDEN_FILE, data.golden)
+        write_jsonl(out / "unanswerable" / UNANSWERABLE_FILE, data.unanswerable)
+        for name in ("sft", "dpo", "golden", "unanswerable"):
+            (out / name / SYSTEM_PROMPT_FILE).write_text(SYSTEM_PROMPT)
+            (out / name / ABSTENTION_FILE).write_text(ABSTENTION)
         write_jsonl(out / "raw" / "qa.jsonl", [q.to_dict() for q in qas])
         if exchanges:
             write_jsonl(out / "raw" / "exchanges.jsonl", exchanges)
         (out / "report").mkdir()
-        (out / "report" / "synth_report.json").write_text(json.dumps(rep, indent=1, ensure_ascii=False))
+        (out / "report" / SYNTH_REPORT_FILE).write_text(json.dumps(rep, indent=1, ensure_ascii=False))
         (out / "report" / "synth_report.md").write_text(report_markdown(rep))
-        kinds = {"cpt": "cpt_dataset", "sft": "sft_dataset", "dpo": "dpo_dataset", "golden": "eval_dataset",
-                 "unanswerable": "eval_dataset", "raw": "synth_raw", "report": "synth_report"}  # fmt: skip
+        kinds = {
+            "cpt": "cpt_dataset", "heldout": "heldout_text", "sft": "sft_dataset", "dpo": "dpo_dataset",
+            "golden": "eval_dataset", "unanswerable": "eval_dataset", "raw": "synth_raw", "report": "synth_report",
+        }  # fmt: skip
         for name, kind in kinds.items():
             outputs[name] = tracker.log_output(name, out / name, kind=kind)
     return outputs

@@ -20,7 +20,10 @@ from typing import Protocol
 
 import requests
 
+from doctune.chat import conversation
 from doctune.config import EndpointConfig, SynthConfig
+from doctune.generation import chat_replies
+from doctune.records import read_jsonl
 from doctune.synth.extractive import QA, extractive_questions, fold
 from doctune.synth.prompts import JUDGE_SCHEMA, JUDGE_SYSTEM, QA_SCHEMA, TEACHER_SYSTEM, judge_prompt, teacher_prompt
 
@@ -176,13 +179,10 @@ class LocalTeacher:
         self.model.eval()
 
     def _generate(self, user: str) -> str:
-        import torch
-
-        messages = [{"role": "system", "content": TEACHER_SYSTEM}, {"role": "user", "content": user}]
-        inputs = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-        with torch.no_grad():
-            output = self.model.generate(**inputs, max_new_tokens=self.config.local.max_new_tokens, do_sample=False)
-        return self.tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        (reply,) = chat_replies(
+            self.model, self.tokenizer, [conversation(user, TEACHER_SYSTEM)], self.config.local.max_new_tokens
+        )
+        return reply.text
 
     def questions(self, chunk: dict) -> tuple[list[QA], dict]:
         prompt = teacher_prompt(chunk["text"], chunk.get("section", ""), self.config.min_questions, self.config.max_questions)
@@ -216,13 +216,8 @@ def generate(
     """
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
     done: dict[str, dict] = {}
-    if checkpoint.is_file():
-        for line in checkpoint.read_text().splitlines():
-            try:
-                record = json.loads(line)
-                done[record["chunk_id"]] = record
-            except (json.JSONDecodeError, KeyError):
-                continue  # a line cut short by a crash: that chunk is simply redone
+    if checkpoint.is_file():  # a line cut short by a crash is skipped: that chunk is simply redone
+        done = {r["chunk_id"]: r for r in read_jsonl(checkpoint, []) if isinstance(r.get("chunk_id"), str)}
     todo = [c for c in chunks if c["chunk_id"] not in done]
     lock = threading.Lock()
     stop = threading.Event()  # the endpoint is down: queued chunks should not each retry first

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 from doctune.artifacts import ArtifactRef
+from doctune.cache import Cache
 from doctune.config import RunConfig
-from doctune.models import _locked, resolve_model
+from doctune.models import resolve_model
 
 META_FILE = "doctune_model.json"
 MODEL_KIND = "model"
@@ -59,19 +59,11 @@ def materialize(model_input: ArtifactRef | None, config: RunConfig, fetch) -> Pa
     if meta["format"] != "adapter":
         raise ModelArtifactError(f"model artifact {model_input.artifact_path} of run {model_input.run_id}: unknown format")
     base_folder = base_folder_of(meta, config, fetch)
-    target = cache / "models" / "merged" / model_input.digest.replace(":", "-")
-    if (target / "config.json").is_file():
-        return target
-    with _locked(target.with_suffix(".lock")):
-        if (target / "config.json").is_file():
-            return target
-        scratch = Path(tempfile.mkdtemp(prefix=".merge-", dir=target.parent))
-        try:
-            merge_adapter(base_folder, folder, scratch, rope_scaling=meta.get("rope_scaling"))
-            scratch.rename(target)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-    return target
+
+    def build(scratch: Path) -> None:
+        merge_adapter(base_folder, folder, scratch, rope_scaling=meta.get("rope_scaling"))
+
+    return Cache(cache).folder("models/merged", model_input.digest.replace(":", "-"), build, "config.json")
 
 
 def lineage(model_input: ArtifactRef, fetch) -> tuple[str, list[dict]]:

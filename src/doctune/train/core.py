@@ -1,10 +1,6 @@
-"""One training job, the same in this process, under torchrun on several GPUs, or with DeepSpeed ZeRO-3.
-
-A stage prepares its tokenized datasets and a `TrainJob`, then calls `launch`: one process trains in-process;
-more than one runs `python -m torch.distributed.run ... -m doctune.train.worker job.json`. Either way
-`run_job` loads the model for the method (LoRA, QLoRA, full), resumes from the newest checkpoint in
-`checkpoint_dir` when there is one (a restarted, preempted stage goes on from there), trains, and writes the
-result into `output_dir`: the adapter or the full model with the tokenizer, plus `train_result.json`.
+"""What one training job is made of: the `TrainJob` description, precision, model loading for the method (LoRA,
+QLoRA, full), training arguments, DeepSpeed ZeRO-3 settings, and the MLflow metrics callback. The trainers are in
+`recipes`, running a job (in-process, torchrun, a training job on the cluster) in `launch`.
 """
 
 from __future__ import annotations
@@ -13,9 +9,6 @@ import json
 import math
 import os
 import resource
-import socket
-import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,21 +35,10 @@ class TrainingError(RuntimeError):
 DEEPSPEED_CONFIG_ENV = "DOCTUNE_DEEPSPEED_CONFIG"
 
 
-# Adapters on small models (hidden size up to 1024: SmolLM2-135M/360M, Qwen2.5-0.5B) take larger steps. On the
-# bundled 135M model: 16 SFT LoRA steps at 1e-3 end at held-out loss 2.49 where 2e-4 ends at 2.96; 8 DPO LoRA
-# steps at 5e-4 take the validation loss from 0.693 to 0.621 (reward accuracy 0.75), where 5e-5 reaches 0.692.
-SMALL_MODEL_HIDDEN_SIZE = 1024
-SMALL_MODEL_LEARNING_RATES = {("sft", "adapter"): 1e-3, ("dpo", "adapter"): 5e-4}
-
-
 def default_learning_rate(stage: str, method: str, model_dir: str | Path | None = None) -> float:
-    key = (stage, "full" if method == "full" else "adapter")
-    if key in SMALL_MODEL_LEARNING_RATES and model_dir is not None:
-        config = json.loads((Path(model_dir) / "config.json").read_text())
-        hidden = config.get("hidden_size") or config.get("text_config", {}).get("hidden_size")
-        if hidden and hidden <= SMALL_MODEL_HIDDEN_SIZE:
-            return SMALL_MODEL_LEARNING_RATES[key]
-    return DEFAULT_LEARNING_RATES[key]
+    """The standard learning rate of a stage and method family (a run config's learning_rate: null).
+    `model_dir` is accepted for callers that pass it; the rate does not depend on the model."""
+    return DEFAULT_LEARNING_RATES[(stage, "full" if method == "full" else "adapter")]
 
 
 @dataclass
@@ -101,20 +83,14 @@ def process_count(requested: int) -> int:
 
 
 def precision(requested: str, method: str) -> str:
-    """fp32, bf16 or fp16: `auto` picks bf16 where the GPU supports it, fp16 on other GPUs; on a CPU, bf16
-    autocast for LoRA where AMX multiplies bf16 in hardware (1.36x the tokens/s of fp32 on the 2-core SFT, the
-    trained adapter stays fp32), fp32 otherwise."""
-    import torch
+    """The training precision: doctune.devices' policy for training (PrecisionError there becomes TrainingError)."""
+    from doctune.devices import PrecisionError
+    from doctune.devices import precision as policy
 
-    from doctune.runtimes import hardware_bf16
-
-    if requested == "fp16" and not torch.cuda.is_available():
-        raise TrainingError("precision fp16 needs a GPU; use fp32 or bf16 on CPU")
-    if requested != "auto":
-        return requested
-    if not torch.cuda.is_available():
-        return "bf16" if method == "lora" and hardware_bf16() else "fp32"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    try:
+        return policy(requested, "train", method)
+    except PrecisionError as exc:
+        raise TrainingError(str(exc)) from None
 
 
 def check_qlora() -> None:
@@ -225,8 +201,11 @@ def deepspeed_config(settings: dict, prec: str) -> dict:
 
 
 def training_arguments(job: TrainJob, prec: str, args_class, **extra):
-    """TrainingArguments (or a TRL config class) from the stage settings: schedule, checkpoints, precision."""
+    """TrainingArguments (or a TRL config class) from the stage settings: schedule, checkpoints, precision; then the
+    trainer recipe's own arguments (`extra`), then any further TRL arguments the run config's section names."""
     import torch
+
+    from doctune.config import trl_arguments
 
     s = job.settings
     use_deepspeed = s["method"] == "full" and (job.processes > 1 or job.nodes > 1)
@@ -235,7 +214,7 @@ def training_arguments(job: TrainJob, prec: str, args_class, **extra):
     elif use_deepspeed:
         ds = deepspeed_config(s, prec)
     optim = "paged_adamw_8bit" if s["method"] == "qlora" and torch.cuda.is_available() else "adamw_torch"
-    return args_class(
+    arguments = dict(
         output_dir=job.checkpoint_dir,
         learning_rate=job.learning_rate,
         num_train_epochs=s["epochs"],
@@ -244,7 +223,7 @@ def training_arguments(job: TrainJob, prec: str, args_class, **extra):
         per_device_eval_batch_size=s["batch_size"],
         gradient_accumulation_steps=s["gradient_accumulation_steps"],
         warmup_steps=s["warmup_ratio"],  # a float below 1 is a share of the total steps
-        lr_scheduler_type=s["lr_scheduler"],
+        lr_scheduler_type=s["lr_scheduler_type"],
         weight_decay=s["weight_decay"],
         max_grad_norm=s["max_grad_norm"],
         bf16=prec == "bf16",
@@ -264,8 +243,10 @@ def training_arguments(job: TrainJob, prec: str, args_class, **extra):
         report_to=[],
         disable_tqdm=True,
         dataloader_num_workers=0,
-        **extra,
     )
+    # The run config refuses the arguments doctune derives from its own keys; the ones it only fixes (optim,
+    # report_to, dataloader_num_workers, ...) a run config may set.
+    return args_class(**(arguments | extra | trl_arguments(job.stage, s)))
 
 
 # -- metrics -------------------------------------------------------------------
@@ -306,132 +287,3 @@ def mlflow_callback(job: TrainJob):
             self.client.log_batch(job.run_id, metrics=metrics)
 
     return MlflowMetrics()
-
-
-# -- the job -------------------------------------------------------------------
-
-
-def last_checkpoint(folder: str) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    return get_last_checkpoint(folder) if Path(folder).is_dir() else None
-
-
-def run_job(job: TrainJob, callbacks: list | None = None) -> dict:
-    """Train in this process (one rank of a distributed job, or the only one); returns the result summary."""
-    from datasets import load_from_disk
-    from transformers import AutoTokenizer, set_seed
-
-    from doctune.train import recipes
-
-    set_seed(job.settings["seed"])
-    prec = precision(job.settings["precision"], job.settings["method"])
-    tokenizer = AutoTokenizer.from_pretrained(job.tokenizer_dir)
-    model, peft_config = load_model(job, prec, len(tokenizer))
-    data = Path(job.data_dir)
-    train = load_from_disk(str(data / "train"))
-    evaluation = load_from_disk(str(data / "eval")) if (data / "eval").is_dir() else None
-    trainer = recipes.TRAINERS[job.stage](job, prec, model, peft_config, tokenizer, train, evaluation)
-    for callback in [mlflow_callback(job), *(callbacks or [])]:
-        trainer.add_callback(callback)
-
-    resume = last_checkpoint(job.checkpoint_dir)
-    before_file = Path(job.checkpoint_dir) / "before.json"
-    before = {}
-    if evaluation is not None and job.stage in BEFORE_METRICS:
-        # The input model on held-out data (CPT loss, DPO reward accuracy), measured once and kept across restarts.
-        if before_file.is_file():
-            before = json.loads(before_file.read_text())
-        else:
-            before = {k: float(v) for k, v in trainer.evaluate().items() if k in BEFORE_METRICS[job.stage]}
-            if trainer.is_world_process_zero():
-                before_file.parent.mkdir(parents=True, exist_ok=True)
-                before_file.write_text(json.dumps(before))
-    started = time.monotonic()
-    output = trainer.train(resume_from_checkpoint=resume)
-    seconds = time.monotonic() - started
-    after = {}
-    if evaluation is not None:
-        # SFT evaluated every eval_steps and kept its best checkpoint; CPT and DPO measure again on held-out data.
-        best = trainer.state.best_metric if job.stage == "sft" else None
-        keys = BEFORE_METRICS.get(job.stage, ("eval_loss",))
-        last = next((h for h in reversed(trainer.state.log_history) if "eval_loss" in h), None)
-        if best is not None:
-            after = {"eval_loss": float(best)}
-        elif last is not None and last.get("step") == trainer.state.global_step:  # evaluated at the last step already
-            after = {k: float(v) for k, v in last.items() if k in keys}
-        else:
-            after = {k: float(v) for k, v in trainer.evaluate().items() if k in keys}
-
-    result = {
-        "global_step": trainer.state.global_step,
-        "resumed_from_step": int(Path(resume).name.rsplit("-", 1)[-1]) if resume else 0,
-        "train_loss": float(output.training_loss),
-        "train_seconds": seconds,
-        "tokens_seen": int(trainer.state.num_input_tokens_seen or 0),
-        "precision": prec,
-        "processes": job.processes,
-        "peak_memory_mb": peak_memory_mb(),
-        "best_checkpoint": trainer.state.best_model_checkpoint,
-        "loss_history": [h["loss"] for h in trainer.state.log_history if "loss" in h],
-        "padding_fraction": trainer.counting_collator.padding_fraction,
-    }
-    result |= {f"{name}_before": value for name, value in before.items()}
-    result |= {f"{name}_after": value for name, value in after.items()}
-    trainer.save_model(job.output_dir)  # ZeRO-3 gathers the consolidated weights on every rank, rank 0 writes
-    if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(job.output_dir)
-        (Path(job.output_dir) / "training_args.json").write_text(trainer.args.to_json_string())
-        (Path(job.output_dir) / RESULT_FILE).write_text(json.dumps(result, indent=1))
-    return result
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def launch(job: TrainJob, workdir: Path) -> dict:
-    """Run the job in-process, across `job.processes` ranks with torchrun, or on `job.nodes` nodes as a Kubeflow
-    training job; returns the result summary."""
-    if job.nodes > 1:
-        return _launch_nodes(job, workdir)
-    if job.processes <= 1:
-        return run_job(job)
-    spec = job.save(Path(workdir) / "job.json")
-    command = [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={job.processes}",
-        f"--master_port={_free_port()}", "-m", "doctune.train.worker", str(spec),
-    ]  # fmt: skip
-    log = Path(workdir) / "torchrun.log"
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    with open(log, "w") as handle:
-        code = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=env).returncode
-    result_file = Path(job.output_dir) / RESULT_FILE
-    if code != 0 or not result_file.is_file():
-        tail = log.read_text()[-3000:]
-        raise TrainingError(f"{job.processes}-process training exited with {code}; last output:\n{tail}")
-    return json.loads(result_file.read_text())
-
-
-def _launch_nodes(job: TrainJob, workdir: Path) -> dict:
-    """`job.nodes` x `job.processes` ranks of ZeRO-3 in a training job; `workdir` must be on the shared cache volume."""
-    from doctune.cluster.training_job import DEEPSPEED_FILE, DEEPSPEED_MOUNT, job_name, run_training_job
-
-    spec = job.save(Path(workdir) / "job.json")
-    command = ["python", "-m", "torch.distributed.run", "-m", "doctune.train.worker", str(spec)]
-    name = job_name(job.stage, job.run_id or Path(workdir).name)
-    run_training_job(
-        name,
-        job.cluster,
-        command,
-        nodes=job.nodes,
-        gpus_per_node=job.processes,
-        deepspeed_config=deepspeed_config(job.settings, precision(job.settings["precision"], job.settings["method"])),
-        env={DEEPSPEED_CONFIG_ENV: f"{DEEPSPEED_MOUNT}/{DEEPSPEED_FILE}"},
-    )
-    result_file = Path(job.output_dir) / RESULT_FILE
-    if not result_file.is_file():
-        raise TrainingError(f"training job {name} succeeded but wrote no {result_file} (is {workdir} on the shared volume?)")
-    return json.loads(result_file.read_text())

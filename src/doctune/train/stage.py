@@ -16,8 +16,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from doctune.artifacts import ArtifactRef
+from doctune.cache import Cache
+from doctune.code_digest import code_digest
 from doctune.config import RunConfig, TrainingConfig
-from doctune.stages import code_digest
+from doctune.records import TRAIN_FILE
 from doctune.tracking import StageRun
 from doctune.train.artifacts import (
     MODEL_KIND,
@@ -27,7 +29,8 @@ from doctune.train.artifacts import (
     materialize,
     write_meta,
 )
-from doctune.train.core import RESULT_FILE, TrainingError, TrainJob, check_qlora, default_learning_rate, launch, process_count
+from doctune.train.core import RESULT_FILE, TrainingError, TrainJob, check_qlora, default_learning_rate, process_count
+from doctune.train.launch import launch
 
 
 def prepare_tokenizer(model_dir: Path):
@@ -47,29 +50,10 @@ def prepare_tokenizer(model_dir: Path):
     return tokenizer
 
 
-def read_jsonl(path: Path, skipped: list[dict]) -> list[dict]:
-    """JSON records of a file; unparseable lines are skipped and listed with file, line and reason."""
-    records = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                skipped.append({"file": path.name, "line": number, "reason": f"not JSON: {exc.msg}"})
-                continue
-            if not isinstance(record, dict):
-                skipped.append({"file": path.name, "line": number, "reason": "not a JSON object"})
-                continue
-            records.append(record | {"_line": number})
-    return records
-
-
 def train_file(dataset_dir: Path, what: str) -> Path:
-    path = Path(dataset_dir) / "train.jsonl"
+    path = Path(dataset_dir) / TRAIN_FILE
     if not path.is_file():
-        raise TrainingError(f"{what} dataset {Path(dataset_dir).name}: train.jsonl is missing")
+        raise TrainingError(f"{what} dataset {Path(dataset_dir).name}: {TRAIN_FILE} is missing")
     return path
 
 
@@ -83,7 +67,7 @@ def save_split(data_dir: Path, split: str, input_ids: list[list[int]], labels: l
 def checkpoint_key(stage: str, settings: TrainingConfig, inputs: dict[str, ArtifactRef], config: RunConfig) -> str:
     blob = json.dumps(
         [stage, settings.model_dump(mode="json"), {k: v.digest for k, v in sorted(inputs.items())}, config.model.base_model,
-         code_digest()],
+         code_digest(f"doctune.{stage}.stage")],
         sort_keys=True,
     )  # fmt: skip
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
@@ -126,7 +110,7 @@ def train_stage(
     model_input = inputs.get("model")
     model_dir = materialize(model_input, config, tracker.fetch)
     key = checkpoint_key(stage, settings, inputs, config)
-    checkpoints = config.project.workdir / "cache" / "train" / stage / key
+    checkpoints = Cache(config.project.workdir / "cache").entry(f"train/{stage}", key)
     processes = process_count(settings.processes)
     shared = None
     if settings.nodes > 1:  # training-job pods read data and write the model on the shared cache volume

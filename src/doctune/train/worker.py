@@ -3,7 +3,8 @@
 import sys
 from pathlib import Path
 
-from doctune.train.core import TrainJob, run_job
+from doctune.train.core import TrainJob
+from doctune.train.launch import run_job
 
 if __name__ == "__main__":
     run_job(TrainJob.load(Path(sys.argv[1])))

@@ -1,0 +1,51 @@
+"""The eval gate: candidate, champion and base model on the same eval sets, and the rules a candidate must meet."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from doctune.config.base import Section
+
+
+class GateRules(Section):
+    """What a candidate must meet to be promoted; paired randomization tests where items are paired."""
+
+    min_f1_vs_champion: float = Field(0.98, gt=0, description="candidate golden F1 >= this x champion's")
+    beat_base: bool = Field(True, description="candidate golden F1 must be significantly above the base model's (p < alpha)")
+    abstention_tolerance: float = Field(0.02, ge=0, le=1, description="abstention accuracy >= champion's minus this")
+    min_format_compliance: float = Field(
+        0.95, ge=0, le=1, description="share of structured-output probes that validate; the base model's share where lower"
+    )
+    min_probes_vs_base: float = Field(0.95, ge=0, description="capability probe accuracy >= this x base's")
+    max_general_ppl_vs_base: float = Field(1.15, gt=0, description="general-text perplexity <= this x base's")
+    max_quantized_ppl_ratio: float = Field(1.02, gt=0, description="each gated variant's perplexity <= this x merged")
+    alpha: float = Field(0.05, gt=0, lt=1, description="significantly worse than the champion (paired test) rejects")
+    permutations: int = Field(10000, ge=100, description="sign flips of the paired randomization test")
+
+
+class GateConfig(Section):
+    """Candidate (merged + variants), champion (or base) and base scored on the same golden, unanswerable and text sets."""
+
+    variants: list[str] = Field(
+        default_factory=lambda: ["gguf-q8_0"],
+        description="quantized variants that ship with a promoted version: evaluated like the merged model, held to "
+        "max_quantized_ppl_ratio (the others are reported only)",
+    )
+    max_golden: int = Field(
+        512, ge=1, description="golden questions scored per model: enough for the paired tests to see a real difference"
+    )
+    max_unanswerable: int = Field(128, ge=1, description="unanswerable questions scored per model (abstention)")
+    max_new_tokens: int = Field(64, ge=1, description="greedy tokens per answer")
+    batch_size: int = Field(32, ge=1, description="prompts generated together (transformers)")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="weights of the transformers models scored (all in the same precision): auto is bf16 where the "
+        "hardware multiplies it (a bf16 GPU, a CPU with AMX: 2.2x fp32 there), fp32 elsewhere",
+    )
+    perplexity_blocks: int = Field(64, ge=1, description="blocks of held-out domain text and of general text")
+    block_size: int = Field(256, ge=16, description="tokens per perplexity block")
+    retrieval_k: int = Field(10, ge=1, description="cut-off of Recall@k and NDCG@k of the chunk index")
+    samples: int = Field(5, ge=0, description="answers shown side by side in the report")
+    rules: GateRules = Field(default_factory=GateRules, description="what a candidate must meet to be promoted")

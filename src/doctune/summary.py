@@ -1,0 +1,158 @@
+"""What a finished pipeline run shows on the console: stage table, ingest, synth, training, quantize and gate
+summaries, where the artifacts are and what the registry holds."""
+
+from __future__ import annotations
+
+import json
+
+from doctune.records import GATE_REPORT_FILE, INGEST_REPORT_FILE, QUANTIZE_REPORT_FILE, SYNTH_REPORT_FILE
+from doctune.tracking import TAG, Tracker
+
+
+def table(header: list[str], rows: list[list[object]]) -> str:
+    cells = [[str(c) for c in row] for row in [header, *rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _training_row(tracker: Tracker, stage: str, run) -> list[object]:
+    m = run.data.metrics
+    history = tracker.client.get_metric_history(run.info.run_id, f"{stage}.loss")
+    losses = [h.value for h in sorted(history, key=lambda h: h.step)]
+    before, after = m.get(f"{stage}.eval_loss_before"), m.get(f"{stage}.eval_loss_after")
+    return [
+        stage,
+        run.data.params.get(f"{stage}.method", "?"),
+        int(m.get(f"{stage}.global_step", 0)),
+        f"{losses[0]:.3f} → {losses[-1]:.3f}" if losses else "",
+        f"{before:.3f} → {after:.3f}"
+        if before is not None and after is not None
+        else (f"{after:.3f}" if after is not None else ""),
+        f"{m.get(f'{stage}.mean_tokens_per_second', 0):.0f}",
+        f"{m.get(f'{stage}.padding_fraction', 0):.1%}",
+    ]
+
+
+def _quantize_table(report: dict) -> str:
+    rows = [["merged (fp32)", f"{report['merged']['size_bytes'] / 2**20:.1f}", "1.00", f"{report['merged']['tokens_per_s']:.1f}",
+             f"{report['merged']['perplexity']:.3f}", "1.000", "baseline"]]  # fmt: skip
+    for name, row in report["variants"].items():
+        rows.append([name, f"{row['size_bytes'] / 2**20:.1f}", f"{row['size_ratio']:.2f}", f"{row['tokens_per_s']:.1f}",
+                     f"{row['perplexity']:.3f}", f"{row['perplexity_ratio']:.3f}", "checked"])  # fmt: skip
+    rows += [[name, "", "", "", "", "", f"failed: {error}"] for name, error in report["failed"].items()]
+    return table(["variant", "MiB", "size ratio", "tokens/s", "perplexity", "ppl ratio", "status"], rows)
+
+
+GATE_TABLE = ("golden_f1", "golden_rouge_l", "abstention_accuracy", "hallucination_rate", "capability_accuracy",
+              "format_compliance", "domain_perplexity", "general_perplexity")  # fmt: skip
+
+
+def _gate_summary(report: dict) -> str:
+    models = report["models"]
+    rows = [[m, *(f"{models[n]['metrics'][m]:.3f}" for n in models)] for m in GATE_TABLE]
+    lines = [
+        f"gate: {report['decision'].upper()} candidate version {report['version']} (champion: {report['champion_label']})",
+        f"failed rules: {', '.join(report['failed']) or 'none'}",
+        table(["metric", *models], rows),
+    ]
+    return "\n".join(lines)
+
+
+def _artifact_lines(tracker: Tracker, finished: dict) -> list[str]:
+    """Where the run's main artifacts are, and what the registry holds now."""
+    from doctune.gate import registry
+
+    wanted = [("merge", "model", "merged model"), ("eval_gate", "report", "gate report")]
+    if "quantize" in finished:
+        wanted[1:1] = [("quantize", name, name) for name in tracker.outputs_of(finished["quantize"]) if name != "report"]
+    rows = []
+    for stage, output, label in wanted:
+        if stage in finished and output in (outputs := tracker.outputs_of(finished[stage])):
+            ref = outputs[output]
+            rows.append([label, f"{tracker.client.get_run(ref.run_id).info.artifact_uri}/{ref.artifact_path}"])
+    lines = ["", table(["artifact", "where (MLflow artifact store)"], rows)] if rows else []
+    champion = registry.version_by_alias(tracker, registry.CHAMPION)
+    challenger = registry.version_by_alias(tracker, registry.CHALLENGER)
+    if challenger is not None:
+        lines.append(f"registry: model {registry.model_name(tracker)!r}: challenger version {challenger.version}, champion "
+                     + (f"version {champion.version}" if champion else "none"))  # fmt: skip
+    return lines
+
+
+def summarize(tracker: Tracker, parent_run_id: str) -> str:
+    """Stage table, ingest summary and skipped files of one pipeline run."""
+    out = []
+    runs = tracker.client.search_runs(
+        [tracker.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
+        order_by=["attributes.start_time ASC"],
+    )
+    rows = []
+    for run in runs:
+        tags = run.data.tags
+        seconds = (run.info.end_time - run.info.start_time) / 1000 if run.info.end_time else 0
+        reused = tags.get(f"{TAG}reused_from", "")
+        rows.append(
+            [
+                tags.get(f"{TAG}stage", "?"),
+                run.info.status,
+                f"{seconds:.1f}s",
+                f"reused {reused}" if reused else "",
+                run.info.run_id,
+            ]
+        )
+    out.append(table(["stage", "status", "time", "note", "mlflow run"], rows))
+    for run in runs:
+        if error := run.data.tags.get(f"{TAG}error"):
+            out.append(f"\n{run.data.tags.get(f'{TAG}stage', '?')} failed: {error}")
+    ingest_runs = [r for r in runs if r.data.tags.get(f"{TAG}stage") == "ingest"]
+    if ingest_runs and "report" in (outputs := tracker.outputs_of(ingest_runs[-1])):
+        report = json.loads((tracker.fetch(outputs["report"]) / INGEST_REPORT_FILE).read_text())
+        s = report["summary"]
+        out.append("")
+        out.append(
+            table(
+                ["documents", "pages", "flagged pages", "OCR pages", "chunks", "skipped files"],
+                [[s["documents"], s["pages"], s["flagged_pages"], s["ocr_pages"], s["chunks"], s["skipped_files"]]],
+            )
+        )
+        skipped = [[f["source"], f["status"], f["reason"]] for f in report["files"] if f["status"] not in ("ok",)]
+        if skipped:
+            out.append("")
+            out.append(table(["file", "status", "reason"], skipped))
+    finished = {r.data.tags.get(f"{TAG}stage"): r for r in runs if r.info.status == "FINISHED"}
+    if "synth" in finished and "report" in (outputs := tracker.outputs_of(finished["synth"])):
+        report = json.loads((tracker.fetch(outputs["report"]) / SYNTH_REPORT_FILE).read_text())
+        sizes = report["datasets"]
+        synth_row = {
+            "QA kept": f"{report['filters']['kept']}/{report['filters']['generated']}",
+            "SFT train/val": f"{sizes['sft_train']}/{sizes['sft_validation']}",
+            "DPO train/val": f"{sizes['dpo_train']}/{sizes['dpo_validation']}",
+            "CPT texts": sizes["cpt"],
+            "golden": sizes["golden"],
+            "unanswerable": sizes["unanswerable"],
+            "abstention": f"{report['abstention_share']:.1%}",
+            "contamination": f"{report['contamination_rate']:.1%}",
+        }
+        out += ["", table(list(synth_row), [list(synth_row.values())])]
+    training = [_training_row(tracker, name, finished[name]) for name in ("cpt", "sft", "dpo") if name in finished]
+    if training:
+        header = ["stage", "method", "steps", "loss first→last", "held-out loss before→after", "tokens/s", "padding"]
+        out += ["", table(header, training)]
+    if "merge" in finished:
+        m = finished["merge"].data.metrics
+        if "merge.max_logit_diff" in m:
+            out += ["", f"merge check: largest logit gap adapter vs merged {m['merge.max_logit_diff']:.2g} "
+                        f"(allowed {m['merge.tolerance']:.2g})"]  # fmt: skip
+    if "quantize" in finished and "report" in (outputs := tracker.outputs_of(finished["quantize"])):
+        out += ["", _quantize_table(json.loads((tracker.fetch(outputs["report"]) / QUANTIZE_REPORT_FILE).read_text()))]
+    if "eval_gate" in finished and "report" in (outputs := tracker.outputs_of(finished["eval_gate"])):
+        out += ["", _gate_summary(json.loads((tracker.fetch(outputs["report"]) / GATE_REPORT_FILE).read_text()))]
+    out += _artifact_lines(tracker, finished)
+    out.append("")
+    out.append(f"pipeline run: {parent_run_id}  (tracking: {tracker.uri}, experiment {tracker.config.experiment_name!r})")
+    if tracker.uri.startswith("sqlite:"):
+        out.append(f"browse it:    mlflow ui --backend-store-uri {tracker.uri}")
+    return "\n".join(out)
