@@ -139,6 +139,40 @@ def call_component(kfp_outputs):
     return call
 
 
+CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, PR_CAPBSET_DROP = 1, 2, 24
+
+
+def _drop_file_permission_override() -> None:
+    """In the child, before exec: give up root's right to ignore file permissions (bounding set, kept over exec).
+
+    Root without CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH meets permission bits as any user does. (Running as
+    another uid does not work everywhere: this venv's interpreter lives under /root, which only root may enter.)
+    """
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH):
+        if libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) refused")
+
+
+@pytest.fixture
+def as_a_user():
+    """subprocess.run arguments for a process that permission bits apply to (root gives up overriding them), with
+    a writable HOME and TMPDIR under `home`."""
+
+    def kwargs_for(home: Path) -> dict:
+        (home / "tmp").mkdir(parents=True, exist_ok=True)
+        env = os.environ | {"HOME": str(home), "TMPDIR": str(home / "tmp"), "HF_HUB_OFFLINE": "1",
+                            "TOKENIZERS_PARALLELISM": "false", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}  # fmt: skip
+        kwargs: dict = {"env": env, "capture_output": True, "text": True, "timeout": 600}
+        if os.geteuid() == 0:
+            kwargs["preexec_fn"] = _drop_file_permission_override
+        return kwargs
+
+    return kwargs_for
+
+
 @pytest.fixture
 def small_corpus(tmp_path, corpus) -> Path:
     """Two short real PDFs: enough for pipeline plumbing tests in seconds."""

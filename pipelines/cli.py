@@ -13,11 +13,15 @@ from doctune.artifacts import ArtifactIntegrityError
 from doctune.config import ConfigError, RunConfig, load_config
 from doctune.gate.registry import RegistryError
 from doctune.models import ModelResolutionError
+from doctune.processes import Interrupted, stop_on_signals, stopped_by
+from doctune.redact import redact
 from doctune.stages import STAGES, StageError, execute_stage, resolve_from_run
 from doctune.summary import summarize, table
-from doctune.tracking import Tracker
+from doctune.tracking import InfrastructureError, Tracker
 
-USER_ERRORS = (ConfigError, StageError, ModelResolutionError, ArtifactIntegrityError, FileNotFoundError, RegistryError)
+USER_ERRORS = (
+    ConfigError, StageError, ModelResolutionError, ArtifactIntegrityError, FileNotFoundError, RegistryError, InfrastructureError
+)  # fmt: skip
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -48,7 +52,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         parent = run_local(config, log_path=log)
     except LocalRunError as exc:
         print(summarize(tracker, exc.parent_run_id), file=sys.stderr)
-        print(f"error: the pipeline failed: {exc}" + (f" (component logs: {log})" if log else ""), file=sys.stderr)
+        print(redact(f"error: the pipeline failed: {exc}") + (f" (component logs: {log})" if log else ""), file=sys.stderr)
         return 1
     print(summarize(tracker, parent) + (f"\ncomponent logs: {log}" if log else ""))
     return 0
@@ -73,17 +77,24 @@ def cmd_stage(args: argparse.Namespace) -> int:
         print(f"submitted rerun of {args.name} (inputs from {args.from_run}): KFP run {done.id}\n{done.url}")
         return 0
     tracker = Tracker(config)
+    tracker.close_abandoned_runs()
     if args.from_run:
         parent, inputs, replaced = resolve_from_run(args.name, tracker, args.from_run)
-        result = execute_stage(args.name, config, tracker, parent, inputs, replaces=replaced)
+        with stop_on_signals(end_children_first=True):
+            result = execute_stage(args.name, config, tracker, parent, inputs, replaces=replaced)
         if replaced:
             print(f"{args.name}: new run {result.run_id} replaces {replaced} in pipeline run {parent}")
     else:
         parent = tracker.open_pipeline_run(run_name=f"stage-{args.name}")
         try:
-            execute_stage(args.name, config, tracker, parent, {})
+            with stop_on_signals(end_children_first=True):
+                execute_stage(args.name, config, tracker, parent, {})
         except BaseException as exc:
-            tracker.close_pipeline_run(parent, succeeded=False, error=f"{type(exc).__name__}: {exc}")
+            if stopped_by(exc):
+                tracker.end_run(parent, "KILLED", f"{getattr(exc, 'signal_name', 'SIGINT')}: the run was interrupted")
+                exc.parent_run_id = parent
+            else:
+                tracker.close_pipeline_run(parent, succeeded=False, error=f"{type(exc).__name__}: {exc}")
             raise
         tracker.close_pipeline_run(parent, succeeded=True)
     print(summarize(tracker, parent))
@@ -207,11 +218,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except (Interrupted, KeyboardInterrupt) as exc:
+        where = f"pipeline run {exc.parent_run_id} closed as KILLED; " if hasattr(exc, "parent_run_id") else ""
+        name = getattr(exc, "signal_name", "SIGINT")
+        print(f"interrupted ({name}): {where}run the same command again to resume (finished stages are reused)", file=sys.stderr)
+        return getattr(exc, "exit_code", 130)
     except USER_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(redact(f"error: {exc}"), file=sys.stderr)
         return 2
     except RuntimeError as exc:  # stage errors such as IngestError: say what, not a traceback
-        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(redact(f"error: {type(exc).__name__}: {exc}"), file=sys.stderr)
         return 1
 
 

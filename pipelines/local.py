@@ -1,6 +1,7 @@
 """Run the DAG on this machine with kfp.local: every component in a subprocess of this Python."""
 
 import os
+import shutil
 import sys
 import threading
 import time
@@ -12,6 +13,8 @@ from pathlib import Path
 from kfp import local
 
 from doctune.config import RunConfig
+from doctune.processes import end_children, owner_of_children, stop_on_signals, stopped_by
+from doctune.redact import redact
 from doctune.tracking import TAG, Tracker
 from doctune_kfp.pipelines.doctune_pipeline import build_pipeline
 
@@ -31,7 +34,11 @@ def init_local(pipeline_root: Path) -> None:
     # Running components in this environment instead of their images is the point of a local run.
     warnings.filterwarnings("ignore", message=".*custom or non-Python base image.*")
     warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root))
+    local.init(
+        runner=local.SubprocessRunner(use_venv=False),
+        pipeline_root=str(pipeline_root),
+        workspace_root=str(Path(pipeline_root) / "workspace"),
+    )
 
 
 class StageProgress(threading.Thread):
@@ -70,7 +77,24 @@ class StageProgress(threading.Thread):
                 note = " (reused an earlier identical result)" if f"{TAG}reused_from" in tags else ""
                 self.emit(f"{clock} {stage:<10} done in {seconds:.1f}s{note}")
             else:
-                self.emit(f"{clock} {stage:<10} {status.lower()}: {tags.get(f'{TAG}error', '')[:300]}")
+                self.emit(f"{clock} {stage:<10} {status.lower()}: {redact(tags.get(f'{TAG}error', ''))[:300]}")
+
+
+@contextmanager
+def children_temp_dir(folder: Path):
+    """Components (and kfp's own wrapper, which `mktemp -d`s each component's source) make their temporary folders
+    in `folder`, removed afterwards whatever happened: a killed component leaves nothing under the system temp."""
+    folder.mkdir(parents=True, exist_ok=True)
+    saved = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(folder)
+    try:
+        yield folder
+    finally:
+        if saved is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = saved
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @contextmanager
@@ -101,10 +125,23 @@ def run_local(config: RunConfig, run_name: str = "local", log_path: Path | None 
     With `log_path`, kfp.local's and the components' output goes there and the console shows one line per stage.
     """
     tracker = Tracker(config)
+    tracker.close_abandoned_runs()
     parent = tracker.open_pipeline_run(run_name=run_name)
+    with children_temp_dir(config.project.workdir / "tmp" / parent):
+        try:
+            with stop_on_signals(end_children_first=True), owner_of_children():
+                _run_with_progress(config, tracker, parent, log_path)
+        except BaseException as exc:
+            if stopped_by(exc):
+                close_interrupted(tracker, parent, exc)
+            raise
+    return parent
+
+
+def _run_with_progress(config: RunConfig, tracker: Tracker, parent: str, log_path: Path | None) -> None:
     if log_path is None:
         _run_pipeline(config, parent)
-        return parent
+        return
     with output_to(log_path) as emit:
         emit(f"pipeline run {parent}: components log to {log_path}")
         progress = StageProgress(tracker, parent, emit)
@@ -114,7 +151,20 @@ def run_local(config: RunConfig, run_name: str = "local", log_path: Path | None 
         finally:
             progress.done.set()
             progress.join()
-    return parent
+
+
+def close_interrupted(tracker: Tracker, parent: str, exc: BaseException) -> None:
+    """After SIGINT/SIGTERM: the components are ended (they close their own stage runs as KILLED), whatever is still
+    RUNNING under the pipeline run is closed as KILLED, and the pipeline run itself, with the reason."""
+    end_children()
+    reason = f"{getattr(exc, 'signal_name', 'SIGINT')}: the run was interrupted"
+    running = tracker.client.search_runs(
+        [tracker.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}' and attributes.status = 'RUNNING'"
+    )
+    for run in running:
+        tracker.end_run(run.info.run_id, "KILLED", reason)
+    tracker.end_run(parent, "KILLED", reason)
+    exc.parent_run_id = parent
 
 
 def _run_pipeline(config: RunConfig, parent: str) -> None:

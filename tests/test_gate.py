@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from doctune.artifacts import MODEL_KIND
 from doctune.gate import registry
 from doctune.gate.metrics import (
     abstains,
@@ -23,7 +24,6 @@ from doctune.gate.rules import decide
 from doctune.gate.stage import REPORT_FILE, read_decision
 from doctune.stages import execute_stage, promote_component, reject_component
 from doctune.tracking import Tracker
-from doctune.train.artifacts import MODEL_KIND
 from doctune_kfp.pipelines.cli import main
 
 

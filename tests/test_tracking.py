@@ -54,7 +54,8 @@ def test_tampered_artifact_is_rejected_and_nothing_is_kept(make_config, tmp_path
     consumer = Tracker(make_config(**{"project.workdir": str(tmp_path / "consumer"), "tracking.uri": tracker.uri}))
     with pytest.raises(ArtifactIntegrityError, match=r"file a.txt has sha256 .*tampered"):
         consumer.fetch(ref)
-    assert not consumer.cache_dir.exists() or not any(consumer.cache_dir.iterdir())
+    assert not [entry for entry, _ in consumer.cache.entries() if entry.startswith("artifacts/")]
+    assert not [p for p in (consumer.cache.root / "artifacts").glob(".*") if not p.name.endswith(".lock")]  # no scratch
 
 
 def test_a_reference_with_the_wrong_digest_is_rejected(make_config, tmp_path):

@@ -8,6 +8,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 MANIFEST_NAME = "MANIFEST.json"
+# Kinds of artifacts that hold model weights: checked byte for byte before they are reused, registered or promoted.
+MODEL_KIND = "model"
+GGUF_KIND = "gguf_model"
+NF4_KIND = "nf4_model"
+WEIGHT_KINDS = frozenset({MODEL_KIND, GGUF_KIND, NF4_KIND})
 _REF_KEYS = ("run_id", "artifact_path", "digest", "kind")
 
 

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from doctune import cache
-from doctune.artifacts import ArtifactRef, refs_from_json, refs_to_json
+from doctune.artifacts import WEIGHT_KINDS, ArtifactRef, refs_from_json, refs_to_json
 from doctune.code_digest import code_digest
 from doctune.config import RunConfig, config_from_yaml
+from doctune.processes import die_with_parent, stop_on_signals, stopped_by
 from doctune.tracking import TAG, Tracker, library_versions
 
 
@@ -201,7 +202,12 @@ def execute_stage(
     if earlier is not None:
         run = tracker.start_stage_run(name, parent_run_id, {**tags, f"{TAG}reused_from": earlier.info.run_id})
         outputs = tracker.outputs_of(earlier)
-        run.log_params(config.flat(spec.sections))
+        try:
+            run.log_params(config.flat(spec.sections))
+            verify_reused(tracker, inputs, outputs)
+        except BaseException as exc:
+            _fail(run, exc)
+            raise
         run.finish(outputs)
         return StageResult(name, run.run_id, outputs, earlier.info.run_id, time.monotonic() - started)
 
@@ -214,12 +220,28 @@ def execute_stage(
         seconds = time.monotonic() - started
         run.log_metrics({"stage_seconds": seconds})
     except BaseException as exc:
-        run.fail(exc)
+        _fail(run, exc)
         raise
     finally:  # what `doctune cache prune` keeps for this run
         run.log_text(json.dumps(cache.used_entries(), indent=0), CACHE_ENTRIES_FILE)
     run.finish(outputs)
     return StageResult(name, run.run_id, outputs, None, seconds)
+
+
+def _fail(run, exc: BaseException) -> None:
+    """Close a stage run that did not finish: KILLED when the process was asked to stop, else FAILED."""
+    run.fail(exc)
+    if stopped_by(exc):
+        run.client.set_terminated(run.run_id, "KILLED")
+
+
+def verify_reused(tracker: Tracker, inputs: dict[str, ArtifactRef], outputs: dict[str, ArtifactRef]) -> None:
+    """An earlier result is handed on only while the store still holds what its references promise: the inputs'
+    and outputs' manifests and file sizes, and every byte of model weights."""
+    for ref in inputs.values():
+        tracker.verify_stored(ref)
+    for ref in outputs.values():
+        tracker.verify_stored(ref, full=ref.kind in WEIGHT_KINDS)
 
 
 def pipeline_run_of(tracker: Tracker, run_id: str) -> str:
@@ -321,7 +343,9 @@ def run_stage_component(name: str, config_yaml: str, parent_run_id: str, kfp_out
         if output in produced.get(producer, {}):
             inputs[input_name] = produced[producer][output]
     tracker = Tracker(config)
-    result = execute_stage(name, config, tracker, parent_run_id, inputs)
+    with stop_on_signals(end_children_first=True):
+        die_with_parent()
+        result = execute_stage(name, config, tracker, parent_run_id, inputs)
     describe_kfp_outputs(spec, result, tracker, kfp_outputs or {})
     return refs_to_json(result.outputs)
 

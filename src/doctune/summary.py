@@ -17,13 +17,33 @@ def table(header: list[str], rows: list[list[object]]) -> str:
     return "\n".join(lines)
 
 
+def _trained_run(tracker: Tracker, run):
+    """The run that did the training: a reused stage run logs no metrics of its own, the run it reused (followed
+    through reuse of a reuse) has them. None when that run is gone."""
+    seen = {run.info.run_id}
+    while reused := run.data.tags.get(f"{TAG}reused_from"):
+        if reused in seen:
+            return None
+        seen.add(reused)
+        try:
+            run = tracker.client.get_run(reused)
+        except Exception:  # MlflowException: deleted, or another tracking store
+            return None
+    return run
+
+
 def _training_row(tracker: Tracker, stage: str, run) -> list[object]:
-    m = run.data.metrics
-    history = tracker.client.get_metric_history(run.info.run_id, f"{stage}.loss")
+    reused = bool(run.data.tags.get(f"{TAG}reused_from"))
+    source = _trained_run(tracker, run)
+    label = (f"{stage} (reused)" if source is not None else f"{stage} (reused; its run is gone)") if reused else stage
+    if source is None:
+        return [label, run.data.params.get(f"{stage}.method", "?"), "", "", "", "", ""]
+    m = source.data.metrics
+    history = tracker.client.get_metric_history(source.info.run_id, f"{stage}.loss")
     losses = [h.value for h in sorted(history, key=lambda h: h.step)]
     before, after = m.get(f"{stage}.eval_loss_before"), m.get(f"{stage}.eval_loss_after")
     return [
-        stage,
+        label,
         run.data.params.get(f"{stage}.method", "?"),
         int(m.get(f"{stage}.global_step", 0)),
         f"{losses[0]:.3f} → {losses[-1]:.3f}" if losses else "",

@@ -7,11 +7,14 @@ processes or pods nest under the same parent by id.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 import warnings
+from contextlib import nullcontext
 from functools import cache
 from importlib import metadata
 from pathlib import Path
@@ -21,12 +24,73 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from doctune.artifacts import ArtifactIntegrityError, ArtifactRef, refs_from_json, refs_to_json, verify_folder, write_manifest
-from doctune.cache import Cache
+from doctune.artifacts import (
+    MANIFEST_NAME,
+    ArtifactIntegrityError,
+    ArtifactRef,
+    manifest_digest,
+    refs_from_json,
+    refs_to_json,
+    verify_folder,
+    write_manifest,
+)
+from doctune.cache import Cache, locked
 from doctune.config import RunConfig
+from doctune.processes import identity, is_alive
 from doctune.records import read_jsonl
+from doctune.redact import configure as configure_redaction
+from doctune.redact import redact
 
 TAG = "doctune."
+REACHABLE_TIMEOUT_S = 10.0
+
+
+class InfrastructureError(RuntimeError):
+    """Something doctune needs around it is not usable: the tracking server, the work directory."""
+
+
+def usable_workdir(workdir: Path) -> None:
+    """Create the work directory, or say in one line why it cannot be used."""
+    if workdir.exists() and not workdir.is_dir():
+        raise InfrastructureError(f"project.workdir {workdir} is a file, not a folder; set project.workdir to a folder")
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except (NotADirectoryError, FileExistsError):
+        blocker = next((p for p in workdir.parents if p.exists() and not p.is_dir()), workdir)
+        raise InfrastructureError(f"project.workdir {workdir} cannot be created: {blocker} is a file") from None
+    except OSError as exc:
+        raise InfrastructureError(f"project.workdir {workdir} cannot be created: {exc.strerror}") from None
+    try:
+        with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write-probe-"):
+            pass
+        database = workdir / "mlflow.db"
+        if database.exists():
+            with open(database, "r+b"):
+                pass
+    except OSError as exc:
+        raise InfrastructureError(
+            f"project.workdir {workdir} is not writable ({exc.strerror}); doctune keeps its tracking store, artifacts "
+            "and caches there: set project.workdir to a writable folder"
+        ) from None
+
+
+def check_reachable(uri: str, timeout: float = REACHABLE_TIMEOUT_S) -> None:
+    """A tracking server that does not answer fails within `timeout` seconds, naming the URI (MLflow's own client
+    retries for minutes in silence)."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import requests
+
+    try:
+        requests.get(f"{uri.rstrip('/')}/health", timeout=(timeout / 2, timeout / 2))
+    except requests.RequestException as exc:
+        cause = "timed out" if isinstance(exc, requests.Timeout) else "connection failed"
+        raise InfrastructureError(
+            f"the tracking server {uri} does not answer ({cause} within {timeout:.0f} s): start it, or set tracking.uri "
+            "(--tracking-uri) to one that runs"
+        ) from None
+
+
 PARENT_TAG = "mlflow.parentRunId"
 LIBRARIES = ("torch", "transformers", "peft", "trl", "datasets", "pymupdf", "kfp", "mlflow", "sentence-transformers")
 
@@ -60,6 +124,11 @@ def git_commit() -> str:
         return "unknown"
 
 
+def process_tags() -> dict[str, str]:
+    """Which process runs a run: how a later start tells a run left RUNNING by a dead process."""
+    return {f"{TAG}process.{key}": value for key, value in identity().items()}
+
+
 def provenance_tags() -> dict[str, str]:
     tags = {f"{TAG}git_commit": git_commit()}
     tags.update({f"{TAG}version.{name}": version for name, version in library_versions().items()})
@@ -71,13 +140,19 @@ class Tracker:
 
     def __init__(self, config: RunConfig):
         self.config = config
+        configure_redaction(config)  # every string this process logs, tags or prints hides the config's secrets
         self.uri = config.tracking_uri
         workdir = config.project.workdir
+        usable_workdir(workdir)
         self.cache = Cache(workdir / "cache")
-        if self.uri.startswith("sqlite:///"):
-            workdir.mkdir(parents=True, exist_ok=True)
-        self.client = MlflowClient(tracking_uri=self.uri)
-        self.experiment_id = self._experiment(config.experiment_name, workdir / "artifacts")
+        check_reachable(self.uri)
+        for name in ("mlflow.store.db.utils", "alembic.runtime.migration"):  # "creating tables": not the user's news
+            logging.getLogger(name).setLevel(logging.WARNING)
+        # A fresh sqlite store creates its tables on first use: two processes doing that at once crash, so the
+        # first use of a work directory is serialised.
+        with locked(workdir / ".tracking.lock") if self.uri.startswith("sqlite:") else nullcontext():
+            self.client = MlflowClient(tracking_uri=self.uri)
+            self.experiment_id = self._experiment(config.experiment_name, workdir / "artifacts")
 
     def _experiment(self, name: str, local_artifacts: Path) -> str:
         found = self.client.get_experiment_by_name(name)
@@ -100,12 +175,13 @@ class Tracker:
             f"{TAG}kind": "pipeline",
             f"{TAG}config_digest": self.config.digest(),
             **provenance_tags(),
+            **process_tags(),
         }
         if kfp_run_id:
             tags[f"{TAG}kfp_run_id"] = kfp_run_id
         run = self.client.create_run(self.experiment_id, tags=tags, run_name=run_name)
         run_id = run.info.run_id
-        self.client.log_text(run_id, self.config.to_yaml(), "config/run.yaml")
+        self.client.log_text(run_id, redact(self.config.to_yaml()), "config/run.yaml")
         return run_id
 
     def adopt_pipeline_run(self, run_id: str, kfp_run_id: str) -> None:
@@ -121,8 +197,26 @@ class Tracker:
 
     def close_pipeline_run(self, run_id: str, succeeded: bool, error: str = "") -> None:
         if error:
-            self.client.set_tag(run_id, f"{TAG}error", error[:4000])
+            self.client.set_tag(run_id, f"{TAG}error", redact(error)[:4000])
         self.client.set_terminated(run_id, "FINISHED" if succeeded else "FAILED")
+
+    def end_run(self, run_id: str, status: str, reason: str) -> None:
+        """Close a run as KILLED or FAILED with the reason (redacted like every tag)."""
+        StageRun(self, run_id).set_tags({f"{TAG}error": reason[:4000]})
+        self.client.set_terminated(run_id, status)
+
+    def close_abandoned_runs(self) -> list[str]:
+        """Runs left RUNNING by a process of this host that is gone (killed, crashed) are closed as KILLED, with the
+        reason; returns their ids. Runs of live processes, and of other hosts, are left alone."""
+        closed = []
+        for run in self.client.search_runs([self.experiment_id], filter_string="attributes.status = 'RUNNING'"):
+            tags = run.data.tags
+            process = [tags.get(f"{TAG}process.{key}", "") for key in ("host", "pid", "started")]
+            if all(process) and is_alive(*process) is False:
+                reason = f"abandoned: the process that ran it (pid {process[1]}) ended without closing it"
+                self.end_run(run.info.run_id, "KILLED", reason)
+                closed.append(run.info.run_id)
+        return closed
 
     # -- stage runs ------------------------------------------------------
 
@@ -142,7 +236,9 @@ class Tracker:
         return None
 
     def start_stage_run(self, stage: str, parent_run_id: str, tags: dict[str, str]) -> StageRun:
-        all_tags = {PARENT_TAG: parent_run_id, f"{TAG}kind": "stage", f"{TAG}stage": stage, **provenance_tags(), **tags}
+        all_tags = {
+            PARENT_TAG: parent_run_id, f"{TAG}kind": "stage", f"{TAG}stage": stage, **provenance_tags(), **process_tags(), **tags
+        }  # fmt: skip
         run = self.client.create_run(self.experiment_id, tags=all_tags, run_name=stage)
         return StageRun(self, run.info.run_id)
 
@@ -183,6 +279,44 @@ class Tracker:
 
         return self.cache.folder("artifacts", name, download)
 
+    def verify_stored(self, ref: ArtifactRef, full: bool = False) -> None:
+        """Check the tracking store's copy of an artifact against its reference: the manifest's digest and every
+        file's presence and size; with `full`, every file's sha256 too (model weights before they are reused,
+        registered or promoted). A mismatch raises ArtifactIntegrityError naming the file."""
+        what = f"artifact {ref.artifact_path!r} of run {ref.run_id} ({ref.kind}) in the tracking store"
+        with tempfile.TemporaryDirectory(prefix="doctune-verify-") as tmp:
+            try:
+                if full:
+                    verify_folder(Path(self.client.download_artifacts(ref.run_id, ref.artifact_path, tmp)), ref.digest, what)
+                    return
+                local = self.client.download_artifacts(ref.run_id, f"{ref.artifact_path}/{MANIFEST_NAME}", tmp)
+                recorded = json.loads(Path(local).read_text())
+            except (MlflowException, OSError, ValueError) as exc:
+                raise ArtifactIntegrityError(f"{what}: cannot be read ({str(exc).splitlines()[0][:300]})") from None
+        if manifest_digest(recorded) != ref.digest:
+            found = manifest_digest(recorded)
+            raise ArtifactIntegrityError(f"{what}: its manifest digest {found} is not the reference's {ref.digest}")
+        stored = dict(self._stored_files(ref.run_id, ref.artifact_path))
+        for entry in recorded["files"]:
+            size = stored.pop(entry["path"], None)
+            if size is None:
+                raise ArtifactIntegrityError(f"{what}: file {entry['path']} is missing")
+            if size != entry["size"]:
+                raise ArtifactIntegrityError(
+                    f"{what}: file {entry['path']} has {size} bytes, its manifest says {entry['size']} (tampered or corrupted)"
+                )
+        stored.pop(MANIFEST_NAME, None)
+        if stored:
+            raise ArtifactIntegrityError(f"{what}: file {sorted(stored)[0]} is not in the manifest")
+
+    def _stored_files(self, run_id: str, root: str, path: str | None = None):
+        """(path relative to `root`, size) of every file of an artifact folder in the store."""
+        for info in self.client.list_artifacts(run_id, path or root):
+            if info.is_dir:
+                yield from self._stored_files(run_id, root, info.path)
+            else:
+                yield info.path[len(root) + 1 :], info.file_size
+
 
 class StageRun:
     """The handle a stage function gets: log metrics and outputs into its nested run, fetch inputs."""
@@ -196,7 +330,7 @@ class StageRun:
         return self.tracker.fetch(ref)
 
     def log_params(self, params: dict[str, Any]) -> None:
-        items = [Param(key, str(value)[:6000]) for key, value in params.items()]
+        items = [Param(key, redact(str(value))[:6000]) for key, value in params.items()]
         for start in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[start : start + 100])
 
@@ -207,10 +341,10 @@ class StageRun:
             self.client.log_batch(self.run_id, metrics=items[start : start + 1000])
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        self.client.log_batch(self.run_id, tags=[RunTag(key, str(value)) for key, value in tags.items()])
+        self.client.log_batch(self.run_id, tags=[RunTag(key, redact(str(value))) for key, value in tags.items()])
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self.client.log_text(self.run_id, text, artifact_file)
+        self.client.log_text(self.run_id, redact(text), artifact_file)
 
     def log_dataset_input(self, ref: ArtifactRef, table: Path, context: str) -> None:
         """Record a consumed dataset as an MLflow dataset input of this run (schema, profile, source ref)."""
@@ -248,7 +382,7 @@ class StageRun:
         self.client.set_terminated(self.run_id, "FINISHED")
 
     def fail(self, error: BaseException) -> None:
-        self.set_tags({f"{TAG}error": f"{type(error).__name__}: {error}"[:4000]})
+        self.set_tags({f"{TAG}error": redact(f"{type(error).__name__}: {error}")[:4000]})
         self.client.set_terminated(self.run_id, "FAILED")
 
 

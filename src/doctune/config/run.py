@@ -130,6 +130,59 @@ def rename_keys(data: dict[str, Any], source: str = "config") -> dict[str, Any]:
     return data
 
 
+# -- reading YAML --------------------------------------------------------------------------------------------------
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: str, first: int, second: int):
+        super().__init__(key, first, second)
+        self.key, self.first, self.second = key, first, second
+
+
+class StrictLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a key given twice in one mapping (PyYAML keeps the last one silently): before a
+    document is constructed its mappings are walked, and the first repeated key is reported with its dotted path and
+    both lines. Merge keys (`<<: *anchor`) may be overridden, as YAML intends."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        self._check_keys(node, "", set())
+        return super().construct_document(node)
+
+    def _check_keys(self, node: yaml.Node, path: str, seen: set[int]) -> None:
+        if id(node) in seen:  # an alias of a node already walked (or a recursive one)
+            return
+        seen.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                self._check_keys(item, f"{path}[{i}]", seen)
+        elif isinstance(node, yaml.MappingNode):
+            lines: dict[Any, int] = {}
+            for key_node, value_node in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    self._check_keys(value_node, path, seen)
+                    continue
+                key = self.construct_object(key_node, deep=True) if isinstance(key_node, yaml.ScalarNode) else None
+                name = f"{path}.{key}" if path else str(key)
+                try:
+                    hash(key)
+                except TypeError:
+                    key = None
+                if key is not None and key in lines:
+                    raise _DuplicateKey(name, lines[key], key_node.start_mark.line + 1)
+                if key is not None:
+                    lines[key] = key_node.start_mark.line + 1
+                self._check_keys(value_node, name, seen)
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """Parse YAML text strictly (see StrictLoader); `source` names it in the error: a file, `--set ...`."""
+    try:
+        return yaml.load(text, Loader=StrictLoader)  # a SafeLoader subclass
+    except _DuplicateKey as dup:
+        lines = f"lines {dup.first} and {dup.second}" if dup.first != dup.second else f"line {dup.first}"
+        raise ConfigError(f"{source}: key {dup.key} appears twice ({lines})") from None
+
+
 # -- overrides and layering ----------------------------------------------------------------------------------------
 
 
@@ -142,26 +195,36 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if any(not part for part in path):
         raise ConfigError(f"--set {text!r}: empty part in key path {key!r}")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw, f"--set {text!r}") if raw.strip() else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"--set {text!r}: value is not valid YAML: {exc}") from exc
     return path, value
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    return _apply_overrides(data, overrides)[0]
+
+
+def _apply_overrides(data: dict[str, Any], overrides: list[str]) -> tuple[dict[str, Any], dict[tuple[str, ...], str]]:
+    """The overrides applied, and which key path each --set wrote (the last one wins), to blame validation errors on."""
+    origins: dict[tuple[str, ...], str] = {}
     for text in overrides:
         path, value = parse_override(text)
         if ".".join(path) in RENAMED_KEYS:
             path = _renamed(".".join(path), f"--set {text}").split(".")
+        key = tuple(path)
+        origins = {p: t for p, t in origins.items() if p[: len(key)] != key}  # replaced whole by this one
+        origins[key] = text
         node = data
         for i, part in enumerate(path[:-1]):
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
                 where = ".".join(path[: i + 1])
-                raise ConfigError(f"--set {text!r}: {where} is a value, not a section")
+                by = origins.get(tuple(path[: i + 1]))
+                raise ConfigError(f"--set {text!r}: {where} is a value, not a section" + (f" (set by --set {by})" if by else ""))
             node = child
         node[path[-1]] = value
-    return data
+    return data, origins
 
 
 def merge_layers(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -175,11 +238,19 @@ def merge_layers(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _read_mapping(path: Path) -> dict[str, Any]:
+def _read_mapping(path: Path, named_by: str | None = None) -> dict[str, Any]:
+    """The mapping in a run config file; `named_by` is the `extends:` of another file that names it."""
+    where = f"{named_by}: {EXTENDS}: {path}" if named_by else f"run config {path}"
+    if path.is_dir():
+        raise ConfigError(f"{where} is a folder, not a YAML file")
     if not path.is_file():
-        raise ConfigError(f"run config {path} does not exist")
+        raise ConfigError(f"{where} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{where} cannot be read: {exc}") from None
+    try:
+        data = load_yaml(text, f"run config {path}") or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"run config {path} is not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
@@ -202,7 +273,7 @@ def resolve_extends(
     if path.resolve() in _seen:
         chain = " -> ".join(str(p) for p in (*_seen, path.resolve()))
         raise ConfigError(f"{source}: {EXTENDS} goes round in a circle: {chain}")
-    base = resolve_extends(_read_mapping(path), path.parent, str(path), (*_seen, path.resolve()))
+    base = resolve_extends(_read_mapping(path, named_by=source), path.parent, str(path), (*_seen, path.resolve()))
     return merge_layers(base, data)
 
 
@@ -221,7 +292,14 @@ def _allowed_keys(loc: tuple[Any, ...]) -> list[str] | None:
     return list(model.model_fields)
 
 
-def _describe(exc: ValidationError, source: str) -> str:
+def _blame(loc: tuple[Any, ...], origins: dict[tuple[str, ...], str]) -> str:
+    """' (from --set ...)' when the key at `loc` (or a section above it) was written by a --set."""
+    matches = [path for path in origins if loc[: len(path)] == path]
+    return f" (from --set {origins[max(matches, key=len)]})" if matches else ""
+
+
+def _describe(exc: ValidationError, source: str, origins: dict[tuple[str, ...], str] | None = None) -> str:
+    origins = origins or {}
     lines = []
     for err in exc.errors():
         loc = tuple(err["loc"])
@@ -229,12 +307,18 @@ def _describe(exc: ValidationError, source: str) -> str:
         if err["type"] == "extra_forbidden":
             allowed = _allowed_keys(loc[:-1])
             hint = f"; allowed keys: {', '.join(allowed)}" if allowed else ""
-            lines.append(f"  {path}: unknown key{hint}")
+            lines.append(f"  {path}: unknown key{hint}{_blame(loc, origins)}")
         elif err["type"] == "trl_argument":  # further keys of a training section (doctune.config.training)
-            lines.extend(f"  {path}.{key}: {reason}" for key, reason in err["ctx"]["problems"])
+            lines.extend(f"  {path}.{key}: {reason}{_blame((*loc, key), origins)}" for key, reason in err["ctx"]["problems"])
+        elif err["type"] == "model_type" and loc in origins and _allowed_keys(loc):
+            # `--set ingest=5`: a whole section replaced by a value.
+            lines.append(
+                f"  {path}: a section, but --set {origins[loc]} makes it the value {err.get('input')!r}; "
+                f"set one of its keys instead, e.g. --set {path}.{_allowed_keys(loc)[0]}=..."
+            )
         else:
             msg = err["msg"].removeprefix("Value error, ")
-            lines.append(f"  {path}: {msg} (got {err.get('input')!r})")
+            lines.append(f"  {path}: {msg} (got {err.get('input')!r}){_blame(loc, origins)}")
     return f"invalid run config ({source}):\n" + "\n".join(lines)
 
 
@@ -243,11 +327,11 @@ def build_config(
 ) -> RunConfig:
     """Validate a mapping of sections (an `extends:` file in it resolves against base_dir, default the working
     directory), with --set overrides on top."""
-    data = apply_overrides(resolve_extends(data, base_dir, source), overrides or [])
+    data, origins = _apply_overrides(resolve_extends(data, base_dir, source), overrides or [])
     try:
         return RunConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, source)) from None
+        raise ConfigError(_describe(exc, source, origins)) from None
 
 
 def load_config(path: Path | str | None = None, overrides: list[str] | None = None) -> RunConfig:
@@ -260,7 +344,7 @@ def load_config(path: Path | str | None = None, overrides: list[str] | None = No
 
 def config_from_yaml(text: str) -> RunConfig:
     """The inverse of RunConfig.to_yaml, used by components."""
-    data = yaml.safe_load(text) or {}
+    data = load_yaml(text, "config text") or {}
     if not isinstance(data, dict):
         raise ConfigError("run config text must be a mapping of sections")
     return build_config(data, source="config text")

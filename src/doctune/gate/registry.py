@@ -62,7 +62,10 @@ def gated_against(tracker: Tracker, version: str) -> str:
 
 
 def register_candidate(tracker: Tracker, model: ArtifactRef, variants: dict[str, ArtifactRef], tags: dict[str, str]) -> str:
-    """A new version for the merged model (its variants and lineage in tags), aliased `challenger`."""
+    """A new version for the merged model (its variants and lineage in tags), aliased `challenger`. The weights are
+    checked byte for byte in the store first: a registry version never points at corrupted weights."""
+    for ref in (model, *variants.values()):
+        tracker.verify_stored(ref, full=True)
     name = _ensure_model(tracker)
     version = tracker.client.create_model_version(
         name,
@@ -79,8 +82,23 @@ def register_candidate(tracker: Tracker, model: ArtifactRef, variants: dict[str,
     return str(version.version)
 
 
+def verify_weights(tracker: Tracker, version) -> None:
+    """Every byte of a version's merged model and quantized variants, as the store holds them now."""
+    refs = [ArtifactRef.from_dict(json.loads(version.tags[MODEL_TAG]))]
+    refs += [ArtifactRef.from_dict(v) for v in json.loads(version.tags.get(VARIANTS_TAG, "{}")).values()]
+    for ref in refs:
+        tracker.verify_stored(ref, full=True)
+
+
 def _history(tracker: Tracker) -> list[str]:
-    tags = tracker.client.get_registered_model(model_name(tracker)).tags
+    name = model_name(tracker)
+    try:
+        tags = tracker.client.get_registered_model(name).tags
+    except MlflowException:
+        raise RegistryError(
+            f"there is no registered model {name!r} in {tracker.uri} yet: nothing to roll back (a pipeline run that "
+            "passes the gate registers and promotes one)"
+        ) from None
     return json.loads(tags.get(HISTORY_TAG, "[]"))
 
 
@@ -98,9 +116,10 @@ def promote(tracker: Tracker, version: str, reason: str) -> str | None:
     """`champion` -> version, the old champion -> `previous-champion`; returns the old champion's version."""
     name = _ensure_model(tracker)
     try:
-        tracker.client.get_model_version(name, version)
+        found = tracker.client.get_model_version(name, version)
     except MlflowException:
         raise RegistryError(f"registered model {name!r} has no version {version}") from None
+    verify_weights(tracker, found)
     old = version_by_alias(tracker, CHAMPION)
     previous = str(old.version) if old is not None else None
     if previous == version:
@@ -132,6 +151,7 @@ def rollback(tracker: Tracker, reason: str = "rollback") -> tuple[str, str]:
         raise RegistryError(f"registered model {name!r} has no previous champion to roll back to")
     history.pop()
     restored = history[-1]
+    verify_weights(tracker, tracker.client.get_model_version(name, restored))
     tracker.client.set_registered_model_alias(name, CHAMPION, restored)
     if len(history) >= 2:
         tracker.client.set_registered_model_alias(name, PREVIOUS, history[-2])

@@ -13,6 +13,7 @@ from pathlib import Path
 import pymupdf
 
 from doctune.artifacts import sha256_file
+from doctune.ingest.listing import os_reason
 
 pymupdf.TOOLS.mupdf_display_errors(False)  # damaged files are reported per file, not sprayed on stderr
 
@@ -39,15 +40,23 @@ class RawPage:
 
 
 def probe(path: Path, source: str) -> FileProbe:
-    """Open a file just far enough to know whether and how it can be ingested."""
-    size = path.stat().st_size
-    digest = sha256_file(path)
+    """Open a file just far enough to know whether and how it can be ingested.
+
+    A file that cannot be read (no permission, removed meanwhile, an I/O error) is skipped with the reason; its
+    sha256 stays empty, which also keeps it out of duplicate detection and the sources artifact.
+    """
+    try:
+        size = path.stat().st_size
+        digest = sha256_file(path)
+        with open(path, "rb") as handle:
+            head = handle.read(1024)
+    except OSError as exc:
+        reason = f"cannot be read: {os_reason(exc)}"
+        return FileProbe(path=path, source=source, size=0, sha256="", status="skipped", reason=reason)
     result = FileProbe(path=path, source=source, size=size, sha256=digest, status="skipped")
     if size == 0:
         result.reason = "empty file (0 bytes)"
         return result
-    with open(path, "rb") as handle:
-        head = handle.read(1024)
     if b"%PDF-" not in head:
         result.reason = f"not a PDF: no %PDF- header (starts with {head[:16]!r})"
         return result

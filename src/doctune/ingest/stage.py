@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from doctune.artifacts import ArtifactRef, build_manifest, manifest_digest
+from doctune.artifacts import ArtifactRef, manifest_digest, sha256_file
 from doctune.config import IngestConfig, RunConfig
 from doctune.ingest.documents import (
     DocumentResult,
@@ -28,14 +28,11 @@ from doctune.ingest.documents import (
     tokenize_segment,
     warm_up,
 )
+from doctune.ingest.listing import Entry, IngestError, os_reason, scan_folder, shown
 from doctune.ingest.pdf import FileProbe, close_cached, probe, tesseract_available
 from doctune.models import resolve_model
 from doctune.records import CHUNKS_FILE, INGEST_REPORT_FILE, PAGES_FILE
 from doctune.tracking import StageRun
-
-
-class IngestError(RuntimeError):
-    """No usable document, or an input folder that cannot be read."""
 
 
 @dataclass
@@ -44,6 +41,7 @@ class IngestResult:
     chunks: list[dict] = field(default_factory=list)
     files: list[dict] = field(default_factory=list)  # the report: one row per input file
     seconds: float = 0.0
+    read: list[tuple[Path, str]] = field(default_factory=list)  # (path, source) of every file that could be read
 
     @property
     def summary(self) -> dict:
@@ -63,21 +61,29 @@ class IngestResult:
 
 
 def list_pdfs(folder: Path) -> list[Path]:
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise IngestError(f"PDF folder {folder} does not exist or is not a folder (set ingest.pdfs)")
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() == ".pdf")
-    if not files:
-        raise IngestError(f"no *.pdf files under {folder}")
-    return files
+    """The PDFs under a folder that can be listed (links followed); see scan_folder for the ones that cannot."""
+    return [entry.path for entry in scan_folder(folder) if not entry.problem]
 
 
 def external_digests(config: RunConfig, inputs: dict[str, ArtifactRef]) -> dict[str, str]:
-    """A fresh ingest reads files outside MLflow: key its results on their content."""
+    """A fresh ingest reads files outside MLflow: key its results on their content.
+
+    An entry that cannot be read is keyed by its path and the reason it is skipped, not by size and mtime: making a
+    file readable (chmod) or mending a link changes neither, so such a key would reuse a result that skipped the file.
+    The reason is exactly what the stage's result depends on for it; once readable it is keyed by its content.
+    """
     if "sources" in inputs:
         return {}
-    folder = config.ingest.pdfs
-    return {"sources": manifest_digest(build_manifest(folder, list_pdfs(folder)))}
+    rows = []
+    for entry in scan_folder(config.ingest.pdfs):
+        if entry.problem:
+            rows.append({"path": entry.source, "skipped": entry.problem})
+            continue
+        try:
+            rows.append({"path": entry.source, "size": entry.path.stat().st_size, "sha256": sha256_file(entry.path)})
+        except OSError as exc:
+            rows.append({"path": entry.source, "skipped": f"cannot be read: {os_reason(exc)}"})
+    return {"sources": manifest_digest({"files": sorted(rows, key=lambda row: row["path"])})}
 
 
 class _Inline:
@@ -216,11 +222,26 @@ class DocumentScheduler:
             self.docs[key] = chunk_clean_document(self.cleaned.pop(key), merged, self.config)
 
 
+def _probe_all(pool, entries: list[Entry]) -> list[FileProbe]:
+    """One probe per entry, in entry order; an entry the listing could not use, or whose probe fails, is skipped."""
+    futures = {i: pool.submit(probe, e.path, e.source) for i, e in enumerate(entries) if not e.problem}
+    probes = []
+    for i, entry in enumerate(entries):
+        reason = entry.problem
+        if not reason:
+            try:
+                probes.append(futures[i].result())
+                continue
+            except Exception as exc:  # one file's failure must not cost the others
+                reason = f"could not be examined: {type(exc).__name__}: {exc}"
+        probes.append(FileProbe(path=entry.path, source=entry.source, size=0, sha256="", status="skipped", reason=reason))
+    return probes
+
+
 def ingest_folder(folder: Path, config: IngestConfig, tokenizer_file: Path, progress: bool = True) -> IngestResult:
     """Ingest and chunk every PDF under a folder. Bad files are reported, never fatal here."""
     started = time.perf_counter()
-    root = Path(folder)
-    files = list_pdfs(root)
+    entries = scan_folder(Path(folder))
     workers = config.workers or os.cpu_count() or 1
     warm_up(str(tokenizer_file))
     # fork: spawn would re-import the caller's __main__ (a KFP executor); workers touch only pymupdf and tokenizers.
@@ -230,7 +251,7 @@ def ingest_folder(folder: Path, config: IngestConfig, tokenizer_file: Path, prog
         else ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=close_cached)
     )
     try:
-        probes = [f.result() for f in [pool.submit(probe, path, path.relative_to(root).as_posix()) for path in files]]
+        probes = _probe_all(pool, entries)
         mark_duplicates(probes)
         usable = sorted((p for p in probes if p.status == "ok"), key=lambda p: -p.page_count)
         total = sum(p.page_count for p in usable)
@@ -242,6 +263,8 @@ def ingest_folder(folder: Path, config: IngestConfig, tokenizer_file: Path, prog
 
     result, note = IngestResult(), ocr_note(config)
     for item in probes:  # report and outputs in input order, whatever order workers finished
+        if item.sha256:
+            result.read.append((item.path, item.source))
         doc = docs.get(item.sha256) if item.status == "ok" else None
         result.files.append(_report_row(item, doc, note))
         if doc is not None:
@@ -249,6 +272,11 @@ def ingest_folder(folder: Path, config: IngestConfig, tokenizer_file: Path, prog
             result.chunks.extend(doc.chunks)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _cell(value: object) -> str:
+    """A Markdown table cell: a '|' or a line break in a name or reason must not break the table."""
+    return " ".join(str(value).split("\n")).replace("|", "\\|")
 
 
 def report_markdown(result: IngestResult) -> str:
@@ -265,8 +293,8 @@ def report_markdown(result: IngestResult) -> str:
     for row in result.files:
         flags = ", ".join(f"{k}: {v}" for k, v in row["flags"].items())
         lines.append(
-            f"| {row['source']} | {row['status']} | {row['pages']} | {row['pages_with_text']} | {flags} | "
-            f"{row['chunks']} | {row['lang']} | {row['reason']} |"
+            f"| {_cell(row['source'])} | {row['status']} | {row['pages']} | {row['pages_with_text']} | {_cell(flags)} | "
+            f"{row['chunks']} | {row['lang']} | {_cell(row['reason'])} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -303,6 +331,17 @@ CHUNK_FEATURES = {
 }
 
 
+def _nothing_usable(result: IngestResult, folder: Path, run_id: str) -> str:
+    """One line: how many files, the first reasons, and where the whole report is."""
+    files = result.files
+    first = "; ".join(f"{f['source']}: {' '.join(f['reason'].split())}" for f in files[:3])
+    more = f"; and {len(files) - 3} more" if len(files) > 3 else ""
+    return (
+        f"no usable document: all {len(files)} files in {shown(folder)} were skipped ({first}{more}); "
+        f"every file and why: report/ingest_report.md of MLflow run {run_id}"
+    )
+
+
 def run(config: RunConfig, inputs: dict[str, ArtifactRef], tracker: StageRun) -> dict[str, ArtifactRef]:
     model_dir = resolve_model(config.model.base_model, config.project.workdir / "cache")
     tokenizer_file = model_dir / "tokenizer.json"
@@ -322,17 +361,19 @@ def run(config: RunConfig, inputs: dict[str, ArtifactRef], tracker: StageRun) ->
         (report / "ingest_report.md").write_text(report_markdown(result))
         outputs["report"] = tracker.log_output("report", report, kind="ingest_report")
         if summary["documents"] == 0:
-            reasons = "; ".join(f"{f['source']}: {f['reason']}" for f in result.files)
-            raise IngestError(f"no usable document among {len(result.files)} files in {folder} ({reasons})")
+            raise IngestError(_nothing_usable(result, folder, tracker.run_id))
 
         if "sources" in inputs:
             outputs["sources"] = inputs["sources"]
-        else:
+        else:  # the files that were read, so a rerun from this run sees the same content; the rest are in the report
             sources = out / "sources"
-            for path in list_pdfs(folder):
-                target = sources / path.relative_to(folder)
+            for path, source in result.read:
+                target = sources / source
                 target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(path, target)
+                try:
+                    shutil.copy2(path, target)
+                except OSError as exc:  # changed under us since it was read
+                    raise IngestError(f"{source} could not be copied into the sources artifact: {os_reason(exc)}") from None
             outputs["sources"] = tracker.log_output("sources", sources, kind="pdf_corpus")
 
         (out / "pages").mkdir()

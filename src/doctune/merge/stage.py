@@ -12,14 +12,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from doctune.artifacts import ArtifactRef
+from doctune.artifacts import MODEL_KIND, ArtifactRef
 from doctune.chat import conversation, render_ids
 from doctune.config import RunConfig
 from doctune.devices import precision, torch_dtype
 from doctune.records import SYSTEM_PROMPT_FILE, read_text_file
 from doctune.tracking import StageRun
 from doctune.train.artifacts import (
-    MODEL_KIND,
     ModelArtifactError,
     base_folder_of,
     end_of_turn_generation_config,

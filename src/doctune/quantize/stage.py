@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from doctune.artifacts import ArtifactRef
+from doctune.artifacts import GGUF_KIND, NF4_KIND, ArtifactRef
 from doctune.chat import conversation
 from doctune.config import RunConfig
 from doctune.models import BUNDLED_PREFIX, bundled_gguf
@@ -25,8 +25,6 @@ from doctune.tracking import StageRun
 from doctune.train.artifacts import read_meta
 
 REPORT_FILE = QUANTIZE_REPORT_FILE
-GGUF_KIND = "gguf_model"
-NF4_KIND = "nf4_model"
 BASELINE = "merged"
 
 

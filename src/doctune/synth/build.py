@@ -278,7 +278,7 @@ def build(
         pairs, strategies = builder.dpo_pairs(out.sft[name], pools[name])
         counts.update({f"dpo_{name}_{k}": v for k, v in strategies.items()})
         if judge is not None:
-            pairs = judged(pairs, judge, counts)
+            pairs = judged(pairs, judge, counts, name)
         out.dpo[name] = pairs
     counts["sft_abstention"] = sum(r["meta"]["form"] == "abstention" for split in out.sft.values() for r in split)
     chats = rehearsal_records(replay, config.replay.sft_share, len(out.sft["train"]), counts)
@@ -379,17 +379,29 @@ def rehearsal_records(texts: list[ReplayText], share: float, domain_examples: in
     return records
 
 
-def judged(pairs: list[dict], judge: Callable[[str, str, str], str | None], counts: Counter) -> list[dict]:
-    """Keep pairs whose judge verdicts agree in both orders (A/B swapped) that chosen is better."""
+def judged(
+    pairs: list[dict], judge: Callable[[str, str, str], str | None], counts: Counter, split: str | None = None
+) -> list[dict]:
+    """Keep pairs whose judge verdicts agree in both orders (A/B swapped) that chosen is better. With `split`, the
+    counts are also kept per split (judge_<split>_pairs, _kept, _disagreed, _prefers_rejected): the stage refuses a
+    judge that keeps no training pair."""
     kept = []
     for pair in pairs:
         question = pair["prompt"][-1]["content"]
         chosen, rejected = pair["chosen"][0]["content"], pair["rejected"][0]["content"]
         first, second = judge(question, chosen, rejected), judge(question, rejected, chosen)
         if first is None or second is None or (first == "A") != (second == "B"):
-            counts["judge_disagreed"] += 1
+            verdict = "disagreed"
         elif first == "B":
-            counts["judge_prefers_rejected"] += 1
+            verdict = "prefers_rejected"
         else:
+            verdict = "kept"
             kept.append(pair)
+        if verdict != "kept":
+            counts[f"judge_{verdict}"] += 1
+        if split is not None:
+            counts[f"judge_{split}_{verdict}"] += 1
+    if split is not None:
+        counts[f"judge_{split}_pairs"] += len(pairs)
+        counts[f"judge_{split}_kept"] += 0  # present (as 0) when nothing is kept
     return kept

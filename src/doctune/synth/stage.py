@@ -28,6 +28,7 @@ from doctune.records import (
     read_parquet,
     write_jsonl,
 )
+from doctune.redact import redact_obj
 from doctune.retrieval import ChunkIndex
 from doctune.synth import filters
 from doctune.synth.build import Datasets, build
@@ -39,6 +40,20 @@ from doctune.tracking import StageRun
 
 class SynthError(RuntimeError):
     """Nothing to generate from, or nothing left after filtering."""
+
+
+def check_judged(data: Datasets) -> None:
+    """A pairwise judge that kept none of the training split's DPO pairs is refused: an empty DPO set would only
+    fail later, in the DPO stage, far from its cause."""
+    counts = data.counts
+    pairs = counts.get("judge_train_pairs", 0)
+    if pairs and not data.dpo["train"]:
+        disagreed, rejected = counts.get("judge_train_disagreed", 0), counts.get("judge_train_prefers_rejected", 0)
+        raise SynthError(
+            f"the pairwise judge kept 0 of {pairs} DPO pairs of the training split ({disagreed} disagreed between "
+            f"orders, {rejected} preferred the rejected answer); check the judge model (synth.endpoint) or set "
+            f"synth.judge=false"
+        )
 
 
 def apply_filters(qas: list[QA], config: RunConfig, lang_of: dict[str, str], index: ChunkIndex) -> tuple[list[QA], dict]:
@@ -175,6 +190,8 @@ def run(config: RunConfig, inputs: dict[str, ArtifactRef], tracker: StageRun) ->
     if cfg.judge and judge is None:
         raise SynthError("synth.judge needs synth.teacher=endpoint: the judge is asked through the teacher endpoint")
     data = build(cfg, chunks, kept, index, config.retrieval.top_k, replay, judge)
+    if config.dpo.enabled:  # with DPO off an empty preference set harms nothing
+        check_judged(data)
     rep = report(data, filter_counts, teacher_counts, cfg.teacher)
     tracker.log_metrics(
         {f"filter.{k}": v for k, v in filter_counts.items()}
@@ -201,7 +218,7 @@ def run(config: RunConfig, inputs: dict[str, ArtifactRef], tracker: StageRun) ->
             (out / name / ABSTENTION_FILE).write_text(ABSTENTION)
         write_jsonl(out / "raw" / "qa.jsonl", [q.to_dict() for q in qas])
         if exchanges:
-            write_jsonl(out / "raw" / "exchanges.jsonl", exchanges)
+            write_jsonl(out / "raw" / "exchanges.jsonl", redact_obj(exchanges))  # raw replies may echo a secret
         (out / "report").mkdir()
         (out / "report" / SYNTH_REPORT_FILE).write_text(json.dumps(rep, indent=1, ensure_ascii=False))
         (out / "report" / "synth_report.md").write_text(report_markdown(rep))

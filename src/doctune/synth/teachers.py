@@ -24,12 +24,18 @@ from doctune.chat import conversation
 from doctune.config import EndpointConfig, SynthConfig
 from doctune.generation import chat_replies
 from doctune.records import read_jsonl
+from doctune.redact import protect, redact, redact_obj
 from doctune.synth.extractive import QA, extractive_questions, fold
 from doctune.synth.prompts import JUDGE_SCHEMA, JUDGE_SYSTEM, QA_SCHEMA, TEACHER_SYSTEM, judge_prompt, teacher_prompt
 
 
 class TeacherError(RuntimeError):
-    """The teacher cannot be used at all (endpoint unreachable after retries, missing key...)."""
+    """The teacher cannot be used at all (endpoint unreachable after retries, key refused...)."""
+
+
+# Client errors that can pass: a request timeout and rate limiting. Any other 4xx (401/403: the key; 400/404/422: the
+# request) fails at once: repeating it cannot help, and repeats a refused key to the server.
+RETRIED_4XX = frozenset({408, 429})
 
 
 class Teacher(Protocol):
@@ -88,6 +94,7 @@ class ChatClient:
         self.config = config
         self.url = config.base_url.rstrip("/") + "/chat/completions"
         self.headers = {"Content-Type": "application/json"}
+        protect(config.api_key_env)  # whatever variable holds the key, its value is never logged
         key = os.environ.get(config.api_key_env, "")
         if key:
             self.headers["Authorization"] = f"Bearer {key}"
@@ -115,20 +122,50 @@ class ChatClient:
         }
         if (fmt := self.response_format(schema)) is not None:
             body["response_format"] = fmt
-        last = ""
+        last, attempts = "", 0
         for attempt in range(self.config.max_retries + 1):
+            attempts += 1
             try:
                 response = self._session().post(self.url, json=body, headers=self.headers, timeout=self.config.timeout_s)
-                if response.status_code == 200:
-                    return response.json()["choices"][0]["message"]["content"] or ""
-                last = f"HTTP {response.status_code}: {response.text[:200]}"
-                if response.status_code in (400, 401, 403, 404):
-                    break  # the request itself is wrong: retrying cannot help
-            except (requests.RequestException, ValueError, KeyError, IndexError) as exc:
+            except requests.RequestException as exc:
                 last = f"{type(exc).__name__}: {exc}"
+            else:
+                if response.status_code == 200:
+                    try:
+                        return response.json()["choices"][0]["message"]["content"] or ""
+                    except (ValueError, KeyError, IndexError, TypeError) as exc:
+                        last = f"HTTP 200 without a chat completion ({type(exc).__name__}: {exc})"
+                else:
+                    last = f"HTTP {response.status_code}"
+                    if response.status_code not in RETRIED_4XX and 400 <= response.status_code < 500:
+                        raise TeacherError(self._refused(response, attempts))  # retrying cannot help
+                    last += self._body(response)
             if attempt < self.config.max_retries:
                 time.sleep(min(8.0, 0.5 * 2**attempt) * (1 + random.random() * 0.25))
-        raise TeacherError(f"teacher endpoint {self.url} failed after {self.config.max_retries + 1} attempts: {last}")
+        raise TeacherError(redact(f"teacher endpoint {self.url} failed after {_attempts(attempts)}: {last}"))
+
+    @staticmethod
+    def _body(response: requests.Response) -> str:
+        """': <body>' redacted and cut short, or '' for an empty body."""
+        text = " ".join(redact(response.text).split())
+        return f": {text[:200]}" + ("..." if len(text) > 200 else "") if text else ""
+
+    def _refused(self, response: requests.Response, attempts: int) -> str:
+        status, env = response.status_code, self.config.api_key_env
+        if status in (401, 403):
+            hint = f"check the key in ${env}" if "Authorization" in self.headers else f"no key sent: ${env} is not set"
+            cause = f"HTTP {status} ({hint})"
+        elif status == 404:
+            cause = f"HTTP {status} (no chat completions there: check synth.endpoint.base_url, up to /v1)"
+        else:
+            cause = f"HTTP {status} (the request itself is wrong: check synth.endpoint's model and response_format)"
+        return redact(
+            f"teacher endpoint {self.url} refused the request: {cause}, after {_attempts(attempts)}{self._body(response)}"
+        )
+
+
+def _attempts(n: int) -> str:
+    return f"{n} attempt" + ("" if n == 1 else "s")
 
 
 class EndpointTeacher:
@@ -230,7 +267,8 @@ def generate(
         except TeacherError:
             stop.set()
             raise
-        record = {"chunk_id": chunk["chunk_id"], "qa": [q.to_dict() for q in qas], "exchange": exchange}
+        # The raw replies are kept on disk: a server that echoes a secret must not get it written here.
+        record = {"chunk_id": chunk["chunk_id"], "qa": [q.to_dict() for q in qas], "exchange": redact_obj(exchange)}
         with lock, open(checkpoint, "a") as handle:
             handle.write(json.dumps(record) + "\n")
             done[chunk["chunk_id"]] = record
@@ -238,9 +276,11 @@ def generate(
     if concurrency <= 1:
         for chunk in todo:
             work(chunk)
-    else:
+    elif todo:
+        # The first chunk alone: an endpoint that refuses the key or is down fails one request, not `concurrency`.
+        work(todo[0])
         with ThreadPoolExecutor(concurrency) as pool:
-            for future in [pool.submit(work, chunk) for chunk in todo]:
+            for future in [pool.submit(work, chunk) for chunk in todo[1:]]:
                 future.result()
     counts: Counter = Counter(resumed_chunks=len(chunks) - len(todo))
     qas, exchanges = [], []

@@ -17,7 +17,6 @@ from doctune.config import RunConfig
 from doctune.models import resolve_model
 
 META_FILE = "doctune_model.json"
-MODEL_KIND = "model"
 
 
 class ModelArtifactError(RuntimeError):

@@ -15,14 +15,13 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from doctune.artifacts import ArtifactRef
+from doctune.artifacts import MODEL_KIND, ArtifactRef
 from doctune.cache import Cache
 from doctune.code_digest import code_digest
 from doctune.config import RunConfig, TrainingConfig
 from doctune.records import TRAIN_FILE
 from doctune.tracking import StageRun
 from doctune.train.artifacts import (
-    MODEL_KIND,
     base_of,
     copy_generation_config,
     end_of_turn_generation_config,
