@@ -146,12 +146,13 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 def cmd_cache_prune(args: argparse.Namespace) -> int:
-    from doctune.cache import Cache, prune
+    from doctune.cache import exclusive, prune
     from doctune.stages import cache_entries_in_use
 
     config = _load(args)
     tracker = Tracker(config)
-    removed, freed = prune(Cache(config.project.workdir / "cache"), cache_entries_in_use(tracker), dry_run=args.dry_run)
+    with exclusive(tracker.cache.root):
+        removed, freed = prune(tracker.cache, cache_entries_in_use(tracker), args.dry_run, args.include_resume_state)
     verb = "would remove" if args.dry_run else "removed"
     for entry, size in removed:
         print(f"{verb} {entry} ({size / 2**20:.1f} MiB)")
@@ -209,6 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     cache_sub = cache.add_subparsers(dest="cache_command", required=True)
     prune = cache_sub.add_parser("prune", help="remove cache entries no run in the tracking store references")
     prune.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
+    prune.add_argument(
+        "--include-resume-state", action="store_true",
+        help="also remove what an unfinished stage would resume from (teacher output so far, training checkpoints)",
+    )  # fmt: skip
     _config_args(prune)
     prune.set_defaults(func=cmd_cache_prune)
     return parser

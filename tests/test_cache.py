@@ -85,6 +85,21 @@ def test_cache_prune_removes_what_no_run_references_and_says_how_much(make_confi
     assert all(path.exists() for path in stale)
     assert main(["cache", "prune", "--set", workdir]) == 0
     out = capsys.readouterr().out
-    assert "removed 3 cache entries no run references" in out and "artifacts/sha256-0000" in out
-    assert not any(path.exists() for path in stale)
+    assert "removed 2 cache entries no run references" in out and "artifacts/sha256-0000" in out
+    assert not stale[0].exists() and not stale[1].exists()
+    assert stale[2].exists()  # an unfinished stage's training checkpoint: what a rerun resumes from
+    assert main(["cache", "prune", "--include-resume-state", "--set", workdir]) == 0
+    assert "removed 1 cache entries" in capsys.readouterr().out and not stale[2].exists()
     assert {p.relative_to(root).as_posix() for _, p in Cache(root).entries()} == kept
+
+
+def test_cache_prune_refuses_while_a_stage_uses_the_cache(tmp_path, capsys):
+    from doctune.cache import in_use
+
+    root = tmp_path / "work" / "cache"
+    (root / "embeddings").mkdir(parents=True)
+    (root / "embeddings" / "x.npy").write_bytes(b"v")
+    with in_use(root):  # as a running stage holds it, in this process or another
+        assert main(["cache", "prune", "--set", f"project.workdir={tmp_path / 'work'}"]) == 1
+    assert "a stage is running with the cache" in capsys.readouterr().err
+    assert (root / "embeddings" / "x.npy").exists()

@@ -13,6 +13,7 @@ import pytest
 
 from doctune.chat import ABSTENTION, SYSTEM_PROMPT, edge_order
 from doctune.config import EndpointConfig, SynthConfig
+from doctune.records import read_parquet
 from doctune.stages import execute_stage
 from doctune.synth import filters
 from doctune.synth.build import Builder, alter, judged, rehearsal_records, replay_records
@@ -213,6 +214,13 @@ def corpus_synth(tmp_path_factory, tiny_model_dir, corpus):
     return config, tracker, synth
 
 
+def ingest_chunks(tracker, synth_result):
+    """The chunks of the ingest run in the synth run's pipeline run."""
+    parent = tracker.client.get_run(synth_result.run_id).data.tags["mlflow.parentRunId"]
+    (ingest,) = tracker.stage_runs(parent, "ingest")
+    return tracker.outputs_of(ingest)["chunks"]
+
+
 def _jsonl(folder: Path, name: str) -> list[dict]:
     return [json.loads(line) for line in (folder / name).read_text().splitlines()]
 
@@ -243,6 +251,9 @@ def test_eval_sets_are_leak_free(corpus_synth):
     cpt = _jsonl(tracker.fetch(result.outputs["cpt"]), "train.jsonl")
     heldout = _jsonl(tracker.fetch(result.outputs["heldout"]), "heldout.jsonl")
     assert heldout and not {r["text"] for r in heldout} & {r["text"] for r in cpt}  # no training stage sees it
+    chunks = read_parquet(tracker.fetch(ingest_chunks(tracker, result)) / "chunks.parquet")
+    held_ids = {c["chunk_id"] for c in chunks if c["text"] in {r["text"] for r in heldout}}
+    assert held_ids and not held_ids & training_chunks  # not as SFT/DPO questions or contexts either
     assert not [
         g for g in golden if len(g["meta"]["evidence"]) > 40 and any(g["meta"]["evidence"] in fold(r["text"]) for r in cpt)
     ]

@@ -109,3 +109,21 @@ def test_ingest_through_a_real_mlflow_server(mlflow_server, make_config, small_c
     third = Tracker(make_config(small_corpus, **{"tracking.uri": url, "project.workdir": str(tmp_path / "third")}))
     with pytest.raises(ArtifactIntegrityError, match="chunks.parquet"):
         third.fetch(result.outputs["chunks"])
+
+
+@pytest.mark.server
+def test_the_store_check_through_a_real_server_accepts_empty_files_and_catches_a_changed_size(
+    mlflow_server, make_config, tmp_path
+):
+    """Through the artifact proxy an empty file is listed without a size; the check must not call it missing."""
+    url, artifacts = mlflow_server
+    tracker, run = _stage_run(make_config(**{"tracking.uri": url}))
+    folder = _folder(tmp_path)
+    (folder / "validation.jsonl").write_text("")  # an empty split, as synth writes for a small corpus
+    ref = run.log_output("things", folder, kind="test")
+    tracker.verify_stored(ref)
+    tracker.verify_stored(ref, full=True)
+    stored = next(artifacts.rglob("a.txt"))
+    stored.write_text(stored.read_text() + " and more")
+    with pytest.raises(ArtifactIntegrityError, match=r"file a.txt has \d+ bytes, its manifest says \d+"):
+        tracker.verify_stored(ref)

@@ -30,7 +30,16 @@ KINDS = (
     "train/dpo",
 )
 
+# Resume state of a stage that did not finish (teacher generation so far, training checkpoints): no finished run
+# names it, so prune keeps it unless asked not to.
+RESUME_KINDS = ("synth", "train/cpt", "train/sft", "train/dpo")
+IN_USE_LOCK = ".in-use.lock"
+
 _used: set[str] = set()
+
+
+class CacheBusy(RuntimeError):
+    """The cache cannot be pruned now: a stage is using it."""
 
 
 def used_entries() -> list[str]:
@@ -145,12 +154,44 @@ def size_of(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
 
 
-def prune(cache: Cache, referenced: Iterable[str], dry_run: bool = False) -> tuple[list[tuple[str, int]], int]:
-    """Remove every entry not in `referenced` (kind/name); returns ([(entry, bytes)], bytes freed)."""
+@contextmanager
+def in_use(root: Path):
+    """Held (shared) while a stage runs: prune waits for no stage, it refuses while one runs."""
+    lock_path = Path(root) / IN_USE_LOCK
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextmanager
+def exclusive(root: Path):
+    """Held while pruning; CacheBusy at once if a stage holds `in_use`."""
+    lock_path = Path(root) / IN_USE_LOCK
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CacheBusy(f"a stage is running with the cache {root}; prune it when the stage has ended") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def prune(
+    cache: Cache, referenced: Iterable[str], dry_run: bool = False, include_resume_state: bool = False
+) -> tuple[list[tuple[str, int]], int]:
+    """Remove every entry not in `referenced` (kind/name), and not resume state unless `include_resume_state`;
+    returns ([(entry, bytes)], bytes freed)."""
     keep = set(referenced)
     removed = []
     for key, path in cache.entries():
-        if key in keep:
+        if key in keep or (not include_resume_state and key.rsplit("/", 1)[0] in RESUME_KINDS):
             continue
         size = size_of(path)
         if not dry_run:

@@ -18,6 +18,7 @@ import psutil
 # How long children get to close their runs after SIGTERM before they are killed.
 GRACE_S = 20.0
 OWNER_ENV = "DOCTUNE_OWNER"
+START_TIME_TOLERANCE_S = 60.0  # a reused pid is a process started later: seconds to days, rarely within a minute
 
 
 class Interrupted(BaseException):
@@ -133,6 +134,7 @@ def is_alive(host: str, pid: str, started: str) -> bool | None:
     if host != socket.gethostname():
         return None
     try:
-        return f"{psutil.Process(int(pid)).create_time():.2f}" == started
+        # psutil derives the start time from the boot time, which moves when the clock is stepped (NTP, VM sync)
+        return abs(psutil.Process(int(pid)).create_time() - float(started)) < START_TIME_TOLERANCE_S
     except (psutil.Error, ValueError):
         return False

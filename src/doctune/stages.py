@@ -6,6 +6,7 @@ MLflow run, records lineage, reuses an earlier identical result, and closes the 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import json
@@ -214,18 +215,25 @@ def execute_stage(
     run = tracker.start_stage_run(name, parent_run_id, tags)
     cache.forget_used()
     try:
-        run.log_params(config.flat(spec.sections))
-        run.log_text(config.to_yaml(), "config/run.yaml")
-        outputs = module.run(config, inputs, run)
+        with cache.in_use(tracker.cache.root):
+            run.log_params(config.flat(spec.sections))
+            run.log_text(config.to_yaml(), "config/run.yaml")
+            outputs = module.run(config, inputs, run)
         seconds = time.monotonic() - started
         run.log_metrics({"stage_seconds": seconds})
+        _record_cache_use(run)
     except BaseException as exc:
+        with contextlib.suppress(Exception):  # the stage's own error is the one to report
+            _record_cache_use(run)
         _fail(run, exc)
         raise
-    finally:  # what `doctune cache prune` keeps for this run
-        run.log_text(json.dumps(cache.used_entries(), indent=0), CACHE_ENTRIES_FILE)
     run.finish(outputs)
     return StageResult(name, run.run_id, outputs, None, seconds)
+
+
+def _record_cache_use(run) -> None:
+    """The cache entries this stage used: what `doctune cache prune` keeps for it."""
+    run.log_text(json.dumps(cache.used_entries(), indent=0), CACHE_ENTRIES_FILE)
 
 
 def _fail(run, exc: BaseException) -> None:
@@ -300,20 +308,35 @@ def _recorded_output(
 
 
 def cache_entries_in_use(tracker: Tracker) -> set[str]:
-    """Cache entries (kind/name) some run of this experiment still references: the artifacts its stage runs
-    consumed and produced, and what each recorded as used (training merges, bundled models, embeddings...)."""
+    """Cache entries (kind/name) some run of this tracking store still references: the artifacts its stage runs
+    consumed and produced, and what each recorded as used (training merges, bundled models, embeddings...). Every
+    experiment counts (projects may share a work directory); a record that exists but cannot be read stops the
+    prune, since what it protects is unknown."""
     entries: set[str] = set()
-    for run in tracker.client.search_runs([tracker.experiment_id], filter_string=f"tags.`{TAG}kind` = 'stage'"):
+    experiments = [e.experiment_id for e in tracker.client.search_experiments()]
+    for run in _all_runs(tracker, experiments, f"tags.`{TAG}kind` = 'stage'"):
         tags = run.data.tags
         digests = [v for k, v in tags.items() if k.startswith((f"{TAG}output.", f"{TAG}upstream."))]
         entries |= {f"artifacts/{d.replace(':', '-')}" for d in digests if d.startswith("sha256:")}
+        if not any(f.path == CACHE_ENTRIES_FILE for f in tracker.client.list_artifacts(run.info.run_id)):
+            continue  # a run from before entries were recorded, or one killed before it could record them
         with tempfile.TemporaryDirectory() as tmp:
             try:
                 local = tracker.client.download_artifacts(run.info.run_id, CACHE_ENTRIES_FILE, tmp)
-            except Exception:  # a run from before entries were recorded
-                continue
-            entries |= set(json.loads(Path(local).read_text()))
+                entries |= set(json.loads(Path(local).read_text()))
+            except Exception as exc:
+                raise StageError(f"cannot read the cache record of run {run.info.run_id} ({exc}); nothing was removed") from None
     return entries
+
+
+def _all_runs(tracker: Tracker, experiments: list[str], query: str):
+    token = None
+    while True:
+        page = tracker.client.search_runs(experiments, filter_string=query, max_results=1000, page_token=token)
+        yield from page
+        token = page.token
+        if not token:
+            return
 
 
 # -- entry points for the thin KFP components --------------------------------
@@ -399,7 +422,8 @@ def rerun_stage_component(name: str, config_yaml: str, from_run: str) -> str:
     config = config_from_yaml(config_yaml)
     tracker = Tracker(config)
     parent, inputs, replaced = resolve_from_run(name, tracker, from_run)
-    return refs_to_json(execute_stage(name, config, tracker, parent, inputs, replaces=replaced).outputs)
+    with stop_on_signals(end_children_first=True):
+        return refs_to_json(execute_stage(name, config, tracker, parent, inputs, replaces=replaced).outputs)
 
 
 def skip_stage_component(name: str, config_yaml: str, parent_run_id: str, passthrough: str) -> str:

@@ -81,10 +81,17 @@ def check_reachable(uri: str, timeout: float = REACHABLE_TIMEOUT_S) -> None:
         return
     import requests
 
+    # The TLS settings MLflow's own client honours: a private CA, client certificates, or no verification.
+    verify: bool | str = os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or True
+    if os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true":
+        verify = False
+    cert = os.environ.get("MLFLOW_TRACKING_CLIENT_CERT_PATH") or None
     try:
-        requests.get(f"{uri.rstrip('/')}/health", timeout=(timeout / 2, timeout / 2))
+        requests.get(f"{uri.rstrip('/')}/health", timeout=(timeout / 2, timeout / 2), verify=verify, cert=cert)
     except requests.RequestException as exc:
         cause = "timed out" if isinstance(exc, requests.Timeout) else "connection failed"
+        if isinstance(exc, requests.exceptions.SSLError):
+            cause = "TLS failed: check MLFLOW_TRACKING_SERVER_CERT_PATH / MLFLOW_TRACKING_CLIENT_CERT_PATH"
         raise InfrastructureError(
             f"the tracking server {uri} does not answer ({cause} within {timeout:.0f} s): start it, or set tracking.uri "
             "(--tracking-uri) to one that runs"
@@ -228,10 +235,11 @@ class Tracker:
         return self.client.search_runs([self.experiment_id], filter_string=query, order_by=["attributes.start_time DESC"])
 
     def reusable_run(self, stage: str, cache_key: str) -> Any | None:
-        """The newest finished run of this stage with the same cache key (its outputs are content-addressed)."""
+        """The newest finished run of this stage with the same cache key that made its outputs itself (a reuse hands
+        on another run's outputs: if that run is deleted, its reuses are not candidates either)."""
         query = f"tags.`{TAG}stage` = '{stage}' and tags.`{TAG}cache_key` = '{cache_key}' and attributes.status = 'FINISHED'"
         for run in self.client.search_runs([self.experiment_id], filter_string=query, order_by=["attributes.start_time DESC"]):
-            if f"{TAG}outputs" in run.data.tags:
+            if f"{TAG}outputs" in run.data.tags and f"{TAG}reused_from" not in run.data.tags:
                 return run
         return None
 
@@ -315,7 +323,7 @@ class Tracker:
             if info.is_dir:
                 yield from self._stored_files(run_id, root, info.path)
             else:
-                yield info.path[len(root) + 1 :], info.file_size
+                yield info.path[len(root) + 1 :], info.file_size or 0  # an empty file's size is left out
 
 
 class StageRun:

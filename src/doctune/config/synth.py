@@ -97,8 +97,9 @@ class SynthConfig(Section):
     eval_fraction: float = Field(0.15, gt=0, lt=0.5, description="share of chunks (or documents) held out for eval sets")
     validation_fraction: float = Field(0.05, ge=0, lt=0.5, description="share of training chunks for validation splits")
     heldout_fraction: float = Field(
-        0.05, ge=0, lt=0.5,
-        description="share of domain texts held out of all training: perplexity before and after (CPT, quantize, gate)",
+        0.05, gt=0, lt=0.5,
+        description="share of training chunks held out of all training (CPT text, SFT/DPO questions and contexts; at "
+        "least one): perplexity before and after (CPT, quantize, gate)",
     )  # fmt: skip
     abstention_share: float = Field(0.175, ge=0.15, le=0.2, description="share of SFT examples that abstain")
     rag_share: float = Field(0.8, ge=0, le=1, description="share of answerable SFT examples with retrieved context")

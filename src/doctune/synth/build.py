@@ -32,7 +32,11 @@ def unit_fraction(seed: int, key: str) -> float:
 
 
 def assign_splits(chunks: list[dict], config: SynthConfig) -> dict[str, str]:
-    """chunk_id -> eval | validation | train, decided per chunk or per document."""
+    """chunk_id -> eval | validation | train | heldout, decided per chunk or per document.
+
+    `heldout` chunks (synth.heldout_fraction of the training chunks, at least one) are seen by no training stage:
+    not as CPT text, not as SFT/DPO questions or context. Their text measures perplexity before and after.
+    """
     out = {}
     for chunk in chunks:
         unit = chunk["chunk_id"] if config.split_by == "chunk" else chunk["doc_id"]
@@ -43,6 +47,11 @@ def assign_splits(chunks: list[dict], config: SynthConfig) -> dict[str, str]:
             out[chunk["chunk_id"]] = "validation"
         else:
             out[chunk["chunk_id"]] = "train"
+    training = sorted((unit_fraction(config.seed, f"heldout|{cid}"), cid) for cid, s in out.items() if s == "train")
+    if len(training) >= 2:
+        held = [cid for u, cid in training if u < config.heldout_fraction] or [training[0][1]]
+        for cid in held[: len(training) - 1]:
+            out[cid] = "heldout"
     return out
 
 
@@ -120,7 +129,7 @@ class Builder:
     def sft_records(self, items: list[QA], vectors: np.ndarray) -> tuple[list[dict], list[dict]]:
         """(answerable, abstention) SFT records for one split's QA."""
         cfg = self.config
-        trainable = lambda i: self.split[self.chunks[i]["chunk_id"]] != "eval"  # noqa: E731
+        trainable = lambda i: self.split[self.chunks[i]["chunk_id"]] in ("train", "validation")  # noqa: E731
         holds = [self.holding(qa) for qa in items]
         retrieved = self.retrieve(vectors, trainable, [set() for _ in items])
         without = self.retrieve(vectors, trainable, holds)
@@ -264,7 +273,7 @@ def build(
     builder = Builder(config, chunks, index, top_k)
     out = Datasets()
     counts = out.counts
-    pools: dict[str, list[QA]] = {"train": [], "validation": [], "eval": []}
+    pools: dict[str, list[QA]] = {"train": [], "validation": [], "eval": [], "heldout": []}  # heldout: unused
     for qa in qas:
         pools[builder.split[qa.chunk_id]].append(qa)
     counts.update({f"chunks_{name}": sum(1 for s in builder.split.values() if s == name) for name in pools})
@@ -287,13 +296,13 @@ def build(
             out.sft["train"] + chats, key=lambda r: unit_fraction(config.seed, "order|" + r["meta"]["question"])
         )
 
-    # CPT text: every chunk outside the eval split, in document order, plus replay; a share of it is held out.
-    domain = [{"text": c["text"], "source": "domain"} for c in chunks if builder.split[c["chunk_id"]] != "eval"]
-    out.heldout = held_out(domain, config.seed, config.heldout_fraction)
-    held = {id(r) for r in out.heldout}
-    trained = [r for r in domain if id(r) not in held]
+    # CPT text: the training chunks, in document order, plus replay; the held-out chunks measure perplexity.
+    def texts(*splits: str) -> list[dict]:
+        return [{"text": c["text"], "source": "domain"} for c in chunks if builder.split[c["chunk_id"]] in splits]
+
+    trained, out.heldout = texts("train", "validation"), texts("heldout")
+    domain = trained + out.heldout
     out.cpt = trained + replay_records(replay, sum(len(r["text"]) for r in trained), config.replay.share, counts)
-    counts["cpt_heldout_texts"] = len(out.heldout)
 
     golden, unanswerable = builder.eval_items(pools["eval"], vectors["eval"])
     # Held-out content that recurs in training (repeated pages, boilerplate, the same fact in two chunks)
@@ -334,16 +343,6 @@ def build(
             f"(rate {out.contamination_rate:.4f} > synth.max_contamination {config.max_contamination})"
         )
     return out
-
-
-def held_out(domain: list[dict], seed: int, fraction: float) -> list[dict]:
-    """A stable `fraction` of the domain texts, chosen by hash; at least one when there are two or more (a small
-    corpus is still measured), never all of them."""
-    if fraction <= 0 or len(domain) < 2:
-        return []
-    ranked = sorted(range(len(domain)), key=lambda i: unit_fraction(seed, "heldout|" + domain[i]["text"]))
-    chosen = [i for i in ranked if unit_fraction(seed, "heldout|" + domain[i]["text"]) < fraction] or ranked[:1]
-    return [domain[i] for i in sorted(chosen[: len(domain) - 1])]
 
 
 def replay_records(texts: list[ReplayText], domain_chars: int, share: float, counts: Counter) -> list[dict]:

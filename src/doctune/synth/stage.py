@@ -190,8 +190,12 @@ def run(config: RunConfig, inputs: dict[str, ArtifactRef], tracker: StageRun) ->
     if cfg.judge and judge is None:
         raise SynthError("synth.judge needs synth.teacher=endpoint: the judge is asked through the teacher endpoint")
     data = build(cfg, chunks, kept, index, config.retrieval.top_k, replay, judge)
-    if config.dpo.enabled:  # with DPO off an empty preference set harms nothing
-        check_judged(data)
+    check_judged(data)  # whether DPO runs is not part of synth's cache key: its result must serve both
+    if not data.heldout:
+        raise SynthError(
+            f"no domain text could be held out for perplexity ({data.counts.get('chunks_train', 0)} training chunk(s); "
+            "two or more are needed): quantize and the gate measure on it. Give the corpus more text."
+        )
     rep = report(data, filter_counts, teacher_counts, cfg.teacher)
     tracker.log_metrics(
         {f"filter.{k}": v for k, v in filter_counts.items()}
@@ -210,7 +214,7 @@ def run(config: RunConfig, inputs: dict[str, ArtifactRef], tracker: StageRun) ->
             write_jsonl(out / "sft" / f"{split}.jsonl", data.sft[split])
             write_jsonl(out / "dpo" / f"{split}.jsonl", data.dpo[split])
         write_jsonl(out / "cpt" / TRAIN_FILE, data.cpt)
-        write_jsonl(out / "heldout" / HELDOUT_FILE, data.heldout)  # may be empty: a one-text corpus
+        write_jsonl(out / "heldout" / HELDOUT_FILE, data.heldout)
         write_jsonl(out / "golden" / GOLDEN_FILE, data.golden)
         write_jsonl(out / "unanswerable" / UNANSWERABLE_FILE, data.unanswerable)
         for name in ("sft", "dpo", "golden", "unanswerable"):

@@ -280,8 +280,13 @@ def generate(
         # The first chunk alone: an endpoint that refuses the key or is down fails one request, not `concurrency`.
         work(todo[0])
         with ThreadPoolExecutor(concurrency) as pool:
-            for future in [pool.submit(work, chunk) for chunk in todo[1:]]:
-                future.result()
+            try:
+                for future in [pool.submit(work, chunk) for chunk in todo[1:]]:
+                    future.result()
+            except BaseException:  # down, or interrupted: the queued chunks must not go on calling the endpoint
+                stop.set()
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
     counts: Counter = Counter(resumed_chunks=len(chunks) - len(todo))
     qas, exchanges = [], []
     for chunk in chunks:  # chunk order, whatever order they finished in
