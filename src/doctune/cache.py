@@ -65,16 +65,20 @@ def note_use(root: Path, path: Path) -> None:
 
 
 @contextmanager
-def locked(lock_path: Path):
-    """An exclusive lock held on `lock_path` (created) while the block runs."""
+def _flocked(lock_path: Path, operation: int):
     lock_path = Path(lock_path)
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        fcntl.flock(handle, operation)
         try:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def locked(lock_path: Path):
+    """An exclusive lock held on `lock_path` (created) while the block runs."""
+    return _flocked(lock_path, fcntl.LOCK_EX)
 
 
 @dataclass(frozen=True)
@@ -154,33 +158,23 @@ def size_of(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
 
 
-@contextmanager
 def in_use(root: Path):
     """Held (shared) while a stage runs: prune waits for no stage, it refuses while one runs."""
-    lock_path = Path(root) / IN_USE_LOCK
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_SH)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    return _flocked(Path(root) / IN_USE_LOCK, fcntl.LOCK_SH)
 
 
 @contextmanager
 def exclusive(root: Path):
     """Held while pruning; CacheBusy at once if a stage holds `in_use`."""
-    lock_path = Path(root) / IN_USE_LOCK
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise CacheBusy(f"a stage is running with the cache {root}; prune it when the stage has ended") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    hold = _flocked(Path(root) / IN_USE_LOCK, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        hold.__enter__()
+    except BlockingIOError:
+        raise CacheBusy(f"a stage is running with the cache {root}; prune it when the stage has ended") from None
+    try:
+        yield
+    finally:
+        hold.__exit__(None, None, None)
 
 
 def prune(
