@@ -104,7 +104,18 @@ def run_job(job: TrainJob, callbacks: list | None = None) -> dict:
         tokenizer.save_pretrained(job.output_dir)
         (Path(job.output_dir) / "training_args.json").write_text(trainer.args.to_json_string())
         (Path(job.output_dir) / RESULT_FILE).write_text(json.dumps(result, indent=1))
+    _end_process_group()
     return result
+
+
+def _end_process_group() -> None:
+    """A rank that exits with its gloo/NCCL process group alive can abort in teardown ("terminate called without an
+    active exception") after a finished job: every rank waits for the others, then the group is destroyed."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _free_port() -> int:
