@@ -20,7 +20,8 @@ from doctune.ingest.stage import ingest_folder
 from doctune.models import resolve_model
 from doctune.retrieval import ChunkIndex
 from doctune.synth import filters
-from doctune.synth.extractive import QA, TEMPLATES, extractive_questions, fold, sentences
+from doctune.synth.extractive import QA, extractive_questions, fold, sentences
+from doctune.synth.languages import ENGLISH
 from doctune.synth.stage import apply_filters
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,8 +36,8 @@ def synthetic_examples(chunks: list[dict], n: int, seed: int = 0) -> list[QA]:
         tokens = sentence.split()
         start = rng.randrange(max(1, len(tokens) - 4))
         words = " ".join(tokens[start : start + rng.randint(2, 6)])
-        template = rng.choice(TEMPLATES["section"])
-        out.append(QA(question=template.format(section=words), answer=sentence, chunk_id=chunk_id, qtype="section"))
+        template = rng.choice(ENGLISH.templates["section"])
+        out.append(QA(question=template.format(title=words), answer=sentence, chunk_id=chunk_id, qtype="section"))
     return out
 
 

@@ -111,7 +111,7 @@ def test_library_defaults_train_by_epochs_and_the_cpu_demo_by_steps():
     defaults, demo = load_config(None), load_config(REPO / "configs" / "cpu-demo.yaml")
     assert (defaults.cpt.max_steps, defaults.sft.max_steps, defaults.dpo.max_steps) == (0, 0, 0)
     assert not any("package" in prompt for prompt in defaults.merge.verify_prompts)
-    assert (demo.cpt.max_steps, demo.sft.max_steps, demo.dpo.max_steps) == (16, 80, 8)
+    assert (demo.cpt.max_steps, demo.sft.max_steps, demo.dpo.max_steps) == (32, 80, 8)
     assert (demo.sft.learning_rate, demo.dpo.learning_rate) == (1e-3, 5e-4)
     assert demo.model.base_model == "bundled:smollm2-135m-instruct"
 

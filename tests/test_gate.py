@@ -74,10 +74,13 @@ def test_paired_randomization_flags_a_consistently_worse_candidate():
     assert paired_randomization_p([c + 0.1 for c in champion], champion) > 0.5
 
 
-def scores(f1: float, abstention: float = 0.5, n: int = 12, **extra) -> dict:
-    metrics = {"golden_f1": f1, "abstention_accuracy": abstention, "format_compliance": 1.0, "capability_accuracy": 0.6,
-               "general_perplexity": 20.0} | extra  # fmt: skip
-    return {"metrics": metrics, "per_example": {"golden_f1": [f1] * n, "abstained": [abstention] * n}}
+def scores(f1: float, abstention: float = 0.8, n: int = 400, **extra) -> dict:
+    """A model's scores as evaluate_model returns them: `n` items per set, enough to detect the default margins."""
+    metrics = {"golden_f1": f1, "abstention_accuracy": abstention, "false_abstention_rate": 0.05, "format_compliance": 1.0,
+               "capability_accuracy": 0.6, "general_perplexity": 20.0, "domain_perplexity": 10.0} | extra  # fmt: skip
+    declined = round(abstention * n)
+    spread = [f1 + 0.1, f1 - 0.1] * (n // 2)  # items vary, as real ones do: a constant list has no measurable power
+    return {"metrics": metrics, "per_example": {"golden_f1": spread, "abstained": [1.0] * declined + [0.0] * (n - declined)}}
 
 
 def test_rules_name_every_failure(make_config):
@@ -85,23 +88,26 @@ def test_rules_name_every_failure(make_config):
     good = decide({"candidate": scores(0.5), "champion": scores(0.4), "base": scores(0.3)}, {"gguf-q8_0": 1.01}, rules)
     assert good["decision"] == "promote" and good["failed"] == []
     bad = decide(
-        {"candidate": scores(0.2, general_perplexity=40.0), "champion": scores(0.4), "base": scores(0.3)},
+        {"candidate": scores(0.2, general_perplexity=40.0, domain_perplexity=12.0), "champion": scores(0.4), "base": scores(0.3)},
         {"gguf-q8_0": 1.05, "nf4": None},
         rules,
     )
     assert bad["decision"] == "reject"
-    assert {"golden_f1_vs_champion", "golden_f1_beats_base", "general_perplexity_vs_base", "perplexity_ratio:gguf-q8_0",
-            "perplexity_ratio:nf4", "not_significantly_worse:golden_f1"} <= set(bad["failed"])  # fmt: skip
+    assert {"golden_f1_vs_champion", "golden_f1_beats_base", "general_perplexity_vs_base", "domain_perplexity_vs_base",
+            "perplexity_ratio:gguf-q8_0", "perplexity_ratio:nf4",
+            "not_significantly_worse:golden_f1"} <= set(bad["failed"])  # fmt: skip
+    assert "insufficient_evidence" not in bad["failed"]  # 400 items per set detect the margins
 
 
 def test_beating_the_base_takes_a_significant_margin(make_config):
     rules = make_config().gate.rules
-    base = scores(0.3)
-    noisy = scores(0.35)
+    base = scores(0.3, n=12)
+    noisy = scores(0.35, n=12)
     noisy["per_example"]["golden_f1"] = [0.9, 0.0, 0.9, 0.0] + [0.3] * 8  # higher on average, on 4 of 12 questions
     verdict = decide({"candidate": noisy, "champion": base, "base": base}, {}, rules)
     assert "golden_f1_beats_base" in verdict["failed"]
-    steady = decide({"candidate": scores(0.35), "champion": base, "base": base}, {}, rules)
+    assert verdict["decision"] == "insufficient-evidence"  # 12 items cannot show a difference of 0.05 either
+    steady = decide({"candidate": scores(0.35), "champion": scores(0.3), "base": scores(0.3)}, {}, rules)
     assert steady["decision"] == "promote"
     (rule,) = [r for r in steady["rules"] if r["name"] == "golden_f1_beats_base"]
     assert rule["value"] < rules.alpha
@@ -120,7 +126,17 @@ def test_structured_output_bar_is_the_base_models_share_where_that_is_lower(make
 
 # -- the gate stage and the registry on the tiny model --------------------------------------------------
 
-LENIENT = {"gate.rules.beat_base": False, "gate.rules.min_format_compliance": 0.0}  # a random tiny model formats nothing
+# A random tiny model formats nothing, abstains at random, and a handful of items has no power: the promote path
+# runs with these bars off.
+LENIENT = {
+    "gate.rules.beat_base": False,
+    "gate.rules.min_format_compliance": 0.0,
+    "gate.rules.min_abstention_accuracy": 0.0,
+    "gate.rules.max_false_abstention": 1.0,
+    "gate.rules.max_domain_ppl_vs_base": 100.0,
+    "gate.rules.min_detectable_f1": 1.0,
+    "gate.rules.min_detectable_abstention": 1.0,
+}
 
 
 @pytest.fixture
@@ -152,6 +168,13 @@ def test_first_run_is_compared_with_the_base_promoted_and_rolled_back(candidate,
     assert first["champion_label"].startswith("none yet") and "champion" not in first["models"]
     assert {"candidate", "candidate gguf-q8_0", "base"} <= set(first["models"])
     assert first["decision"] == "promote", first["failed"]
+    # Every per-item metric with its interval and item count; the sets' power and closed book vs RAG reported.
+    golden_n = len(first["items"]["golden"])
+    f1 = first["models"]["candidate"]["intervals"]["golden_f1"]
+    assert f1["n"] == golden_n and f1["ci_low"] <= first["models"]["candidate"]["metrics"]["golden_f1"] <= f1["ci_high"]
+    assert first["evidence"]["golden_f1"]["n"] == golden_n and first["evidence"]["golden_f1"]["sufficient"]
+    assert first["closed_book_vs_rag"]["candidate"]["closed_book"]["n"] == first["items"]["closed_book"] == golden_n
+    assert "closed_book_f1" in first["models"]["base"]["metrics"]
     assert str(registry.version_by_alias(tracker, registry.CHALLENGER).version) == first["version"]
     assert registry.champion(tracker) is None  # the gate decides; the promote step moves the alias
     promote_component(config.to_yaml(), parent, first["version"])
@@ -168,7 +191,8 @@ def test_first_run_is_compared_with_the_base_promoted_and_rolled_back(candidate,
 
     report = tracker.fetch(execute_stage("eval_gate", config, tracker, parent, inputs).outputs["report"])
     html = (report / "gate_report.html").read_text()
-    assert "golden_f1" in html and "<img" in html and (report / "metrics.png").stat().st_size > 0
+    assert "golden F1 (RAG)" in html and "<img" in html and (report / "metrics.png").stat().st_size > 0
+    assert "What the eval sets can detect" in html and "Closed book vs RAG" in html and "per question type" in html
 
     # A human promotes the newest version, then rolls back: the first champion serves again; both recorded.
     args = ["--set", f"project.workdir={config.project.workdir}"]
@@ -213,3 +237,20 @@ def test_a_damaged_candidate_is_never_promoted(candidate):
     version = tracker.client.get_model_version(config.project.name, result["version"])
     assert "general_perplexity_vs_base" in version.tags["doctune.rejected"]
     assert version.tags["doctune.gate_decision"] == "reject"
+
+
+def test_a_corpus_too_small_for_the_margin_is_insufficient_evidence(candidate):
+    """Two PDFs give a dozen golden items: no promote or reject can rest on them, and the report says what they
+    could detect."""
+    config, tracker, parent, inputs = candidate
+    rules = config.gate.rules.model_copy(update={"min_detectable_f1": 0.05, "min_detectable_abstention": 0.15})
+    strict = config.model_copy(update={"gate": config.gate.model_copy(update={"rules": rules})})
+    report = gate(strict, tracker, parent, inputs)
+    assert report["decision"] == "insufficient-evidence" and report["failed"][0] == "insufficient_evidence"
+    evidence = report["evidence"]["golden_f1"]
+    assert evidence["n"] == len(report["items"]["golden"]) < 100 and evidence["detectable"] > 0.05
+    assert f"detect an F1 difference of {evidence['detectable']:.3f}" in report["reason"]
+    result = tracker.client.get_run(report["run"])
+    markdown = (tracker.fetch(tracker.outputs_of(result)["report"]) / "gate_report.md").read_text()
+    assert "INSUFFICIENT-EVIDENCE" in markdown and f"{evidence['detectable']:.3f}" in markdown
+    assert registry.champion(tracker) is None  # recorded like a rejection: nothing promoted

@@ -79,9 +79,9 @@ def test_local_pipeline_run_end_to_end(make_config, small_corpus, capsys):
     (quantize,) = tracker.stage_runs(parent.info.run_id, "quantize")
     assert {"gguf-q8_0", "nf4", "report"} <= set(tracker.outputs_of(quantize))
     assert re.search(r"merge +FINISHED", out) and "gguf-q8_0" in out and "ppl ratio" in out
-    # The run ends with a gate decision: a random tiny model answers no better than its random base, so it is
-    # rejected; champion untouched.
-    assert "gate: REJECT candidate version 1" in out and "golden_f1_beats_base" in out
+    # The run ends with a gate decision: a random tiny model on two PDFs has too few items to tell anything
+    # (insufficient evidence, recorded like a rejection) and answers no better than its random base; champion untouched.
+    assert "gate: INSUFFICIENT-EVIDENCE candidate version 1" in out and "golden_f1_beats_base" in out
     assert parent.data.tags["doctune.gate.rejected"] == "1" and registry.champion(tracker) is None
     version = tracker.client.get_model_version(config.project.name, "1")
     assert "golden_f1_beats_base" in version.tags["doctune.rejected"]

@@ -16,8 +16,9 @@ from doctune.config import EndpointConfig, SynthConfig
 from doctune.records import read_parquet
 from doctune.stages import execute_stage
 from doctune.synth import filters
-from doctune.synth.build import Builder, alter, judged, rehearsal_records, replay_records
-from doctune.synth.extractive import QA, TEMPLATES, extractive_questions, fold
+from doctune.synth.build import Builder, alter, assign_splits, judged, rehearsal_records, replay_records
+from doctune.synth.extractive import QA, extractive_questions, fold
+from doctune.synth.languages import LANGUAGES, TYPES
 from doctune.synth.replay import ReplayText
 from doctune.synth.stage import SynthError
 from doctune.synth.teachers import EndpointTeacher, TeacherError, generate
@@ -31,29 +32,75 @@ CHUNK = {
         "8.1 Box plots\n\n"
         "A box plot is a graph that shows the median and the quartiles of a data set.\n"
         "The draw command draws the box plot on the current axes.\n"
-        "Whiskers extend to points within 1.5 inter-quartile ranges of the box.\n\n"
+        "The default whisker length is 1.5 inter-quartile ranges.\n\n"
         "The following options are available:\n"
         "-u graylevel -- set graylevel for underlay beneath panels.\n"
-        "-h -- print this help message and quit.\n"
+        "-h -- print this help message and quit.\n\n"
+        "To draw a box plot with whiskers:\n"
+        "1. Read the data columns with the read command.\n"
+        "2. Set the whisker length with the set command.\n"
+        "3. Draw the box plot with the draw command.\n\n"
+        "Note: Missing values are skipped when the quartiles are computed.\n"
+    ),
+}
+
+FRENCH_CHUNK = {
+    "chunk_id": "doc-fr-0001",
+    "doc_id": "doc-fr",
+    "lang": "fr",
+    "section": "3.2 Le gestionnaire de paquets",
+    "text": (
+        "3.2 Le gestionnaire de paquets\n\n"
+        "Le gestionnaire de paquets installe les logiciels et leurs dépendances depuis les dépôts configurés.\n"
+        "Un dépôt est un serveur qui publie des paquets signés pour une version de la distribution.\n"
+        "La commande apt-get installe un paquet et les paquets dont il dépend.\n"
+        "Le délai d'attente par défaut est 30 secondes pour chaque téléchargement.\n"
     ),
 }
 
 
-def test_every_question_type_has_five_phrasings():
-    assert set(TEMPLATES) == {"definition", "command", "list", "numeric", "section"}
-    assert all(len(set(t)) >= 5 for t in TEMPLATES.values())
+def test_every_question_type_has_five_phrasings_in_every_language():
+    for lang in LANGUAGES.values():
+        assert set(lang.templates) == set(TYPES), lang.code
+        assert all(len(set(t)) == 5 for t in lang.templates.values()), lang.code
 
 
-def test_extractive_answers_are_spans_of_the_chunk():
+def test_extractive_answers_are_spans_of_the_chunk_and_sentences_not_numbers():
     qas = extractive_questions(CHUNK, limit=16)
     kinds = Counter(qa.qtype for qa in qas)
-    assert {"definition", "command", "list", "numeric", "section"} <= set(kinds)
+    assert {"definition", "reference", "procedure", "numeric", "note", "section"} <= set(kinds), kinds
     for qa in qas:
         assert fold(CHUNK["text"][qa.answer_start : qa.answer_end]) == fold(qa.answer), qa
+        assert len(qa.answer.split()) >= 3 and "___" not in qa.question, qa
     numeric = next(qa for qa in qas if qa.qtype == "numeric")
-    assert numeric.answer == "1.5" and "___" in numeric.question and "1.5" not in numeric.question
-    assert any(qa.question.endswith("the -u option do?") or "-u option" in qa.question for qa in qas)
+    assert numeric.question.endswith("the default whisker length?") or "the default whisker length" in numeric.question
+    assert numeric.answer == "The default whisker length is 1.5 inter-quartile ranges."  # says what the number is
+    assert any("-u graylevel option" in qa.question for qa in qas)
+    note = next(qa for qa in qas if qa.qtype == "note")
+    assert '"Box plots"' in note.question and note.answer.startswith("Missing values are skipped")
     assert extractive_questions(CHUNK, limit=16) == qas  # deterministic
+
+
+def test_french_chunks_get_french_questions_and_unknown_languages_none():
+    qas = extractive_questions(FRENCH_CHUNK, limit=16)
+    french = {" ".join(p.split()[:2]) for t in LANGUAGES["fr"].templates.values() for p in t}  # before any contraction
+    assert qas and all(any(qa.question.startswith(start) for start in french) for qa in qas)
+    assert {"definition", "reference", "numeric"} <= {qa.qtype for qa in qas}
+    assert all(" de le " not in qa.question and " de les " not in qa.question for qa in qas)  # contracted: du, des
+    assert extractive_questions({**FRENCH_CHUNK, "lang": "ja"}, limit=16) == []
+
+
+def test_questions_never_stand_on_a_pronoun_or_a_generic_title():
+    chunk = {
+        "chunk_id": "c", "doc_id": "d", "section": "Example 2",
+        "text": "Example 2\n\nIt is a tool that draws graphs of any data set you give it.\n"
+                "This is a command that prints the version of the program.\n",
+    }  # fmt: skip
+    assert extractive_questions(chunk, limit=16) == []
+    items = [_qa("What does it do?", "It draws graphs of any data."), _qa("Fill in: <xsl:param name=___>", "The depth is 8.")]
+    items.append(_qa("What does the draw command do?", "8"))
+    assert filters.self_contained_filter(items) == [items[2]]
+    assert filters.answer_form_filter(items) == items[:2]
 
 
 def _qa(question, answer, chunk="c1"):
@@ -230,12 +277,52 @@ def test_synth_outputs_every_dataset(corpus_synth):
     assert set(result.outputs) == {"cpt", "heldout", "sft", "dpo", "golden", "unanswerable", "raw", "report"}
     report = json.loads((tracker.fetch(result.outputs["report"]) / "synth_report.json").read_text())
     sizes = report["datasets"]
-    assert sizes["sft_train"] > 300 and sizes["dpo_train"] > 300 and sizes["golden"] > 20 and sizes["unanswerable"] > 20
+    assert sizes["sft_train"] > 150 and sizes["dpo_train"] > 150 and sizes["unanswerable"] > 40
+    assert sizes["golden"] >= 100  # eval chunks are added until the gate's tests have items enough
     assert report["filters"]["generated"] > report["filters"]["kept"] > 0
     assert 0.15 <= report["abstention_share"] <= 0.2
     assert 0.19 <= report["replay_share"] <= 0.21  # from the user-supplied general text
     run = tracker.client.get_run(result.run_id)
     assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["chunks:chunks.parquet"]
+
+
+def test_training_data_a_person_would_accept(corpus_synth):
+    """Questions name their subject and are specific to their passage; answers are sentences, never a bare number."""
+    from doctune.retrieval import ChunkIndex
+    from doctune.synth.build import Holders
+
+    config, tracker, result = corpus_synth
+    folder = tracker.fetch(result.outputs["sft"])
+    records = [
+        r
+        for r in _jsonl(folder, "train.jsonl") + _jsonl(folder, "validation.jsonl")
+        if r["meta"]["form"] in ("rag", "closed_book")
+    ]
+    golden = _jsonl(tracker.fetch(result.outputs["golden"]), "golden.jsonl")
+    for question, answer in [(r["meta"]["question"], r["messages"][2]["content"]) for r in records] + [
+        (g["question"], g["answer"]) for g in golden
+    ]:
+        assert len(answer.split()) >= 3 and not answer.replace(".", "").strip().isdigit(), (question, answer)
+        assert not filters._PRONOUN_SUBJECT.search(question) and "___" not in question, question
+    report = json.loads((tracker.fetch(result.outputs["report"]) / "synth_report.json").read_text())
+    types = report["question_types"]
+    assert len(types) >= 5 and all(row["kept"] <= row["generated"] for row in types.values())
+    assert sum(row["golden"] for row in types.values()) == report["datasets"]["golden"]
+    assert report["filters"]["dropped_not_specific"] > 0 and report["retrieval"]["mode"] == "dense"
+    # Specificity of what was kept, measured with another retriever than the filter's (hybrid: BM25 + dense).
+    chunks = [{**c, "lang": "en"} for c in read_parquet(tracker.fetch(ingest_chunks(tracker, result)) / "chunks.parquet")]
+    index = ChunkIndex(
+        [c["text"] for c in chunks], config.retrieval.embedding_model, config.project.workdir / "cache", mode="hybrid"
+    )
+    items = [
+        QA(question=g["question"], answer=g["answer"], chunk_id=g["chunk_ids"][0], qtype="", evidence=g["meta"]["evidence"])
+        for g in golden
+    ]
+    ranked = index.search([qa.question for qa in items], 5)[0].tolist()
+    assert sum(filters.specific(items, ranked, Holders(chunks))) / len(items) >= 0.8
+    # Documents that gave nothing say why.
+    empty = [row for row in report["documents"] if not row["kept"]]
+    assert all(row["reason"] for row in empty)
 
 
 def test_eval_sets_are_leak_free(corpus_synth):
@@ -518,3 +605,19 @@ def test_judge_through_the_endpoint_drops_position_biased_verdicts():
     finally:
         positional.close()
         fair.close()
+
+
+def test_eval_chunks_grow_until_the_golden_target_and_validation_holds_questions():
+    chunks = [{"chunk_id": f"c{i:03d}", "doc_id": "d", "text": ""} for i in range(400)]
+    questions = Counter({f"c{i:03d}": 2 for i in range(0, 400, 2)})  # every other chunk holds two questions
+    config = SynthConfig(min_golden=100, unanswerable_share=0.4, eval_fraction=0.15, max_eval_fraction=0.5)
+    splits = assign_splits(chunks, config, questions)
+    asked = {split: sum(n for cid, n in questions.items() if splits[cid] == split) for split in set(splits.values())}
+    # 1.25 x 100 / (1 - 0.4) = 208 questions wanted; half of the 400 questions is the cap.
+    assert 200 <= asked["eval"] <= 210 and asked["validation"] > 0 and asked["train"] > 150
+    assert splits == assign_splits(chunks, config, questions)  # seeded: the same split every run
+    # A corpus too small for the target: the eval stops at max_eval_fraction of the questions, training keeps the rest.
+    small = Counter({cid: n for cid, n in list(questions.items())[:40]})
+    few = assign_splits(chunks, config, small)
+    assert sum(n for cid, n in small.items() if few[cid] == "eval") <= 0.5 * sum(small.values())
+    assert sum(n for cid, n in small.items() if few[cid] in ("train", "validation")) >= 0.4 * sum(small.values())

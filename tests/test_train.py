@@ -501,7 +501,7 @@ def test_learning_rate_defaults_follow_stage_and_method_not_model_size(tmp_path,
     assert default_learning_rate("cpt", "lora", tiny_model_dir) == 1e-4
     # The larger steps tuned on the bundled 135M model are the CPU demo profile's, set there explicitly.
     demo = load_config(Path(__file__).resolve().parents[1] / "configs" / "cpu-demo.yaml")
-    assert (demo.cpt.learning_rate, demo.sft.learning_rate, demo.dpo.learning_rate) == (None, 1e-3, 5e-4)
+    assert (demo.cpt.learning_rate, demo.sft.learning_rate, demo.dpo.learning_rate) == (5e-4, 1e-3, 5e-4)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU choice")

@@ -1,4 +1,9 @@
-"""Dense retrieval over chunks with sentence-transformers: one index for RAG training data and for eval."""
+"""Retrieval over chunks: one index for RAG training data, specificity checks and eval.
+
+Dense (sentence-transformers), lexical (BM25, bm25s) or hybrid (reciprocal rank fusion of both). The bundled
+embedding model knows English only: a corpus with other languages is searched hybrid, so a French question still
+finds its French chunk by its words.
+"""
 
 from __future__ import annotations
 
@@ -10,14 +15,40 @@ import numpy as np
 from doctune.cache import Cache
 from doctune.models import resolve_embedder
 
+# Languages an embedding model was trained on, where known; a model not listed is taken to cover the corpus.
+EMBEDDER_LANGUAGES = {"bundled:all-minilm-l6-v2": frozenset({"en"})}
+MODES = ("dense", "lexical", "hybrid")
+_RRF_K = 60  # the constant of reciprocal rank fusion (Cormack et al.): damps the weight of the first ranks
+
+
+def retrieval_mode(requested: str, embedding_model: str, languages: set[str]) -> tuple[str, str]:
+    """(mode, why): `auto` is dense when the embedding model covers every language of the corpus, else hybrid."""
+    if requested != "auto":
+        return requested, f"retrieval.mode={requested}"
+    covered = EMBEDDER_LANGUAGES.get(embedding_model)
+    outside = sorted(languages - covered) if covered is not None else []
+    if outside:
+        return "hybrid", f"{embedding_model} covers {', '.join(sorted(covered))} only; the corpus also holds {', '.join(outside)}"
+    return "dense", f"{embedding_model} covers the corpus languages ({', '.join(sorted(languages)) or 'none found'})"
+
 
 class ChunkIndex:
-    def __init__(self, texts: list[str], embedding_model: str, cache_dir: Path, batch_size: int = 64):
+    def __init__(self, texts: list[str], embedding_model: str, cache_dir: Path, batch_size: int = 64, mode: str = "dense"):
         from sentence_transformers import SentenceTransformer
 
+        if mode not in MODES:
+            raise ValueError(f"retrieval mode {mode!r} is not one of {', '.join(MODES)}")
+        self.mode = mode
         self.model = SentenceTransformer(str(resolve_embedder(embedding_model, cache_dir)), device="cpu")
         self.batch_size = batch_size
         self.vectors = self._cached_embed(texts, embedding_model, Cache(Path(cache_dir)))
+        self._queries: dict[str, np.ndarray] = {}
+        self.lexical = None
+        if mode != "dense":
+            import bm25s
+
+            self.lexical = bm25s.BM25()
+            self.lexical.index(bm25s.tokenize(texts, stopwords=None, show_progress=False), show_progress=False)
 
     def _cached_embed(self, texts: list[str], embedding_model: str, cache: Cache) -> np.ndarray:
         """The chunk vectors, computed once per (model, texts): synth and the gate index the same chunks."""
@@ -38,12 +69,42 @@ class ChunkIndex:
             texts, batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
         ).astype(np.float32)
 
-    def search(self, queries: list[str] | np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(indices, scores), each of shape (len(queries), k), best first."""
-        vectors = self.embed(queries) if isinstance(queries, list) else queries
-        scores = vectors @ self.vectors.T
-        k = min(k, scores.shape[1])
-        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-        order = np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1)
-        indices = np.take_along_axis(top, order, axis=1)
-        return indices, np.take_along_axis(scores, indices, axis=1)
+    def query_vectors(self, queries: list[str]) -> np.ndarray:
+        """Embeddings of queries, each computed once per index (synth asks the same questions several times)."""
+        missing = list(dict.fromkeys(q for q in queries if q not in self._queries))
+        for query, vector in zip(missing, self.embed(missing)):
+            self._queries[query] = vector
+        if not queries:
+            return self.embed([])
+        return np.stack([self._queries[q] for q in queries])
+
+    def search(self, queries: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(indices, scores), each of shape (len(queries), k), best first. Hybrid scores are fused reciprocal
+        ranks, not similarities."""
+        n = self.vectors.shape[0]
+        k = min(k, n)
+        if self.mode == "dense":
+            return _top(self.query_vectors(queries) @ self.vectors.T, k)
+        lexical = self._bm25(queries, n)
+        if self.mode == "lexical":
+            return _top(lexical, k)
+        fused = np.zeros((len(queries), n), dtype=np.float64)
+        depth = min(n, max(4 * k, 50))
+        for scores in (self.query_vectors(queries) @ self.vectors.T, lexical):
+            top, _ = _top(scores, depth)
+            np.put_along_axis(fused, top, np.take_along_axis(fused, top, axis=1) + 1.0 / (_RRF_K + 1 + np.arange(depth)), axis=1)
+        return _top(fused, k)
+
+    def _bm25(self, queries: list[str], n: int) -> np.ndarray:
+        """BM25 scores of every chunk for each query (a dense matrix: corpora here have thousands of chunks)."""
+        import bm25s
+
+        tokens = bm25s.tokenize(queries, stopwords=None, show_progress=False, return_ids=False)
+        return np.stack([self.lexical.get_scores(words) if words else np.zeros(n) for words in tokens]).astype(np.float64)
+
+
+def _top(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    order = np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1)
+    indices = np.take_along_axis(top, order, axis=1)
+    return indices, np.take_along_axis(scores, indices, axis=1)

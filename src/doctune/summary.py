@@ -65,18 +65,39 @@ def _quantize_table(report: dict) -> str:
     return table(["variant", "MiB", "size ratio", "tokens/s", "perplexity", "ppl ratio", "status"], rows)
 
 
-GATE_TABLE = ("golden_f1", "golden_rouge_l", "abstention_accuracy", "hallucination_rate", "capability_accuracy",
-              "format_compliance", "domain_perplexity", "general_perplexity")  # fmt: skip
+GATE_TABLE = ("golden_f1", "closed_book_f1", "golden_rouge_l", "abstention_accuracy", "false_abstention_rate",
+              "hallucination_rate", "capability_accuracy", "format_compliance", "domain_perplexity",
+              "general_perplexity")  # fmt: skip
+
+
+def _gate_cell(model: dict, metric: str) -> str:
+    """Mean [95% interval] where the report has one (reports of older versions have none)."""
+    value, ci = model["metrics"][metric], model.get("intervals", {}).get(metric)
+    return f"{value:.3f} [{ci['ci_low']:.3f}, {ci['ci_high']:.3f}]" if ci else f"{value:.3f}"
 
 
 def _gate_summary(report: dict) -> str:
     models = report["models"]
-    rows = [[m, *(f"{models[n]['metrics'][m]:.3f}" for n in models)] for m in GATE_TABLE]
+    shown = [m for m in GATE_TABLE if all(m in models[n]["metrics"] for n in models)]
+    rows = []
+    for m in shown:
+        counts = [models[n].get("intervals", {}).get(m, {}).get("n") for n in models]
+        label = "golden_f1 (RAG)" if m == "golden_f1" else m
+        rows.append([label, next((c for c in counts if c is not None), ""), *(_gate_cell(models[n], m) for n in models)])
     lines = [
         f"gate: {report['decision'].upper()} candidate version {report['version']} (champion: {report['champion_label']})",
         f"failed rules: {', '.join(report['failed']) or 'none'}",
-        table(["metric", *models], rows),
     ]
+    if report["decision"] == "insufficient-evidence":
+        lines.append(f"why: {report.get('reason', '')}")
+    for key, e in report.get("evidence", {}).items():
+        verdict = "not checked" if not e.get("checked", True) else "enough" if e["sufficient"] else "too few items"
+        lines.append(
+            f"detectable {key} difference: {e['detectable']:.3f} with {e['n']} items (margin {e['margin']:g}, {verdict})"
+        )
+    for pair, d in report.get("f1_differences", {}).items():
+        lines.append(f"golden F1 (RAG) {pair}: {d['mean']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]")
+    lines.append(table(["metric (mean [95% CI])", "n", *models], rows))
     return "\n".join(lines)
 
 

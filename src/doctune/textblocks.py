@@ -14,11 +14,14 @@ def pack(texts: list[str], tokenizer, block_size: int) -> tuple[list[list[int]],
 
 
 def perplexity_blocks(texts: list[str], tokenizer, block_size: int, count: int) -> list[list[int]]:
-    """Up to `count` blocks for a perplexity measurement. Text too short to fill one block gives one shorter block,
-    so a small hold-out is still measured, on every token it has."""
+    """Up to `count` blocks for a perplexity measurement, evenly spaced over the text (the first blocks would all
+    come from its first document). Text too short to fill one block gives one shorter block, so a small hold-out
+    is still measured, on every token it has."""
     blocks, _ = pack(texts, tokenizer, block_size)
     if blocks:
-        return blocks[:count]
+        if len(blocks) <= count:
+            return blocks
+        return [blocks[i * len(blocks) // count] for i in range(count)]
     stream: list[int] = []
     for text in texts:
         stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"])

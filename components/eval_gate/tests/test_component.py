@@ -20,9 +20,13 @@ from doctune_kfp.components.synth.component import synth
 def test_eval_gate_component_registers_the_candidate_and_its_decision_drives_promote(
     make_config, small_corpus, call_component, kfp_outputs
 ):
-    # A random tiny model formats no JSON and beats nothing: relax those two rules so the pass branch is exercised.
+    # A random tiny model formats no JSON, beats nothing and abstains at random, and a handful of items has no power:
+    # relax those rules so the pass branch is exercised.
     config = make_config(small_corpus, **{"quantize.variants": "[gguf-q8_0]", "gate.rules.beat_base": False,
-                                          "gate.rules.min_format_compliance": 0.0})  # fmt: skip
+                                          "gate.rules.min_format_compliance": 0.0, "gate.rules.min_abstention_accuracy": 0.0,
+                                          "gate.rules.max_false_abstention": 1.0, "gate.rules.max_domain_ppl_vs_base": 100.0,
+                                          "gate.rules.min_detectable_f1": 1.0,
+                                          "gate.rules.min_detectable_abstention": 1.0})  # fmt: skip
     yaml, tracker = config.to_yaml(), Tracker(config)
     parent = tracker.open_pipeline_run("component-test")
     ingested = call_component(ingest, config=yaml, parent_run_id=parent)

@@ -20,9 +20,32 @@ class GateRules(Section):
     )
     min_probes_vs_base: float = Field(0.95, ge=0, description="capability probe accuracy >= this x base's")
     max_general_ppl_vs_base: float = Field(1.15, gt=0, description="general-text perplexity <= this x base's")
+    max_domain_ppl_vs_base: float = Field(
+        1.0, gt=0, description="held-out domain text perplexity <= this x base's: tuning must have kept the domain knowledge"
+    )
+    min_abstention_accuracy: float = Field(0.6, ge=0, le=1, description="share of unanswerable questions the candidate declines")
+    max_false_abstention: float = Field(0.15, ge=0, le=1, description="share of answerable questions the candidate declines")
     max_quantized_ppl_ratio: float = Field(1.02, gt=0, description="each gated variant's perplexity <= this x merged")
-    alpha: float = Field(0.05, gt=0, lt=1, description="significantly worse than the champion (paired test) rejects")
+    alpha: float = Field(
+        0.05,
+        gt=0,
+        lt=1,
+        description="level of the paired tests (significantly worse than the champion rejects) and of the detectable differences",
+    )
     permutations: int = Field(10000, ge=100, description="sign flips of the paired randomization test")
+    min_detectable_f1: float = Field(
+        0.05,
+        gt=0,
+        description="the golden F1 difference the eval sets must be able to detect at alpha and 80% power; larger sets "
+        "are needed when it is not (1 or more: not checked)",
+    )
+    min_detectable_abstention: float = Field(
+        0.15,
+        gt=0,
+        description="the abstention accuracy difference the unanswerable set must be able to detect at alpha and 80% "
+        "power (1 or more: not checked)",
+    )
+    bootstrap_resamples: int = Field(2000, ge=100, description="resamples of the bootstrap confidence intervals (95%)")
 
 
 class GateConfig(Section):
@@ -34,9 +57,15 @@ class GateConfig(Section):
         "max_quantized_ppl_ratio (the others are reported only)",
     )
     max_golden: int = Field(
-        512, ge=1, description="golden questions scored per model: enough for the paired tests to see a real difference"
+        512,
+        ge=1,
+        description="golden questions scored per model: enough for the paired tests to see a real difference; a larger "
+        "set is cut to a stratified subset (round-robin over document and question type)",
     )
     max_unanswerable: int = Field(128, ge=1, description="unanswerable questions scored per model (abstention)")
+    max_closed_book: int = Field(
+        64, ge=0, description="golden questions also asked without context (closed-book F1: what the model itself knows); 0: off"
+    )
     max_new_tokens: int = Field(64, ge=1, description="greedy tokens per answer")
     batch_size: int = Field(32, ge=1, description="prompts generated together (transformers)")
     precision: Literal["auto", "fp32", "bf16"] = Field(

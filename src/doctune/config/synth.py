@@ -16,6 +16,11 @@ class RetrievalConfig(Section):
     embedding_model: str = Field(
         "bundled:all-minilm-l6-v2", description="bundled:<name>, a sentence-transformers folder, or a hub id"
     )
+    mode: Literal["auto", "dense", "lexical", "hybrid"] = Field(
+        "auto",
+        description="dense (embeddings), lexical (BM25), hybrid (reciprocal rank fusion of both); auto: dense when the "
+        "embedding model covers every language of the corpus (the bundled one: English), else hybrid",
+    )
     top_k: int = Field(
         2, ge=1, le=32,
         description="passages per context: two 384-token passages fit sft.max_length whole, four were cut",
@@ -94,7 +99,29 @@ class SynthConfig(Section):
     split_by: Literal["chunk", "document"] = Field(
         "chunk", description="chunk or document: eval items never share one with training items"
     )
-    eval_fraction: float = Field(0.15, gt=0, lt=0.5, description="share of chunks (or documents) held out for eval sets")
+    eval_fraction: float = Field(
+        0.15,
+        gt=0,
+        lt=0.5,
+        description="least share of chunks (or documents) held out for eval sets; more are taken "
+        "until the eval questions reach min_golden",
+    )
+    min_golden: int = Field(
+        100,
+        ge=0,
+        description="answerable eval questions wanted: eval chunks are added (up to max_eval_fraction) until their "
+        "questions reach it, so a small corpus still gives the gate's tests their power",
+    )
+    max_eval_fraction: float = Field(
+        0.5, gt=0, lt=0.8, description="most share of the chunks (or documents), and of the questions, the eval sets take"
+    )
+    specificity_k: int = Field(
+        5,
+        ge=1,
+        le=50,
+        description="a question is kept when, asked alone, it retrieves a chunk holding its answer among the top k "
+        "(questions too vague to be asked out of their passage are dropped)",
+    )
     validation_fraction: float = Field(0.05, ge=0, lt=0.5, description="share of training chunks for validation splits")
     heldout_fraction: float = Field(
         0.05, gt=0, lt=0.5,
@@ -108,9 +135,19 @@ class SynthConfig(Section):
     dedup: DedupConfig = Field(default_factory=DedupConfig, description="near-duplicate removal")
     ngram: int = Field(8, ge=4, le=32, description="n for the golden/training contamination check")
     max_contamination: float = Field(0.0, ge=0, le=1, description="the stage fails above this share of contaminated eval items")
-    languages: list[str] = Field(default_factory=lambda: ["en"], description="documents in other languages are dropped")
+    languages: list[str] | None = Field(
+        None,
+        description="document languages to generate from (ISO 639-1 codes); null: every language the corpus "
+        "holds. Documents in other languages, or in a language the teacher cannot handle, are listed in the report",
+    )
     replay: ReplayConfig = Field(default_factory=ReplayConfig, description="general text against forgetting")
     seed: int = Field(13, description="seed of the splits and of sampling")
+
+    @model_validator(mode="after")
+    def _eval_range(self) -> SynthConfig:
+        if self.eval_fraction > self.max_eval_fraction:
+            raise ValueError(f"eval_fraction ({self.eval_fraction}) must not exceed max_eval_fraction ({self.max_eval_fraction})")
+        return self
 
     @model_validator(mode="after")
     def _question_range(self) -> SynthConfig:

@@ -8,7 +8,7 @@ from importlib import resources
 from pathlib import Path
 
 from doctune.chat import conversation, rag_user_message
-from doctune.gate.metrics import abstains, exact_match, probe_passes, rouge_l, token_f1
+from doctune.gate.metrics import PER_ITEM_METRICS, abstains, exact_match, probe_passes, rouge_l, token_f1
 from doctune.records import EvalItem, SkipRecord, eval_item, read_jsonl, skip
 from doctune.runtimes import open_runtime
 from doctune.textblocks import perplexity_blocks
@@ -20,18 +20,23 @@ class EvalSets:
 
     system_prompt: str
     abstention: str
-    golden: list[dict]  # {question, answer, context: [passage...] in the order the prompt shows them}
+    golden: list[dict]  # {question, answer, context: [passage...] in the order the prompt shows them, qtype, doc_id, lang}
     unanswerable: list[dict]
     probes: list[dict]
     heldout_texts: list[str]  # domain text no training stage saw: packed with each model's own tokenizer
     general_texts: list[str]
     block_size: int
     max_blocks: int
+    closed_book: int = 0  # the first golden items (a stratified list) also asked without context
     skipped: list[dict] = field(default_factory=list)
 
     def conversations(self, items: list[dict]) -> list[list[dict]]:
         """The prompts as training data shows them: the passages in their recorded (already edge-ordered) order."""
         return [conversation(rag_user_message(item["question"], item["context"]), self.system_prompt) for item in items]
+
+    def closed_book_conversations(self) -> list[list[dict]]:
+        """The plain question under the same system prompt: what the model answers from its own weights."""
+        return [conversation(item["question"], self.system_prompt) for item in self.golden[: self.closed_book]]
 
 
 def shipped_probes() -> list[dict]:
@@ -44,8 +49,12 @@ def shipped_general_text() -> list[str]:
     return [p.strip() for p in text.split("\n\n") if p.strip()]
 
 
+LABELS = ("qtype", "doc_id", "lang")  # what an item is, from the record's meta: per-type tables, stratified selection
+
+
 def eval_items(path: Path, chunk_text: dict[str, str], limit: int, skipped: list[dict]) -> list[dict]:
-    """Golden/unanswerable records with their recorded context passages; unusable records are listed, not fatal."""
+    """Golden/unanswerable records with their recorded context passages and labels, at most `limit` of them in
+    stratified order; unusable records are listed, not fatal."""
     items = []
     for record in read_jsonl(path, skipped):
         try:
@@ -57,10 +66,29 @@ def eval_items(path: Path, chunk_text: dict[str, str], limit: int, skipped: list
         if missing:
             skip(skipped, path, record, f"context chunks {missing} are not in the chunks")
             continue
-        items.append({"question": item.question, "answer": item.answer, "context": [chunk_text[i] for i in item.context_ids]})
-        if len(items) == limit:
+        meta = record.get("meta") if isinstance(record.get("meta"), dict) else {}
+        labels = {k: str(meta[k]) if meta.get(k) not in (None, "") else "unknown" for k in LABELS}
+        labels["document"] = str(meta.get("source") or labels["doc_id"])  # the file name where synth recorded it
+        items.append(
+            {"question": item.question, "answer": item.answer, "context": [chunk_text[i] for i in item.context_ids], **labels}
+        )
+    return stratified(items, limit)
+
+
+def stratified(items: list[dict], limit: int) -> list[dict]:
+    """At most `limit` items, round-robin over (doc_id, qtype) groups in order of first appearance, record order
+    within a group: one manual or one question template cannot fill the set, and the first items already span the
+    groups (the closed-book questions are the first ones)."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for item in items:
+        groups.setdefault((item.get("doc_id", "unknown"), item.get("qtype", "unknown")), []).append(item)
+    queues = list(groups.values())
+    out: list[dict] = []
+    for rank in range(max((len(q) for q in queues), default=0)):
+        out += [q[rank] for q in queues if rank < len(q)]
+        if len(out) >= limit:
             break
-    return items
+    return out[:limit]
 
 
 def blocks(sets: EvalSets, tokenizer) -> tuple[list[list[int]], list[list[int]]]:
@@ -89,6 +117,7 @@ def evaluate_model(
     runtime = open_runtime(folder, batch_size=batch_size, n_ctx=4096, precision=precision)
     try:
         golden = runtime.chat(sets.conversations(sets.golden), max_new_tokens)
+        closed_book = runtime.chat(sets.closed_book_conversations(), max_new_tokens) if sets.closed_book else []
         unanswerable = runtime.chat(sets.conversations(sets.unanswerable), max_new_tokens)
         probe_chats = [[{"role": "user", "content": p["prompt"]}] for p in sets.probes]
         probes = runtime.chat(probe_chats, max(p["max_tokens"] for p in sets.probes))
@@ -96,31 +125,37 @@ def evaluate_model(
         general_ppl = runtime.perplexity(general_blocks)
     finally:
         runtime.close()
-    f1 = [token_f1(r.text, item["answer"]) for r, item in zip(golden, sets.golden)]
-    abstained = [float(abstains(r.text, sets.abstention)) for r in unanswerable]
     passed = {p["id"]: probe_passes(r.text, p["check"]) for r, p in zip(probes, sets.probes)}
-    capability = [passed[p["id"]] for p in sets.probes if p["category"] != "format"]
-    structured = [passed[p["id"]] for p in sets.probes if p["category"] == "format"]
     categories = sorted({p["category"] for p in sets.probes})
+    abstained = [float(abstains(r.text, sets.abstention)) for r in unanswerable]
+    per_example = {
+        "golden_f1": [token_f1(r.text, i["answer"]) for r, i in zip(golden, sets.golden)],
+        "closed_book_f1": [token_f1(r.text, i["answer"]) for r, i in zip(closed_book, sets.golden)],
+        "golden_exact_match": [exact_match(r.text, i["answer"]) for r, i in zip(golden, sets.golden)],
+        "golden_rouge_l": [rouge_l(r.text, i["answer"]) for r, i in zip(golden, sets.golden)],
+        "golden_abstained": [float(abstains(r.text, sets.abstention)) for r in golden],
+        "abstained": abstained,
+        "hallucinated": [1.0 - a for a in abstained],
+        "capability": [float(passed[p["id"]]) for p in sets.probes if p["category"] != "format"],
+        "format": [float(passed[p["id"]]) for p in sets.probes if p["category"] == "format"],
+    }
     tokens = sum(r.tokens for r in golden + unanswerable)
     seconds = sum(r.seconds for r in golden + unanswerable)
     return {
         "metrics": {
-            "golden_exact_match": _mean([exact_match(r.text, i["answer"]) for r, i in zip(golden, sets.golden)]),
-            "golden_f1": _mean(f1),
-            "golden_rouge_l": _mean([rouge_l(r.text, i["answer"]) for r, i in zip(golden, sets.golden)]),
-            "false_abstention_rate": _mean([float(abstains(r.text, sets.abstention)) for r in golden]),
-            "abstention_accuracy": _mean(abstained),
-            "hallucination_rate": 1.0 - _mean(abstained),
-            "capability_accuracy": _mean(capability),
-            "format_compliance": _mean(structured),
+            # closed-book F1 only where it was measured: a 0 would read as a model that knows nothing
+            **{m: _mean(per_example[k]) for m, k in PER_ITEM_METRICS.items() if per_example[k] or m != "closed_book_f1"},
             **{f"probes_{c}": _mean([passed[p["id"]] for p in sets.probes if p["category"] == c]) for c in categories},
             "domain_perplexity": domain_ppl,
             "general_perplexity": general_ppl,
             "tokens_per_s": tokens / seconds if seconds else 0.0,
         },
-        "per_example": {"golden_f1": f1, "abstained": abstained},
-        "answers": {"golden": [r.text for r in golden], "unanswerable": [r.text for r in unanswerable]},
+        "per_example": per_example,
+        "answers": {
+            "golden": [r.text for r in golden],
+            "closed_book": [r.text for r in closed_book],
+            "unanswerable": [r.text for r in unanswerable],
+        },
     }
 
 

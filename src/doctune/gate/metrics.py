@@ -1,10 +1,13 @@
-"""Scores of one answer against its reference, the capability-probe checks, retrieval metrics, a paired test."""
+"""Scores of one answer against its reference, the capability-probe checks, retrieval metrics, and the statistics
+the gate's verdict rests on: a paired test, bootstrap intervals, the smallest difference a set can detect."""
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import string
+from statistics import NormalDist
 
 import numpy as np
 
@@ -150,3 +153,110 @@ def retrieval_scores(qrels: dict[str, dict[str, int]], runs: dict[str, dict[str,
         pair = report.comparisons[(first, second)]
         result["fisher_p"] = {m: float(pair[m]["p_value"]) for m in metrics}
     return result
+
+
+# -- statistics over items -------------------------------------------------------------------------------------
+
+# Each per-item metric and the per_example list it is the mean of (0/1 lists for rates, scores for F1 and ROUGE).
+PER_ITEM_METRICS = {
+    "golden_f1": "golden_f1",
+    "closed_book_f1": "closed_book_f1",
+    "golden_exact_match": "golden_exact_match",
+    "golden_rouge_l": "golden_rouge_l",
+    "false_abstention_rate": "golden_abstained",
+    "abstention_accuracy": "abstained",
+    "hallucination_rate": "hallucinated",
+    "capability_accuracy": "capability",
+    "format_compliance": "format",
+}
+
+
+def bootstrap_ci(values, resamples: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean: items drawn with replacement `resamples` times; (nan, nan)
+    without items."""
+    x = np.asarray(values, dtype=float)
+    if x.size == 0:
+        return math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    per_batch = max(1, 4_000_000 // x.size)  # bounds the index matrix of a large set
+    means = np.concatenate(
+        [x[rng.integers(0, x.size, size=(min(per_batch, resamples - s), x.size))].mean(axis=1)
+         for s in range(0, resamples, per_batch)]
+    )  # fmt: skip
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def interval(values, resamples: int = 2000, seed: int = 0) -> dict:
+    """Mean, 95% bootstrap interval and number of items of one per-item metric."""
+    low, high = bootstrap_ci(values, resamples, seed)
+    return {"mean": float(np.mean(values)) if len(values) else math.nan, "ci_low": low, "ci_high": high, "n": len(values)}
+
+
+def metric_intervals(per_example: dict[str, list], resamples: int = 2000, seed: int = 0) -> dict[str, dict]:
+    """`interval` of every per-item metric a model's per_example lists hold (closed-book F1 may be switched off)."""
+    return {
+        metric: interval(per_example[key], resamples, seed) for metric, key in PER_ITEM_METRICS.items() if per_example.get(key)
+    }
+
+
+def paired_difference(candidate, reference, resamples: int = 2000, seed: int = 0) -> dict:
+    """Mean per-item difference candidate - reference with its paired bootstrap interval (the same items drawn
+    for both, so what the items share cancels)."""
+    diffs = _paired(candidate, reference)
+    return interval(diffs, resamples, seed)
+
+
+WORST_CASE_SD = 0.5
+
+
+def paired_sd(candidate, reference, binary: bool = False) -> float:
+    """Standard deviation of the per-item differences candidate - reference. Where they do not vary (a constant
+    shift, fewer than two items), that of two independent samples with these spreads: sqrt(var_c + var_r), for 0/1
+    outcomes sqrt(2 p (1 - p)) with p the pooled rate; where nothing varies, WORST_CASE_SD."""
+    diffs = _paired(candidate, reference)
+    if diffs.size >= 2 and (sd := float(np.std(diffs, ddof=1))) > 1e-12:
+        return sd
+    c, r = np.asarray(candidate, dtype=float), np.asarray(reference, dtype=float)
+    if binary:
+        p = float(np.concatenate([c, r]).mean()) if c.size else 0.0
+        sd = math.sqrt(2 * p * (1 - p))
+    else:
+        sd = math.sqrt(_var(c) + _var(r))
+    # No spread observed at all (two models scoring 0 everywhere) says nothing about the spread a real difference
+    # would have: take the largest a score in [0, 1] can have, so a degenerate set never passes for a powerful one.
+    return sd if sd > 1e-12 else WORST_CASE_SD
+
+
+def min_detectable_difference(sd: float, n: int, alpha: float, power: float = 0.8) -> float:
+    """The smallest true mean difference a one-sided paired test at `alpha` finds with probability `power`, for
+    per-item differences of standard deviation `sd` over `n` items (normal approximation); inf below two items."""
+    if n < 2:
+        return math.inf
+    z = NormalDist().inv_cdf
+    return (z(1 - alpha) + z(power)) * sd / math.sqrt(n)
+
+
+def group_scores(candidate, reference, labels: list[str], resamples: int = 2000, seed: int = 0) -> dict[str, dict]:
+    """Per label (question type, document, language): n, candidate and reference mean, the candidate's interval;
+    labels in order of first appearance."""
+    out = {}
+    for label in dict.fromkeys(labels):
+        rows = [i for i, item_label in enumerate(labels) if item_label == label]
+        cand, ref = [candidate[i] for i in rows], [reference[i] for i in rows]
+        low, high = bootstrap_ci(cand, resamples, seed)
+        out[label] = {"n": len(rows), "candidate": float(np.mean(cand)), "reference": float(np.mean(ref)), "ci_low": low,
+                      "ci_high": high}  # fmt: skip
+    return out
+
+
+def _paired(candidate, reference) -> np.ndarray:
+    c, r = np.asarray(candidate, dtype=float), np.asarray(reference, dtype=float)
+    if c.shape != r.shape:
+        raise ValueError(f"paired scores need the same items: {c.size} vs {r.size}")
+    return c - r
+
+
+def _var(x: np.ndarray) -> float:
+    return float(np.var(x, ddof=1)) if x.size >= 2 else 0.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import math
 from pathlib import Path
 
 CHART_METRICS = ("golden_f1", "golden_rouge_l", "abstention_accuracy", "capability_accuracy", "format_compliance",
@@ -11,6 +12,22 @@ CHART_METRICS = ("golden_f1", "golden_rouge_l", "abstention_accuracy", "capabili
 
 def _fmt(value) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _ci(mean: float, ci: dict | None, digits: int = 3) -> str:
+    """A mean with its 95% interval: "0.298 [0.251, 0.344]"."""
+    if not ci or math.isnan(ci["ci_low"]):  # no items, no interval
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} [{ci['ci_low']:.{digits}f}, {ci['ci_high']:.{digits}f}]"
+
+
+def _signed(diff: dict) -> str:
+    return f"{diff['mean']:+.3f} [{diff['ci_low']:+.3f}, {diff['ci_high']:+.3f}]"
+
+
+LABELS = {"golden_f1": "golden F1 (RAG)", "closed_book_f1": "golden F1 (closed book)"}
+BREAKDOWN_TITLES = {"qtype": "question type", "lang": "language", "document": "document"}
+MAX_DOCUMENT_ROWS = 30  # a corpus of many manuals: the documents with most items; the JSON has them all
 
 
 def loss_curves(histories: dict[str, list[tuple[int, float]]], path: Path) -> bool:
@@ -43,7 +60,13 @@ def metric_bars(models: dict[str, dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(CHART_METRICS), figsize=(3 * len(CHART_METRICS), 3))
     names = list(models)
     for ax, metric in zip(axes, CHART_METRICS):
-        ax.bar(range(len(names)), [models[n]["metrics"][metric] for n in names], color="C0")
+        values = [models[n]["metrics"][metric] for n in names]
+        intervals = [models[n].get("intervals", {}).get(metric) for n in names]
+        errors = None
+        if all(intervals):  # whiskers: the 95% interval around each mean
+            errors = [[max(v - ci["ci_low"], 0) for v, ci in zip(values, intervals)],
+                      [max(ci["ci_high"] - v, 0) for v, ci in zip(values, intervals)]]  # fmt: skip
+        ax.bar(range(len(names)), values, yerr=errors, capsize=3, color="C0")
         ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=7)
         ax.set_title(metric, fontsize=8)
     fig.tight_layout()
@@ -51,19 +74,92 @@ def metric_bars(models: dict[str, dict], path: Path) -> None:
     plt.close(fig)
 
 
-def markdown(result: dict) -> str:
-    models = result["models"]
-    names = list(models)
-    metrics = list(next(iter(models.values()))["metrics"])
-    lines = [
-        f"# Gate: **{result['decision'].upper()}** (candidate version {result['version']})",
-        "",
+def verdict_lines(result: dict) -> list[str]:
+    """The decision, why, and what to do about it."""
+    decision = result["decision"]
+    lines = [f"# Gate: **{decision.upper()}** (candidate version {result['version']})", ""]
+    if decision == "insufficient-evidence":
+        lines += ["The eval sets are too small to tell whether the candidate is better: it is not promoted, and the "
+                  "version is recorded like a rejection.", "", f"Why: {result.get('reason', '')}", ""]  # fmt: skip
+    lines += [
         f"Failed rules: {', '.join(result['failed']) or 'none'}. Champion: {result['champion_label']}.",
         f"Transformers models scored in {result.get('precision', 'fp32')}; GGUF variants in llama.cpp.",
-        "",
-        "| metric | " + " | ".join(names) + " |",
-        "|---|" + "---:|" * len(names),
-        *(f"| {m} | " + " | ".join(_fmt(models[n]["metrics"][m]) for n in names) + " |" for m in metrics),
+    ]
+    return lines
+
+
+def evidence_lines(result: dict) -> list[str]:
+    """What the eval sets can detect (one-sided paired test, 80% power) against what the gate needs, and the
+    candidate's paired F1 differences."""
+    evidence, diffs = result.get("evidence"), result.get("f1_differences", {})
+    if not evidence:
+        return []
+    lines = ["", "## What the eval sets can detect", "",
+             "The smallest true candidate-vs-base difference each set finds with 80% power (one-sided paired test at "
+             "alpha); the gate needs it at or below the margin.", "",
+             "| set | items | detectable difference | margin | enough |", "|---|---:|---:|---:|---|"]  # fmt: skip
+    for key, e in evidence.items():
+        label = {"golden_f1": "golden F1 (RAG)", "abstention": "abstention (unanswerable)"}.get(key, key)
+        enough = "not checked" if not e.get("checked", True) else "yes" if e["sufficient"] else "**no**"
+        lines.append(f"| {label} | {e['n']} | {e['detectable']:.3f} | {e['margin']:g} | {enough} |")
+    if diffs:
+        lines += ["", "Golden F1 (RAG) differences per item, mean [95% paired bootstrap interval]:", ""]
+        lines += [f"- {pair}: {_signed(d)} over {d['n']} items" for pair, d in diffs.items()]
+    return lines
+
+
+def metric_table(models: dict[str, dict]) -> list[str]:
+    """Every metric of every model: mean [95% bootstrap interval] and the number of items it rests on."""
+    names = list(models)
+    metrics = list(next(iter(models.values()))["metrics"])
+    lines = ["", "## Metrics", "", "Mean [95% bootstrap interval over items]; n: items per model.", "",
+             "| metric | n | " + " | ".join(names) + " |", "|---|---:|" + "---:|" * len(names)]  # fmt: skip
+    for m in metrics:
+        intervals = [models[n].get("intervals", {}).get(m) for n in names]
+        count = next((ci["n"] for ci in intervals if ci), "")
+        cells = [_ci(models[n]["metrics"][m], ci) if ci else _fmt(models[n]["metrics"][m]) for n, ci in zip(names, intervals)]
+        lines.append(f"| {LABELS.get(m, m)} | {count} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def closed_book_lines(result: dict) -> list[str]:
+    """Closed-book vs RAG F1 on the same golden items: what the model knows itself, what retrieval adds."""
+    rows = result.get("closed_book_vs_rag") or {}
+    if not rows:
+        return []
+    lines = ["", "## Closed book vs RAG (golden F1 on the same items)", "",
+             "| model | n | closed book | RAG | RAG - closed book |", "|---|---:|---:|---:|---:|"]  # fmt: skip
+    for name, row in rows.items():
+        closed, rag = row["closed_book"], row["rag"]
+        lines.append(f"| {name} | {closed['n']} | {_ci(closed['mean'], closed)} | {_ci(rag['mean'], rag)} | "
+                     f"{_signed(row['gain'])} |")  # fmt: skip
+    return lines
+
+
+def breakdown_lines(result: dict) -> list[str]:
+    """Golden RAG F1 per question type, and per language and per document where there is more than one."""
+    lines = []
+    for label, groups in (result.get("breakdowns") or {}).items():
+        if label != "qtype" and len(groups) < 2:
+            continue
+        rows = sorted(groups.items(), key=lambda kv: -kv[1]["n"])
+        title = BREAKDOWN_TITLES.get(label, label)
+        lines += ["", f"## Golden F1 (RAG) per {title}", ""]
+        if label == "document" and len(rows) > MAX_DOCUMENT_ROWS:
+            lines += [f"The {MAX_DOCUMENT_ROWS} documents with the most items of {len(rows)}.", ""]
+            rows = rows[:MAX_DOCUMENT_ROWS]
+        lines += [f"| {title} | n | candidate | base |", "|---|---:|---:|---:|"]
+        lines += [f"| {name} | {g['n']} | {_ci(g['candidate'], g)} | {g['reference']:.3f} |" for name, g in rows]
+    return lines
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        *verdict_lines(result),
+        *evidence_lines(result),
+        *metric_table(result["models"]),
+        *closed_book_lines(result),
+        *breakdown_lines(result),
         "",
         "## Rules",
         "",
@@ -103,6 +199,7 @@ def markdown(result: dict) -> str:
         for sample in result["samples"]:
             lines += [f"**Q:** {sample['question']}", "", f"- reference: {sample['reference']}"]
             lines += [f"- {name}: {answer}" for name, answer in sample["answers"].items()]
+            lines += [f"- {name}, closed book: {answer}" for name, answer in sample.get("closed_book", {}).items()]
             lines.append("")
     return "\n".join(lines) + "\n"
 

@@ -1,13 +1,16 @@
-"""The gate's decision: every rule from config evaluated on the scores; one failed rule rejects the candidate."""
+"""The gate's decision: every rule from config evaluated on the scores. All pass: promote. Sets too small to detect
+the configured differences: insufficient evidence (recorded like a rejection). Otherwise one failed rule rejects."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
 from doctune.config import GateRules
-from doctune.gate.metrics import paired_randomization_p
+from doctune.gate.metrics import min_detectable_difference, paired_difference, paired_randomization_p, paired_sd
 
-PROMOTE, REJECT = "promote", "reject"
+PROMOTE, REJECT, INSUFFICIENT = "promote", "reject", "insufficient-evidence"
+INSUFFICIENT_EVIDENCE = "insufficient_evidence"  # what `failed` lists when a power check fails
+POWER = 0.8
 
 
 @dataclass
@@ -31,6 +34,10 @@ def decide(scores: dict[str, dict], variant_ratios: dict[str, float | None], rul
         Rule("abstention_vs_champion", cand["abstention_accuracy"] >= champ["abstention_accuracy"] - rules.abstention_tolerance,
              cand["abstention_accuracy"], champ["abstention_accuracy"] - rules.abstention_tolerance,
              f">= champion {champ['abstention_accuracy']:.4f} - {rules.abstention_tolerance}"),
+        Rule("abstention_accuracy", cand["abstention_accuracy"] >= rules.min_abstention_accuracy, cand["abstention_accuracy"],
+             rules.min_abstention_accuracy, "share of unanswerable questions declined >= this"),
+        Rule("false_abstention", cand["false_abstention_rate"] <= rules.max_false_abstention, cand["false_abstention_rate"],
+             rules.max_false_abstention, "share of answerable questions declined <= this"),
         Rule("format_compliance", cand["format_compliance"] >= format_bar, cand["format_compliance"], format_bar,
              f">= {rules.min_format_compliance}, or base {base['format_compliance']:.4f} where the base falls short"),
         Rule("capability_vs_base", cand["capability_accuracy"] >= rules.min_probes_vs_base * base["capability_accuracy"],
@@ -40,6 +47,11 @@ def decide(scores: dict[str, dict], variant_ratios: dict[str, float | None], rul
              cand["general_perplexity"] <= rules.max_general_ppl_vs_base * base["general_perplexity"],
              cand["general_perplexity"], rules.max_general_ppl_vs_base * base["general_perplexity"],
              f"<= {rules.max_general_ppl_vs_base} x base {base['general_perplexity']:.4f}"),
+        # Held-out domain text no stage trained on: a candidate that models it worse than the base lost knowledge.
+        Rule("domain_perplexity_vs_base",
+             cand["domain_perplexity"] <= rules.max_domain_ppl_vs_base * base["domain_perplexity"],
+             cand["domain_perplexity"], rules.max_domain_ppl_vs_base * base["domain_perplexity"],
+             f"<= {rules.max_domain_ppl_vs_base} x base {base['domain_perplexity']:.4f}"),
     ]  # fmt: skip
     if rules.beat_base:
         # Significantly better, not merely higher: p that the base is not worse than the candidate.
@@ -59,5 +71,71 @@ def decide(scores: dict[str, dict], variant_ratios: dict[str, float | None], rul
         )
         checks.append(Rule(f"not_significantly_worse:{key}", p >= rules.alpha, p, rules.alpha,
                            f"paired randomization p (candidate worse than champion on {label}) >= alpha"))  # fmt: skip
+    evidence = power(scores, rules)
+    power_rules = [evidence_rule(key, e) for key, e in evidence.items()]
     failed = [r.name for r in checks if not r.passed]
-    return {"decision": REJECT if failed else PROMOTE, "failed": failed, "rules": [asdict(r) for r in checks]}
+    short = [r for r in power_rules if not r.passed]
+    if not failed and not short:
+        decision, reason = PROMOTE, "every rule passed"
+    elif short:
+        # Without the power to see the configured difference a pass or a failure says little: more items decide.
+        decision, reason = INSUFFICIENT, " ".join(r.detail for r in short)
+        failed = [INSUFFICIENT_EVIDENCE, *failed]
+    else:
+        decision, reason = REJECT, f"failed: {', '.join(failed)}"
+    return {
+        "decision": decision,
+        "reason": reason,
+        "failed": failed,
+        "rules": [asdict(r) for r in [*power_rules, *checks]],
+        "evidence": evidence,
+        "f1_differences": f1_differences(scores, rules),
+    }
+
+
+def power(scores: dict[str, dict], rules: GateRules) -> dict[str, dict]:
+    """The smallest candidate-vs-base difference each eval set detects (one-sided paired test at alpha, 80% power),
+    from the spread of the observed per-item differences, against the configured margin."""
+    out = {}
+    for key, per_example, margin, binary in (
+        ("golden_f1", "golden_f1", rules.min_detectable_f1, False),
+        ("abstention", "abstained", rules.min_detectable_abstention, True),
+    ):
+        cand, base = scores["candidate"]["per_example"][per_example], scores["base"]["per_example"][per_example]
+        sd = paired_sd(cand, base, binary=binary)
+        detectable = min_detectable_difference(sd, len(cand), rules.alpha, POWER)
+        checked = margin < 1  # no difference of two scores in [0, 1] exceeds 1: a margin of 1 or more is the check off
+        out[key] = {"n": len(cand), "sd": sd, "detectable": detectable, "margin": margin, "alpha": rules.alpha,
+                    "power": POWER, "checked": checked, "sufficient": detectable <= margin or not checked}  # fmt: skip
+    return out
+
+
+_SETS = {
+    "golden_f1": ("golden items", "an F1 difference",
+                  "give the corpus more text or raise synth.min_golden (or gate.max_golden where synth made more)"),
+    "abstention": ("unanswerable items", "an abstention difference",
+                   "raise synth.unanswerable_share or synth.min_golden (or gate.max_unanswerable where synth made more)"),
+}  # fmt: skip
+
+
+def evidence_rule(key: str, e: dict) -> Rule:
+    """A power check as a rule, its detail saying what the set detects, what the gate needs and what to do."""
+    items, difference, remedy = _SETS[key]
+    if e["n"] < 2:
+        found = f"{e['n']} {items.removesuffix('s') if e['n'] == 1 else items} cannot estimate {difference}"
+    else:
+        found = f"{e['n']} {items} detect {difference} of {e['detectable']:.3f}"
+        found += f" at alpha {e['alpha']:g} and {e['power']:.0%} power"
+    if not e.get("checked", True):
+        return Rule(f"evidence:{key}", True, e["detectable"], e["margin"], f"{found}; not checked (margin {e['margin']:g} >= 1)")
+    detail = f"{found}; the gate needs {e['margin']:g}" + ("" if e["sufficient"] else f": {remedy}")
+    return Rule(f"evidence:{key}", e["sufficient"], e["detectable"], e["margin"], detail)
+
+
+def f1_differences(scores: dict[str, dict], rules: GateRules) -> dict[str, dict]:
+    """Golden F1 of the candidate minus the base's and the champion's, per item, with paired bootstrap intervals."""
+    cand = scores["candidate"]["per_example"]["golden_f1"]
+    return {
+        f"candidate - {other}": paired_difference(cand, scores[other]["per_example"]["golden_f1"], rules.bootstrap_resamples)
+        for other in ("base", "champion")
+    }

@@ -10,6 +10,7 @@ decision (promote / record rejection), and `doctune promote` / `doctune rollback
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +20,8 @@ from doctune.chat import ABSTENTION
 from doctune.config import RunConfig
 from doctune.devices import precision
 from doctune.gate import registry
-from doctune.gate.evaluate import EvalSets, eval_items, evaluate_model, shipped_general_text, shipped_probes
-from doctune.gate.metrics import retrieval_scores
+from doctune.gate.evaluate import LABELS, EvalSets, eval_items, evaluate_model, shipped_general_text, shipped_probes
+from doctune.gate.metrics import group_scores, interval, metric_intervals, paired_difference, retrieval_scores
 from doctune.gate.report import loss_curves, markdown, metric_bars, to_html
 from doctune.gate.rules import decide
 from doctune.models import resolve_model
@@ -80,6 +81,7 @@ def build_sets(config: RunConfig, inputs: dict[str, ArtifactRef], tracker: Stage
         general_texts=shipped_general_text(),
         block_size=g.block_size,
         max_blocks=g.perplexity_blocks,
+        closed_book=min(g.max_closed_book, len(golden)),
         skipped=skipped,
     )
 
@@ -180,6 +182,7 @@ def register(inputs: dict[str, ArtifactRef], tracker: StageRun, scores: Scores, 
         registry.GATED_AGAINST_TAG: scores.champion[1].digest if scores.champion else "none",
         f"{TAG}gate_decision": outcome["decision"],
         f"{TAG}failed_rules": ", ".join(outcome["failed"]) or "none",
+        f"{TAG}gate_reason": outcome["reason"][:1000],
         f"{TAG}datasets": json.dumps(datasets),
         **{f"gate.{k}": f"{v:.6g}" for k, v in scores.models["candidate"]["metrics"].items()},
     }
@@ -203,6 +206,49 @@ def write_report(tracker: StageRun, result: dict, lineage: list[dict]) -> Artifa
         return tracker.log_output("report", out, kind="gate_report")
 
 
+def breakdowns(scores: Scores, sets: EvalSets, resamples: int) -> dict[str, dict]:
+    """Golden RAG F1 of the candidate and the base per question type, per document and per language."""
+    cand, base = (scores.models[m]["per_example"]["golden_f1"] for m in ("candidate", "base"))
+    return {
+        label: group_scores(cand, base, [item[label] for item in sets.golden], resamples)
+        for label in ("qtype", "document", "lang")
+    }
+
+
+def closed_book_vs_rag(models: dict[str, dict], closed_book: int, resamples: int) -> dict[str, dict]:
+    """Per model: F1 without context and with the retrieved context on the same first golden items, and the gain the
+    context brings (paired). Empty when closed-book questions are switched off."""
+    out = {}
+    for name, model in models.items():
+        closed = model["per_example"].get("closed_book_f1", [])[:closed_book]
+        if not closed:
+            continue
+        rag = model["per_example"]["golden_f1"][: len(closed)]
+        out[name] = {"closed_book": interval(closed, resamples), "rag": interval(rag, resamples),
+                     "gain": paired_difference(rag, closed, resamples)}  # fmt: skip
+    return out
+
+
+def logged_metrics(result: dict) -> dict[str, float]:
+    """What MLflow gets: every metric of every model with its interval bounds and item count, the detectable
+    differences, the paired F1 differences, retrieval and the decision (finite values only: MLflow stores floats)."""
+    metrics = {}
+    for model, row in result["models"].items():
+        prefix = f"gate.{model.replace(' ', '_')}"
+        metrics |= {f"{prefix}.{k}": v for k, v in row["metrics"].items()}
+        for k, ci in row["intervals"].items():
+            metrics |= {f"{prefix}.{k}.ci_low": ci["ci_low"], f"{prefix}.{k}.ci_high": ci["ci_high"], f"{prefix}.{k}.n": ci["n"]}
+    for key, e in result["evidence"].items():
+        metrics |= {f"gate.evidence.{key}.detectable": e["detectable"], f"gate.evidence.{key}.margin": e["margin"]}
+    for pair, diff in result["f1_differences"].items():
+        name = f"gate.golden_f1_diff.{pair.replace('candidate - ', 'candidate_vs_')}"
+        metrics |= {name: diff["mean"], f"{name}.ci_low": diff["ci_low"], f"{name}.ci_high": diff["ci_high"]}
+    retrieval = result["retrieval"]["metrics"]
+    metrics |= {f"gate.retrieval.{r}.{k.replace('@', '_at_')}": v for r, row in retrieval.items() for k, v in row.items()}
+    metrics |= {"gate.promote": float(result["decision"] == "promote")}
+    return {k: float(v) for k, v in metrics.items() if math.isfinite(v)}
+
+
 def run(config: RunConfig, inputs: dict[str, ArtifactRef], tracker: StageRun) -> dict[str, ArtifactRef]:
     g = config.gate
     sets = build_sets(config, inputs, tracker)
@@ -212,14 +258,32 @@ def run(config: RunConfig, inputs: dict[str, ArtifactRef], tracker: StageRun) ->
     version = register(inputs, tracker, scores, outcome)
 
     shown = [m for m in scores.models if m != "champion" or scores.champion is not None]
+    resamples = g.rules.bootstrap_resamples
     result = {
         "decision": outcome["decision"],
+        "reason": outcome["reason"],
         "failed": outcome["failed"],
         "rules": outcome["rules"],
+        "evidence": outcome["evidence"],
+        "f1_differences": outcome["f1_differences"],
         "version": version,
         "champion_label": scores.champion_label,
         "precision": scores.precision,
-        "models": {m: {"metrics": scores.models[m]["metrics"]} for m in shown},
+        "models": {
+            m: {
+                "metrics": scores.models[m]["metrics"],
+                "intervals": metric_intervals(scores.models[m]["per_example"], resamples),
+                "per_example": scores.models[m]["per_example"],
+            }
+            for m in shown
+        },
+        "items": {
+            "golden": [{k: item[k] for k in LABELS} for item in sets.golden],
+            "unanswerable": [{k: item[k] for k in LABELS} for item in sets.unanswerable],
+            "closed_book": sets.closed_book,
+        },
+        "closed_book_vs_rag": closed_book_vs_rag({m: scores.models[m] for m in shown}, sets.closed_book, resamples),
+        "breakdowns": breakdowns(scores, sets, resamples),
         "quantized": scores.quantized,
         "retrieval": retrieval,
         "skipped": sets.skipped,
@@ -228,15 +292,12 @@ def run(config: RunConfig, inputs: dict[str, ArtifactRef], tracker: StageRun) ->
                 "question": item["question"],
                 "reference": item["answer"],
                 "answers": {m: scores.models[m]["answers"]["golden"][i] for m in shown},
+                "closed_book": {m: scores.models[m]["answers"]["closed_book"][i] for m in shown} if i < sets.closed_book else {},
             }
             for i, item in enumerate(sets.golden[: g.samples])
         ],
     }
-    tracker.log_metrics(
-        {f"gate.{m.replace(' ', '_')}.{k}": v for m in shown for k, v in scores.models[m]["metrics"].items()}
-        | {f"gate.retrieval.{r}.{k.replace('@', '_at_')}": v for r, row in retrieval["metrics"].items() for k, v in row.items()}
-        | {"gate.promote": float(outcome["decision"] == "promote")}
-    )
+    tracker.log_metrics(logged_metrics(result))
     tracker.set_tags({f"{TAG}gate.decision": outcome["decision"], f"{TAG}gate.version": version})
     return {"report": write_report(tracker, result, scores.lineage)}
 

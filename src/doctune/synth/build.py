@@ -31,22 +31,45 @@ def unit_fraction(seed: int, key: str) -> float:
     return int.from_bytes(hashlib.sha256(f"{seed}|{key}".encode()).digest()[:8], "big") / 2**64
 
 
-def assign_splits(chunks: list[dict], config: SynthConfig) -> dict[str, str]:
-    """chunk_id -> eval | validation | train | heldout, decided per chunk or per document.
+def assign_splits(chunks: list[dict], config: SynthConfig, questions: Counter | None = None) -> dict[str, str]:
+    """chunk_id -> eval | validation | train | heldout, decided per chunk or per document, in a seeded order.
 
-    `heldout` chunks (synth.heldout_fraction of the training chunks, at least one) are seen by no training stage:
-    not as CPT text, not as SFT/DPO questions or context. Their text measures perplexity before and after.
+    Eval units are taken until they hold synth.eval_fraction of the chunks and, when `questions` (kept questions per
+    chunk) is given, until their answerable questions reach synth.min_golden (with a margin for the eval items
+    later found in training text), at most synth.max_eval_fraction of the chunks and of the questions. Validation
+    takes synth.validation_fraction of the questions from the units left. `heldout` chunks
+    (synth.heldout_fraction of the training chunks, at least one) are seen by no training stage: not as CPT text,
+    not as SFT/DPO questions or context. Their text measures perplexity before and after.
     """
-    out = {}
+    units: dict[str, list[str]] = {}
     for chunk in chunks:
-        unit = chunk["chunk_id"] if config.split_by == "chunk" else chunk["doc_id"]
-        u = unit_fraction(config.seed, f"split|{unit}")
-        if u < config.eval_fraction:
-            out[chunk["chunk_id"]] = "eval"
-        elif u < config.eval_fraction + config.validation_fraction:
-            out[chunk["chunk_id"]] = "validation"
-        else:
-            out[chunk["chunk_id"]] = "train"
+        units.setdefault(chunk["chunk_id"] if config.split_by == "chunk" else chunk["doc_id"], []).append(chunk["chunk_id"])
+    order = sorted(units, key=lambda unit: unit_fraction(config.seed, f"split|{unit}"))
+    total, questions = max(1, len(chunks)), questions or Counter()
+    all_questions = max(1, sum(questions.values()))
+    wanted = 1.25 * config.min_golden / (1 - config.unanswerable_share) if questions else 0.0
+    out, evaluated, asked = {}, 0, 0.0
+    for unit in order:
+        size, held = len(units[unit]), sum(questions[cid] for cid in units[unit])
+        more = (
+            asked < wanted
+            and held
+            and (evaluated + size) / total <= config.max_eval_fraction
+            and (asked + held) / all_questions <= config.max_eval_fraction  # training keeps the rest of the questions
+        )
+        if evaluated / total < config.eval_fraction or more:
+            evaluated, asked = evaluated + size, asked + held
+            out.update(dict.fromkeys(units[unit], "eval"))
+    # Validation: the next units, in the same order, that hold questions (a validation split without any would
+    # leave SFT and DPO nothing to evaluate on), up to validation_fraction of the questions (of the chunks when
+    # question counts are not given).
+    validating = 0.0
+    for unit in (u for u in order if units[u][0] not in out):
+        held = sum(questions[cid] for cid in units[unit]) if questions else len(units[unit])
+        share = validating / (all_questions if questions else total)
+        split = "validation" if held and share < config.validation_fraction else "train"
+        validating += held if split == "validation" else 0
+        out.update(dict.fromkeys(units[unit], split))
     training = sorted((unit_fraction(config.seed, f"heldout|{cid}"), cid) for cid, s in out.items() if s == "train")
     if len(training) >= 2:
         held = [cid for u, cid in training if u < config.heldout_fraction] or [training[0][1]]
@@ -79,32 +102,41 @@ class Datasets:
     contamination_rate: float = 0.0
 
 
-class Builder:
-    def __init__(self, config: SynthConfig, chunks: list[dict], index: ChunkIndex, top_k: int):
-        self.config = config
-        self.chunks = chunks
+class Holders:
+    """The chunks that state an item's evidence (its own chunk, and repeats of the text elsewhere)."""
+
+    def __init__(self, chunks: list[dict]):
         self.by_id = {c["chunk_id"]: i for i, c in enumerate(chunks)}
         self.folded = [fold(c["text"]).lower() for c in chunks]
-        self.index = index
-        self.top_k = top_k
-        self.split = assign_splits(chunks, config)
 
-    def retrieve(self, question_vectors: np.ndarray, allowed: Callable[[int], bool], exclude: list[set[int]]) -> list[list[int]]:
-        """Top-k chunk indices per question among allowed chunks, minus each question's excluded ones."""
-        wanted = self.top_k + max(len(e) for e in exclude) if exclude else self.top_k
-        indices, _ = self.index.search(question_vectors, min(len(self.chunks), 4 * wanted + 8))
-        out = []
-        for row, skip in zip(indices, exclude):
-            out.append([int(i) for i in row if allowed(int(i)) and int(i) not in skip][: self.top_k])
-        return out
-
-    def holding(self, qa: QA) -> set[int]:
-        """Chunks that state the item's evidence: none of them may stand in an abstention context."""
+    def __call__(self, qa: QA) -> set[int]:
         evidence = fold(qa.evidence).lower()
         found = {self.by_id[qa.chunk_id]}
         if len(evidence) >= 12:
             found.update(i for i, text in enumerate(self.folded) if evidence in text)
         return found
+
+
+class Builder:
+    def __init__(self, config: SynthConfig, chunks: list[dict], index: ChunkIndex, top_k: int, questions: Counter):
+        self.config = config
+        self.chunks = chunks
+        self.by_id = {c["chunk_id"]: i for i, c in enumerate(chunks)}
+        self.holding = Holders(chunks)  # none of these may stand in an abstention context
+        self.index = index
+        self.top_k = top_k
+        self.split = assign_splits(chunks, config, questions)
+
+    def retrieve(self, questions: list[str], allowed: Callable[[int], bool], exclude: list[set[int]]) -> list[list[int]]:
+        """Top-k chunk indices per question among allowed chunks, minus each question's excluded ones."""
+        if not questions:
+            return []
+        wanted = self.top_k + max(len(e) for e in exclude) if exclude else self.top_k
+        indices, _ = self.index.search(questions, min(len(self.chunks), 4 * wanted + 8))
+        out = []
+        for row, skip in zip(indices, exclude):
+            out.append([int(i) for i in row if allowed(int(i)) and int(i) not in skip][: self.top_k])
+        return out
 
     def with_gold(self, ranked: list[int], gold: int, key: str) -> list[int]:
         """The retrieved chunks with the item's own chunk among them. Where retrieval missed it, it takes a
@@ -126,13 +158,14 @@ class Builder:
         messages = [*conversation(user, SYSTEM_PROMPT), {"role": "assistant", "content": assistant}]
         return {"messages": messages, "meta": meta}
 
-    def sft_records(self, items: list[QA], vectors: np.ndarray) -> tuple[list[dict], list[dict]]:
+    def sft_records(self, items: list[QA]) -> tuple[list[dict], list[dict]]:
         """(answerable, abstention) SFT records for one split's QA."""
         cfg = self.config
         trainable = lambda i: self.split[self.chunks[i]["chunk_id"]] in ("train", "validation")  # noqa: E731
         holds = [self.holding(qa) for qa in items]
-        retrieved = self.retrieve(vectors, trainable, [set() for _ in items])
-        without = self.retrieve(vectors, trainable, holds)
+        questions = [qa.question for qa in items]
+        retrieved = self.retrieve(questions, trainable, [set() for _ in items])
+        without = self.retrieve(questions, trainable, holds)
         answerable, abstaining = [], []
         for qa, ranked, distractors, held in zip(items, retrieved, without, holds):
             base = {"chunk_id": qa.chunk_id, "qtype": qa.qtype, "question": qa.question, "evidence": qa.evidence}
@@ -213,14 +246,17 @@ class Builder:
 
     # -- eval ------------------------------------------------------------
 
-    def eval_items(self, items: list[QA], vectors: np.ndarray) -> tuple[list[dict], list[dict]]:
+    def eval_items(self, items: list[QA]) -> tuple[list[dict], list[dict]]:
         everything = lambda i: True  # noqa: E731  (serving retrieves over the whole corpus)
         holds = [self.holding(qa) for qa in items]
-        ranked_all = self.retrieve(vectors, everything, [set() for _ in items])
-        distractors_all = self.retrieve(vectors, everything, holds)
+        questions = [qa.question for qa in items]
+        ranked_all = self.retrieve(questions, everything, [set() for _ in items])
+        distractors_all = self.retrieve(questions, everything, holds)
         golden, unanswerable = [], []
         for qa, ranked, distractors in zip(items, ranked_all, distractors_all):
-            meta = {"qtype": qa.qtype, "evidence": qa.evidence}
+            chunk = self.chunks[self.by_id[qa.chunk_id]]
+            meta = {"qtype": qa.qtype, "evidence": qa.evidence, "doc_id": chunk["doc_id"], "lang": chunk.get("lang", "und")}
+            meta["source"] = chunk.get("source", "")
             if unit_fraction(self.config.seed, f"unanswerable|{qa.question}|{qa.chunk_id}") < self.config.unanswerable_share:
                 if distractors:
                     ids = [self.chunks[i]["chunk_id"] for i in distractors]
@@ -270,7 +306,7 @@ def build(
     replay: list[ReplayText],
     judge: Callable[[str, str, str], str | None] | None = None,
 ) -> Datasets:
-    builder = Builder(config, chunks, index, top_k)
+    builder = Builder(config, chunks, index, top_k, Counter(qa.chunk_id for qa in qas))
     out = Datasets()
     counts = out.counts
     pools: dict[str, list[QA]] = {"train": [], "validation": [], "eval": [], "heldout": []}  # heldout: unused
@@ -278,9 +314,8 @@ def build(
         pools[builder.split[qa.chunk_id]].append(qa)
     counts.update({f"chunks_{name}": sum(1 for s in builder.split.values() if s == name) for name in pools})
 
-    vectors = {name: index.embed([qa.question for qa in pool]) for name, pool in pools.items()}
     for name in ("train", "validation"):
-        answerable, abstaining = builder.sft_records(pools[name], vectors[name])
+        answerable, abstaining = builder.sft_records(pools[name])
         out.sft[name] = sorted(
             answerable + abstaining, key=lambda r: unit_fraction(config.seed, "order|" + r["meta"]["question"])
         )
@@ -304,7 +339,7 @@ def build(
     domain = trained + out.heldout
     out.cpt = trained + replay_records(replay, sum(len(r["text"]) for r in trained), config.replay.share, counts)
 
-    golden, unanswerable = builder.eval_items(pools["eval"], vectors["eval"])
+    golden, unanswerable = builder.eval_items(pools["eval"])
     # Held-out content that recurs in training (repeated pages, boilerplate, the same fact in two chunks)
     # is not held out: drop those eval items, counted in the report.
     n = config.ngram
@@ -326,7 +361,9 @@ def build(
         for record in out.sft[split]:
             training |= ngrams(" ".join(m["content"] for m in record["messages"]), n)
         for pair in out.dpo[split]:
-            training |= ngrams(" ".join(m["content"] for key in ("prompt", "chosen", "rejected") for m in pair[key]), n)
+            # Not the rejected reply: what DPO pushes away from cannot leak an answer, and an altered number can make
+            # a rejected sentence coincide with an eval sentence.
+            training |= ngrams(" ".join(m["content"] for key in ("prompt", "chosen") for m in pair[key]), n)
     items = out.golden + out.unanswerable
     contaminated = sum(1 for item in items if grams(item) & training)
     out.contamination_rate = contaminated / len(items) if items else 0.0

@@ -1,7 +1,11 @@
-"""The extractive teacher: deterministic questions built from a chunk's own content, answers are its spans.
+"""The extractive teacher: deterministic questions built from the structures documentation has, answered by spans.
 
-Question types, each with five phrasings: definitions, what a command/option/function does, list items,
-numeric facts, section topics. Every answer is `chunk_text[start:end]` (whitespace folded in the record).
+Question types (five phrasings each, per language in languages.py): definitions ("X is a ..."), reference entries
+(a command/option/function sentence, `name — description` and option lines), procedures (numbered steps), lists
+under an introducing line, notes and warnings, numeric facts ("The default depth is 8." asks for the default depth
+and answers with the sentence), and a titled section's lead sentences. Every question names its subject (a term,
+an entry, a section title); subjects that are pronouns, markup or generic titles ("Example 1") are refused. Every
+answer is a complete phrase or sentence, `chunk_text[start:end]` (whitespace folded in the record).
 """
 
 from __future__ import annotations
@@ -10,60 +14,21 @@ import hashlib
 import re
 from dataclasses import dataclass, field
 
-TEMPLATES: dict[str, list[str]] = {
-    "definition": [
-        "What is {term}?",
-        "How does the documentation define {term}?",
-        "What does the term {term} refer to?",
-        "Give the definition of {term} according to the manual.",
-        "In the context of {topic}, what is {term}?",
-    ],
-    "command": [
-        "What does the {name} {kind} do?",
-        "What is the purpose of the {name} {kind}?",
-        "Describe the effect of the {name} {kind}.",
-        "What is the {name} {kind} used for?",
-        "Explain what the {name} {kind} does.",
-    ],
-    "list": [
-        'What items are listed under "{intro}"?',
-        "List the entries the documentation gives for: {intro}",
-        'Which elements does the manual enumerate for "{intro}"?',
-        'What are the points listed after "{intro}"?',
-        'Name the items given under "{intro}".',
-    ],
-    "numeric": [
-        'Fill in the number: "{masked}"',
-        'What value completes this statement from the manual: "{masked}"',
-        'According to the documentation, which number belongs in "{masked}"?',
-        'What is the missing figure in "{masked}"?',
-        'Which number does the manual give here: "{masked}"?',
-    ],
-    "section": [
-        'What does the section "{section}" cover?',
-        'Summarize what the section "{section}" explains.',
-        'What is explained under "{section}"?',
-        'What is the section "{section}" about?',
-        'Describe the content of the "{section}" section.',
-    ],
-}
+from doctune.synth.languages import Language, language
 
-_SENTENCE = re.compile(r"[A-Z](?:[^.!?]|[.!?](?!\s|$))*?[.!?](?=\s|$)", re.S)
-_DEFINITION = re.compile(
-    r"^(?P<term>(?:(?:The|An?)\s+)?[A-Za-z][\w\-\\]*(?:\s+[\w\-\\]+){0,3})\s+(?:is|are|refers to|means|denotes)\s+"
-    r"(?P<rest>(?:an?|the|used|one|a set|called)\b.{8,})$",
-    re.S,
+_UPPER = "A-ZÀ-ÖØ-ÞĀ-Ž"
+_SENTENCE = re.compile(rf"[{_UPPER}¿¡](?:[^.!?]|[.!?](?!\s|$))*?[.!?](?=\s|$)", re.S)
+_NUMBER = re.compile(r"(?<![\w.,-])(\d+(?:[.,]\d+)?)(?![\w-]|[.,]\d)")
+_REFERENCE_TO_PAGES = re.compile(r"\b(?:page|pages|p\.|section|chapter|figure|table|seite|kapitel|abschnitt|abbildung|"
+                                 r"chapitre|tableau|página|capítulo|sección|tabla)\s*\d", re.I)  # fmt: skip
+_MARKUP = re.compile(r"[<>{}\[\]=\\$;|@#^~]|___|\.\s?\.\s?\.|://")
+_STEP = re.compile(r"^(?:(?:step|étape|schritt|paso)\s+(\d{1,2})[.:)]?|(\d{1,2})[.)])\s+(\S.*)$", re.I)
+_BULLET = re.compile(r"^(?:[-*•·◦‣–]|\d{1,2}[.)]|[a-z][.)])\s+\S")
+_NUMBERING = re.compile(r"^(?:[\dIVXivx]+[.)]?)+(?:\s+|$)")
+_ENTRY = re.compile(
+    r"^(?P<name>--?[A-Za-z][\w-]*(?:[ =][<\[]?[\w.-]+[>\]]?)?|[a-z_][\w.-]*[._-][\w.-]*|[a-z][a-z0-9_]{2,30})"
+    r"\s*(?:—|–|--|:|\t|\s{2,})\s*(?P<desc>\S.{14,})$"
 )
-_COMMAND = re.compile(
-    r"^(?:The\s+)?(?P<name>[\\`'\"]?[\w\\.@-]{2,40}[`'\"]?)\s+(?P<kind>command|option|function|macro|environment|keyword|switch|"
-    r"directive|variable|package)\s+(?P<rest>(?:is|can|will|does|makes|sets|prints|draws|reads|writes|allows|lets|takes|"
-    r"returns|specifies|controls|tells|causes|may|must|should|has)\b.{8,})$",
-    re.S,
-)
-_OPTION_LINE = re.compile(r"^(?P<name>--?[A-Za-z][\w-]*)(?:[ =](?P<arg>[\w<>\[\].-]+))?\s*(?:--|—|:|\s{2,})\s*(?P<desc>\S.{9,})$")
-_NUMBER = re.compile(r"(?<![\w.])(\d+(?:[.,]\d+)?)(?![\w]|\.\d)")
-_NOT_NAMES = {"this", "that", "the", "a", "an", "each", "every", "any", "which", "its", "their", "such", "same", "new", "first"}
-_BULLET = re.compile(r"^(?:[-*•·◦‣]|\d{1,2}[.)]|[a-z][.)])\s+\S")
 
 
 @dataclass
@@ -72,7 +37,7 @@ class QA:
     answer: str
     chunk_id: str
     qtype: str
-    template: int = -1  # index into TEMPLATES[qtype]; -1 for LLM teachers
+    template: int = -1  # index into the language's templates[qtype]; -1 for LLM teachers
     answer_start: int = -1  # offset into the chunk text; -1 when not an exact span
     answer_end: int = -1
     evidence: str = ""  # the chunk span the item rests on (contamination checks)
@@ -100,14 +65,40 @@ def fold(text: str) -> str:
     return " ".join(text.split())
 
 
-def _pick(chunk_id: str, qtype: str, salt: str) -> int:
+def _pick(chunk_id: str, qtype: str, salt: str, choices: int) -> int:
     digest = hashlib.sha256(f"{chunk_id}|{qtype}|{salt}".encode()).digest()
-    return digest[0] % len(TEMPLATES[qtype])
+    return digest[0] % choices
+
+
+def _letters_share(text: str) -> float:
+    return sum(c.isalpha() for c in text) / max(1, len(text))
 
 
 def _prose(sentence: str) -> bool:
-    letters = sum(c.isalpha() for c in sentence)
-    return 30 <= len(sentence) <= 400 and letters >= 0.6 * len(sentence) and "\\" not in sentence[:3]
+    return 30 <= len(sentence) <= 400 and _letters_share(sentence) >= 0.6 and "\\" not in sentence[:3]
+
+
+def names_something(phrase: str, lang: Language) -> bool:
+    """A subject a question can be asked about: not a pronoun, not markup, not a fragment of punctuation."""
+    words = phrase.split()
+    if not words or len(phrase) > 80 or _MARKUP.search(phrase):
+        return False
+    first = words[0].lower().strip("«»\"'“”„")
+    if first in lang.pronouns or first.rstrip("'’") in lang.pronouns:
+        return False
+    return _letters_share(phrase) >= 0.5
+
+
+def section_title(chunk: dict, lang: Language) -> str:
+    """The chunk's section title when it names a subject ("Installing packages"), else "" ("Example 1",
+    "Contents", "4.2", a table-of-contents line)."""
+    title = fold(_NUMBERING.sub("", fold(chunk.get("section") or "")))
+    bare = re.sub(r"[\s\d.:()-]+$", "", title).lower()
+    if len(title) < 4 or len(title) > 90 or _letters_share(title) < 0.6 or _MARKUP.search(title) or title.endswith("?"):
+        return ""
+    if bare in lang.generic_titles or any(bare.startswith(g + " ") and len(bare.split()) <= 3 for g in lang.generic_titles):
+        return ""
+    return title if names_something(title, lang) else ""
 
 
 def sentences(text: str) -> list[tuple[int, int]]:
@@ -134,126 +125,357 @@ def sentences(text: str) -> list[tuple[int, int]]:
     return spans
 
 
-def _qa(chunk: dict, qtype: str, fields: dict, start: int, end: int, salt: str, answer: str | None = None) -> QA:
-    template = _pick(chunk["chunk_id"], qtype, salt)
-    text = chunk["text"]
-    return QA(
-        question=TEMPLATES[qtype][template].format(**fields),
-        answer=answer if answer is not None else fold(text[start:end]),
-        chunk_id=chunk["chunk_id"],
-        qtype=qtype,
-        template=template,
-        answer_start=start,
-        answer_end=end,
-        evidence=fold(text[start:end]),
-        meta={"fields": {k: v for k, v in fields.items() if k != "topic"}},
+class _Chunk:
+    """One chunk seen by the extractors: its text, language, title and prose sentences."""
+
+    def __init__(self, chunk: dict, lang: Language):
+        self.chunk, self.lang = chunk, lang
+        self.text = chunk["text"]
+        self.title = section_title(chunk, lang)
+        self.spans = sentences(self.text)
+        self.lines = self.text.split("\n")
+        self.line_starts = [0]
+        for line in self.lines:
+            self.line_starts.append(self.line_starts[-1] + len(line) + 1)
+
+    def qa(self, qtype: str, fields: dict, start: int, end: int, salt: str, answer: str | None = None) -> QA:
+        phrasings = self.lang.templates[qtype]
+        template = _pick(self.chunk["chunk_id"], qtype, salt, len(phrasings))
+        if "{title}" in phrasings[template] and not fields.get("title"):
+            template = next(i for i, p in enumerate(phrasings) if "{title}" not in p)
+        span = fold(self.text[start:end])
+        return QA(
+            question=self.lang.contract(phrasings[template].format(**fields)),
+            answer=answer if answer is not None else span,
+            chunk_id=self.chunk["chunk_id"],
+            qtype=qtype,
+            template=template,
+            answer_start=start,
+            answer_end=end,
+            evidence=span,
+            meta={"fields": fields, "lang": self.lang.code},
+        )
+
+
+def _alternatives(words: tuple[str, ...]) -> str:
+    return "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))
+
+
+def _recurs(word: str, text: str, start: int) -> bool:
+    """Whether a sentence-initial word also stands inside a sentence, spelt the same (a name: "Debian", "Aptitude"),
+    rather than only at sentence starts (an adverb: "Manchmal", "Sometimes")."""
+    return any(m.start() != start for m in re.finditer(rf"(?<=[\w,;(] ){re.escape(word)}\b", text))
+
+
+def _definitions(c: _Chunk) -> list[QA]:
+    lang = c.lang
+    articles = _alternatives(lang.articles)
+    pattern = re.compile(
+        rf"^(?P<term>(?:(?:{articles})\s+|l')?[^\W\d_][\w\-’']*(?:\s+[\w\-’']+){{0,3}})\s+(?:{_alternatives(lang.copulas)})\s+"
+        rf"(?P<rest>(?:{articles}|used|utilisé|verwendet|usado)\b.{{8,}})$",
+        re.S | re.I,
     )
-
-
-def _definitions(chunk: dict, spans: list[tuple[int, int]]) -> list[QA]:
     out = []
-    topic = chunk.get("section") or "this documentation"
-    for start, end in spans:
-        match = _DEFINITION.match(fold(chunk["text"][start:end]))
-        pronoun = match and match.group("term").lower().startswith(("this", "it ", "there", "that", "which", "these"))
-        if match and not pronoun and not match.group("rest").startswith("the same"):
-            term = re.sub(r"^(?:The|An?)\s+", "", match.group("term"))
-            out.append(_qa(chunk, "definition", {"term": term, "topic": topic}, start, end, term))
+    for start, end in c.spans:
+        match = pattern.match(fold(c.text[start:end]))
+        if not match:
+            continue
+        term = match.group("term")  # with its article: "What is a box plot?", "Qu'est-ce que le noyau ?"
+        first, _, rest = term.partition(" ")
+        named = rest if first.lower() in lang.articles and rest else term.removeprefix("l'").removeprefix("L'")
+        if (
+            not names_something(named, lang)
+            or (named == term and " " not in term and not _recurs(term, c.text, start))
+            or any(w.lower() in lang.pronouns for w in named.split()[1:])
+            or match.group("rest").lower().startswith(("the same", "le même", "la même"))
+        ):
+            continue
+        term = term[0].lower() + term[1:] if named != term else term  # the article, lower-cased mid-question
+        out.append(c.qa("definition", {"term": term, "title": c.title}, start, end, term))
     return out
 
 
-def _commands(chunk: dict, spans: list[tuple[int, int]]) -> list[QA]:
+def _kind_of(word: str, lang: Language) -> str | None:
+    return lang.kinds.get(word.lower())
+
+
+_NOT_ENTRIES = {
+    "following",
+    "above",
+    "below",
+    "same",
+    "new",
+    "previous",
+    "next",
+    "suivante",
+    "suivant",
+    "précédente",
+    "folgende",
+    "folgenden",
+    "obige",
+    "siguiente",
+    "anterior",
+}
+
+
+def _names_an_entry(name: str, lang: Language) -> bool:
+    """A command/option name: code-like (`\\foo`, `--bar`, `a.b`, `x_y`) or a short lower-case word that is not a
+    pronoun, article or "following"."""
+    lower = name.lower()
+    if lower in lang.pronouns or lower in lang.articles or lower in _NOT_ENTRIES:
+        return False
+    return bool(re.search(r"[\\\-_./@+\d]", name)) or (name.islower() and len(name) <= 14)
+
+
+def _references(c: _Chunk) -> list[QA]:
+    lang = c.lang
+    kinds, actions = _alternatives(tuple(lang.kinds)), _alternatives(lang.action_verbs)
+    name = r"[`'\"«„“]?(?P<name>[\w\\.@/+-]{2,40})[`'\"»“”]?"
+    article, rest = rf"(?:{_alternatives(lang.articles)})\s+|l'", rf"(?P<rest>(?:{actions})\b.{{8,}})$"
+    forms = [re.compile(rf"^(?:{article})?(?P<kind>{kinds})\s+{name}\s+{rest}", re.S | re.I)]  # "La commande X affiche"
+    if lang.code == "en":  # "The X command prints ...": the name before its kind is English word order only
+        forms.append(re.compile(rf"^(?:{article})?{name}\s+(?P<kind>{kinds})\s+{rest}", re.S | re.I))
     out = []
-    text = chunk["text"]
-    for start, end in spans:
-        match = _COMMAND.match(fold(text[start:end]))
-        if match and match.group("name").lower() not in _NOT_NAMES:
-            name, kind = match.group("name").strip("`'\""), match.group("kind")
-            out.append(_qa(chunk, "command", {"name": name, "kind": kind}, start, end, name))
-    offset = 0
-    for line in text.split("\n"):
-        match = _OPTION_LINE.match(line.strip())
-        if match:
-            lead = len(line) - len(line.lstrip())
-            desc_start = offset + lead + match.start("desc")
-            desc_end = offset + lead + match.end("desc")
-            name = match.group("name")
-            out.append(_qa(chunk, "command", {"name": name, "kind": "option"}, desc_start, desc_end, name))
-        offset += len(line) + 1
+    for start, end in c.spans:
+        sentence = fold(c.text[start:end])
+        for form in forms:
+            match = form.match(sentence)
+            if match and _names_an_entry(match.group("name"), lang):
+                kind = _kind_of(match.group("kind"), lang)
+                out.append(
+                    c.qa(
+                        "reference",
+                        {"name": match.group("name"), "kind": kind, "title": c.title},
+                        start,
+                        end,
+                        match.group("name"),
+                    )
+                )
+                break
+    # Entry lines of a reference list: an option, or a name under a section titled by its kind ("Options").
+    title_words = re.findall(r"\w+", c.title.lower())
+    title_kind = next((lang.kinds[w] for w in title_words if w in lang.kinds), None)
+    title_kind = title_kind or next((lang.kinds[w[:-1]] for w in title_words if w[:-1] in lang.kinds), None)  # plural
+    for i, line in enumerate(c.lines):
+        match = _ENTRY.match(line.strip())
+        if not match:
+            continue
+        entry, desc = match.group("name"), match.group("desc")
+        kind = _kind_of("option", lang) if entry.startswith("-") else title_kind
+        if kind is None or len(desc.split()) < 3 or _letters_share(desc) < 0.6 or "...." in desc or ". . ." in desc:
+            continue
+        lead = len(line) - len(line.lstrip())
+        d_start = c.line_starts[i] + lead + match.start("desc")
+        out.append(c.qa("reference", {"name": entry, "kind": kind, "title": c.title}, d_start, d_start + len(desc), entry))
     return out
 
 
-def _lists(chunk: dict) -> list[QA]:
+def _procedures(c: _Chunk) -> list[QA]:
+    if not c.title:
+        return []
     out = []
-    text = chunk["text"]
-    lines = text.split("\n")
-    starts = [0]
-    for line in lines:
-        starts.append(starts[-1] + len(line) + 1)
     i = 0
-    while i < len(lines):
-        intro = lines[i].strip()
-        if intro.endswith(":") and 10 <= len(intro) <= 150 and not _BULLET.match(intro):
+    while i < len(c.lines):
+        match = _STEP.match(c.lines[i].strip())
+        if not match or (match.group(1) or match.group(2)) != "1":
+            i += 1
+            continue
+        j, expected = i, 1
+        while j < len(c.lines) and (step := _STEP.match(c.lines[j].strip())) and int(step.group(1) or step.group(2)) == expected:
+            if len(step.group(3).split()) < 3 or _letters_share(step.group(3)) < 0.6 or _MARKUP.search(step.group(3)):
+                break
+            j, expected = j + 1, expected + 1
+        if expected - 1 >= 2:
+            start, end = c.line_starts[i], c.line_starts[j] - 1
+            answer = "\n".join(line.strip() for line in c.lines[i:j])
+            out.append(c.qa("procedure", {"title": c.title}, start, end, f"steps|{i}", answer=answer))
+        i = max(j, i + 1)
+    return out
+
+
+def _lists(c: _Chunk) -> list[QA]:
+    if not c.title:
+        return []
+    out = []
+    i = 0
+    while i < len(c.lines):
+        intro = c.lines[i].strip()
+        if intro.endswith(":") and 10 <= len(intro) <= 150 and not _BULLET.match(intro) and names_something(intro, c.lang):
             j = i + 1
-            while (
-                j < len(lines)
-                and (item := lines[j].strip())
-                and not item.endswith(":")
-                and (_BULLET.match(item) or len(item) <= 60)
-            ):
+            while j < len(c.lines) and (item := c.lines[j].strip()) and not item.endswith(":") and _BULLET.match(item):
                 j += 1
-            if j - (i + 1) >= 2:
-                start, end = starts[i + 1], starts[j] - 1
-                fields = {"intro": fold(intro.rstrip(":"))}
-                out.append(_qa(chunk, "list", fields, start, end, intro, answer="\n".join(x.strip() for x in lines[i + 1 : j])))
+            items = [line.strip() for line in c.lines[i + 1 : j]]
+            if len(items) >= 2 and all(_letters_share(x) >= 0.5 and ". . ." not in x for x in items):
+                start, end = c.line_starts[i + 1], c.line_starts[j] - 1
+                fields = {"intro": fold(intro.rstrip(":").rstrip()), "title": c.title}
+                out.append(c.qa("list", fields, start, end, intro, answer="\n".join(items)))
                 i = j
                 continue
         i += 1
     return out
 
 
-def _numbers(chunk: dict, spans: list[tuple[int, int]]) -> list[QA]:
+def _notes(c: _Chunk) -> list[QA]:
+    if not c.title:
+        return []
+    label = re.compile(rf"^(?:{_alternatives(c.lang.note_labels)})\s?:\s*(?=\S)", re.I)
     out = []
-    text = chunk["text"]
-    for start, end in spans:
-        sentence = text[start:end]
-        numbers = list(_NUMBER.finditer(sentence))
-        if len(numbers) != 1:  # one number: the question has exactly one answer
+    for paragraph in re.finditer(r"[^\n]+(?:\n[^\n]+)*", c.text):
+        found = label.match(paragraph.group(0))
+        if not found:
             continue
-        m = numbers[0]
-        masked = fold(sentence[: m.start()] + "___" + sentence[m.end() :])
-        qa = _qa(chunk, "numeric", {"masked": masked}, start + m.start(), start + m.end(), masked)
-        qa.evidence = fold(sentence)
-        out.append(qa)
+        start = paragraph.start() + found.end()
+        inside = [(s, e) for s, e in sentences(c.text[start : paragraph.end()])][:2]
+        end = start + inside[-1][1] if inside else paragraph.end()
+        body = fold(c.text[start:end])
+        if 20 <= len(body) <= 500 and _letters_share(body) >= 0.6:
+            out.append(c.qa("note", {"title": c.title}, start, end, f"note|{paragraph.start()}"))
     return out
 
 
-def _section(chunk: dict, spans: list[tuple[int, int]]) -> list[QA]:
-    section = chunk.get("section") or ""
-    title = re.sub(r"^[\d.]+\s+", "", section)
-    if not spans or len(title) < 4:
+_QUALIFIERS = {
+    "about",
+    "approximately",
+    "around",
+    "roughly",
+    "exactly",
+    "only",
+    "normally",
+    "usually",
+    "typically",
+    "always",
+    "at",
+    "up",
+    "set",
+    "environ",
+    "exactement",
+    "seulement",
+    "normalement",
+    "généralement",
+    "de",
+    "à",
+    "etwa",
+    "ungefähr",
+    "genau",
+    "nur",
+    "normalerweise",
+    "meist",
+    "bei",
+    "auf",
+    "aproximadamente",
+    "exactamente",
+    "solo",
+    "normalmente",
+    "generalmente",
+    "a",
+    "en",
+}
+
+
+def _numbers(c: _Chunk) -> list[QA]:
+    lang = c.lang
+    subject = re.compile(
+        rf"^(?P<subject>(?:{_alternatives(lang.articles)})\s+[^,;:()\d]{{3,70}}?)\s+(?:{_alternatives(lang.value_verbs)})\s+(?P<rest>.+)$",
+        re.S | re.I,
+    )
+    out = []
+    for start, end in c.spans:
+        sentence = fold(c.text[start:end])
+        if len(_NUMBER.findall(sentence)) != 1 or _REFERENCE_TO_PAGES.search(sentence) or _MARKUP.search(sentence):
+            continue  # one number: the question has one answer; page and section numbers are not facts
+        match = subject.match(sentence)
+        rest = match.group("rest").split() if match else []
+        if not rest or not (
+            _NUMBER.fullmatch(rest[0].rstrip(".,;"))
+            or (rest[0].lower() in _QUALIFIERS and len(rest) > 1 and _NUMBER.fullmatch(rest[1].rstrip(".,;")))
+        ):
+            continue
+        phrase = match.group("subject")
+        if not names_something(phrase.split(None, 1)[1], lang) or len(phrase.split()) < 3:
+            continue
+        phrase = phrase[0].lower() + phrase[1:]  # the article: German nouns keep their capital
+        out.append(c.qa("numeric", {"subject": phrase, "title": c.title}, start, end, phrase))
+    return out
+
+
+def _section(c: _Chunk) -> list[QA]:
+    """A titled section's lead: the chunk must open with its heading, the answer is what follows it."""
+    if not c.title or not c.spans or fold(c.text)[: len(c.title) + 12].find(c.title) < 0:
         return []
-    start, end = spans[0]
-    return [_qa(chunk, "section", {"section": title}, start, end, title)]
+    heading_end = c.text.find(c.title) + len(c.title)
+    lead = [(s, e) for s, e in c.spans if s >= heading_end][:2]
+    if not lead or c.text[heading_end : lead[0][0]].strip(" \n\t:"):
+        return []  # something other than the lead paragraph follows the heading
+    start, end = lead[0][0], (lead[1][1] if len(lead) > 1 and lead[1][1] - lead[0][0] <= 320 else lead[0][1])
+    return [c.qa("section", {"title": c.title}, start, end, c.title)]
+
+
+def _topic(c: _Chunk) -> list[QA]:
+    """A titled chunk's first sentence that mentions the title's subject (a word of it, or its stem): what the
+    documentation states about it."""
+    if not c.title:
+        return []
+    stems = {w.lower()[:6] for w in re.findall(r"[^\W\d_]{4,}", c.title) if w.lower() not in c.lang.pronouns}
+    if not stems:
+        return []
+    for start, end in c.spans:
+        words = {w.lower()[:6] for w in re.findall(r"[^\W\d_]{4,}", c.text[start:end])}
+        if stems & words and not _MARKUP.search(c.text[start:end]):
+            return [c.qa("topic", {"title": c.title}, start, end, f"topic|{c.title}")]
+    return []
+
+
+def _facts(c: _Chunk) -> list[QA]:
+    """A sentence whose subject is a noun phrase ("The bounding box of a plot is used by ..."): what the
+    documentation says about that subject, answered by the sentence."""
+    lang = c.lang
+    verbs = {*lang.action_verbs, *lang.auxiliaries, *(v.split()[0] for v in lang.value_verbs + lang.copulas)}
+    out = []
+    for start, end in c.spans:
+        words = fold(c.text[start:end]).split()
+        if len(words) < 6 or words[0].lower() not in lang.articles:
+            continue
+        cut = next((j for j in range(2, min(10, len(words) - 2)) if words[j].lower() in verbs), None)
+        if cut is None:
+            continue
+        subject = " ".join(words[:cut]).rstrip(",;:")
+        if _MARKUP.search(subject) or not names_something(" ".join(words[1:cut]), lang) or "," in subject:
+            continue
+        subject = subject[0].lower() + subject[1:]  # the article: German nouns keep their capital
+        out.append(c.qa("fact", {"subject": subject, "title": c.title}, start, end, subject))
+    return out
+
+
+_ABBREVIATION_END = re.compile(r"\b(?:e\.g|i\.e|etc|cf|vs|z\.B|d\.h|bzw|usw|p\. ex|ex|resp|Nr|No|approx|ca)\.$", re.I)
+
+
+def _complete(answer: str) -> bool:
+    """An answer that ends where its sentence ends: not cut after an abbreviation, not inside a URL."""
+    cut = _ABBREVIATION_END.search(answer.rstrip()) or "://" in answer or answer.rstrip().endswith("/.")
+    return not cut and _letters_share(answer.replace(" ", "")) >= 0.7  # prose, not a code listing
+
+
+EXTRACTORS = (_definitions, _references, _procedures, _lists, _notes, _numbers, _section, _topic, _facts)
 
 
 def extractive_questions(chunk: dict, limit: int) -> list[QA]:
-    """Up to `limit` questions for one chunk, types interleaved so a chunk yields a mix."""
-    spans = sentences(chunk["text"])
-    by_type = [
-        _definitions(chunk, spans),
-        _commands(chunk, spans),
-        _lists(chunk),
-        _numbers(chunk, spans),
-        _section(chunk, spans),
-    ]
+    """Up to `limit` questions for one chunk in its language (`chunk["lang"]`, English when absent), types
+    interleaved so a chunk yields a mix; none for a language the teacher has no templates for."""
+    lang = language(chunk.get("lang") or "en")
+    if lang is None:
+        return []
+    c = _Chunk(chunk, lang)
+    by_type = [[qa for qa in extract(c) if _complete(qa.answer)] for extract in EXTRACTORS]
     out: list[QA] = []
     seen: set[str] = set()
+    answered: set[tuple[int, int]] = set()
     round_ = 0
     while len(out) < limit and any(round_ < len(items) for items in by_type):
         for items in by_type:
-            if round_ < len(items) and len(out) < limit and items[round_].question not in seen:
-                seen.add(items[round_].question)
-                out.append(items[round_])
+            qa = items[round_] if round_ < len(items) else None
+            if qa and len(out) < limit and qa.question not in seen and (qa.answer_start, qa.answer_end) not in answered:
+                seen.add(qa.question)
+                answered.add((qa.answer_start, qa.answer_end))  # one question per span: the same sentence asked twice
+                out.append(qa)
         round_ += 1
     return out

@@ -100,5 +100,37 @@ def leakage_filter(items: list[QA]) -> list[QA]:
     return kept
 
 
-def language_filter(items: list[QA], chunk_lang: Callable[[str], str], languages: list[str]) -> list[QA]:
-    return [qa for qa in items if chunk_lang(qa.chunk_id) in languages]
+def language_filter(items: list[QA], chunk_lang: Callable[[str], str], languages: list[str] | None) -> list[QA]:
+    """Items of documents in `languages` (None: every language)."""
+    return [qa for qa in items if languages is None or chunk_lang(qa.chunk_id) in languages]
+
+
+# A question whose subject is a pronoun names nothing once it leaves its passage ("What does it do?").
+_PRONOUN_SUBJECT = re.compile(
+    r"^(?:what|how|why|when|where|which|who)\s+(?:is|are|was|were|does|do|did|can|could|should|will|would|has|have)\s+"
+    r"(?:it|this|that|they|these|those|he|she|them)\b"
+    r"|^(?:que|qu'|comment|pourquoi|quand|où|quel|quelle)\s*(?:fait|est|sont|font|signifie)[- ](?:il|elle|ils|elles|cela"
+    r"|ce(?! que| qu'))\b"  # "Qu'est-ce que X ?" names X
+    r"|^(?:was|wie|warum|wann|wo|welche[rs]?)\s+(?:ist|sind|macht|tut|bedeutet|bewirkt)\s+(?:es|er|sie|dies|das)\b"
+    r"(?!\s+(?-i:[A-ZÄÖÜ]))"  # "Was ist das Thema ...": an article before a noun
+    r"|^¿?(?:qué|cómo|por qué|cuándo|dónde|cuál)\s+(?:es|son|hace|significa)\s+(?:esto|eso|él|ella|ello)\b",
+    re.I,
+)
+# Fragments of markup or cloze blanks pasted into a question.
+_QUESTION_MARKUP = re.compile(r"___|</?[a-z][\w:-]*[ >]|[{}]|=\s*[\"']|\.\s?\.\s?\.\s?\.")
+
+
+def self_contained_filter(items: list[QA]) -> list[QA]:
+    """Drop questions that name no subject (a pronoun where the subject goes) or carry markup or a blank."""
+    return [qa for qa in items if not _PRONOUN_SUBJECT.search(qa.question.strip()) and not _QUESTION_MARKUP.search(qa.question)]
+
+
+def answer_form_filter(items: list[QA]) -> list[QA]:
+    """Drop answers a person would not accept as an answer: a bare number, a single token, under three words."""
+    return [qa for qa in items if len(words(qa.answer)) >= 3 and not re.fullmatch(r"[\W\d_]*", qa.answer)]
+
+
+def specific(items: list[QA], ranked: list[list[int]], holders: Callable[[QA], set[int]]) -> list[bool]:
+    """Whether each question, alone as a retrieval query, finds a chunk that holds its answer among `ranked`
+    (its top-k): a question that finds it not is too vague to be asked out of its passage."""
+    return [bool(holders(qa) & set(top)) for qa, top in zip(items, ranked)]

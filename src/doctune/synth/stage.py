@@ -29,10 +29,11 @@ from doctune.records import (
     write_jsonl,
 )
 from doctune.redact import redact_obj
-from doctune.retrieval import ChunkIndex
+from doctune.retrieval import ChunkIndex, retrieval_mode
 from doctune.synth import filters
-from doctune.synth.build import Datasets, build
+from doctune.synth.build import Datasets, Holders, build
 from doctune.synth.extractive import QA
+from doctune.synth.languages import language_name
 from doctune.synth.replay import replay_texts
 from doctune.synth.teachers import EndpointTeacher, generate, make_teacher
 from doctune.tracking import StageRun
@@ -56,11 +57,19 @@ def check_judged(data: Datasets) -> None:
         )
 
 
-def apply_filters(qas: list[QA], config: RunConfig, lang_of: dict[str, str], index: ChunkIndex) -> tuple[list[QA], dict]:
+def apply_filters(
+    qas: list[QA], config: RunConfig, lang_of: dict[str, str], index: ChunkIndex, holders: Holders
+) -> tuple[list[QA], dict, dict]:
+    """The kept questions, what each filter dropped, and per question type: generated, kept, specificity."""
     cfg = config.synth
     counts = {"generated": len(qas)}
+    types: dict[str, Counter] = {}
+    for qa in qas:
+        types.setdefault(qa.qtype, Counter())["generated"] += 1
     steps = [
         ("language", lambda items: filters.language_filter(items, lambda cid: lang_of.get(cid, "und"), cfg.languages)),
+        ("not_self_contained", filters.self_contained_filter),
+        ("answer_form", filters.answer_form_filter),
         ("exact_duplicate", filters.exact_dedup),
         (
             "near_duplicate_minhash",
@@ -68,7 +77,9 @@ def apply_filters(qas: list[QA], config: RunConfig, lang_of: dict[str, str], ind
         ),
         (
             "near_duplicate_embedding",
-            lambda items: filters.embedding_dedup(items, index.embed([q.question for q in items]), cfg.dedup.embedding_threshold),
+            lambda items: filters.embedding_dedup(
+                items, index.query_vectors([q.question for q in items]), cfg.dedup.embedding_threshold
+            ),
         ),
         ("length", filters.length_filter),
         ("label_leakage", filters.leakage_filter),
@@ -77,8 +88,75 @@ def apply_filters(qas: list[QA], config: RunConfig, lang_of: dict[str, str], ind
         kept = step(qas)
         counts[f"dropped_{name}"] = len(qas) - len(kept)
         qas = kept
+    # Specificity: asked alone, the question must find a chunk that holds its answer.
+    ranked = index.search([qa.question for qa in qas], cfg.specificity_k)[0].tolist() if qas else []
+    flags = filters.specific(qas, ranked, holders)
+    for qa, ok in zip(qas, flags):
+        types[qa.qtype]["checked"] += 1
+        types[qa.qtype]["specific"] += ok
+    counts["dropped_not_specific"] = flags.count(False)
+    qas = [qa for qa, ok in zip(qas, flags) if ok]
     counts["kept"] = len(qas)
-    return qas, counts
+    for qa in qas:
+        types[qa.qtype]["kept"] += 1
+    per_type = {
+        qtype: {
+            "generated": c["generated"],
+            "kept": c["kept"],
+            "specificity": round(c["specific"] / c["checked"], 4) if c["checked"] else None,
+            "answer_words": _spread([len(filters.words(qa.answer)) for qa in qas if qa.qtype == qtype]),
+        }
+        for qtype, c in sorted(types.items())
+    }
+    return qas, counts, per_type
+
+
+def _with_splits(per_type: dict, data: Datasets) -> dict:
+    """Per question type, also its SFT records (answerable and abstaining) and golden items."""
+    sft = Counter(r["meta"].get("qtype") for split in data.sft.values() for r in split if r["meta"]["form"] != "rehearsal")
+    golden = Counter(item["meta"].get("qtype") for item in data.golden)
+    return {qtype: {**row, "sft": sft[qtype], "golden": golden[qtype]} for qtype, row in per_type.items()}
+
+
+def documents_report(
+    pages: list[dict],
+    chunks: list[dict],
+    generated: list[QA],
+    kept: list[QA],
+    data: Datasets,
+    refused: dict[str, str],
+    languages: list[str] | None,
+) -> list[dict]:
+    """One row per document: its language, how many chunks, questions generated and kept, golden items, and why
+    it produced nothing when it did not."""
+    doc_of = {c["chunk_id"]: c["doc_id"] for c in chunks}
+    per_doc: dict[str, Counter] = {}
+    for name, items in (("generated", generated), ("kept", kept)):
+        for qa in items:
+            per_doc.setdefault(doc_of.get(qa.chunk_id, ""), Counter())[name] += 1
+    for item in data.golden:
+        per_doc.setdefault(item["meta"].get("doc_id", ""), Counter())["golden"] += 1
+    rows = []
+    sources = {}
+    for page in pages:
+        sources.setdefault(page["doc_id"], (page.get("source", ""), page.get("lang", "und")))
+    for doc_id, (source, lang) in sources.items():
+        c = per_doc.get(doc_id, Counter())
+        n_chunks = sum(1 for chunk in chunks if chunk["doc_id"] == doc_id)
+        reason = ""
+        if languages is not None and lang not in languages:
+            reason = f"language {language_name(lang)} ({lang}) is not in synth.languages"
+        elif doc_id in refused:
+            reason = refused[doc_id]
+        elif not n_chunks:
+            reason = "no chunks (no text extracted)"
+        elif not c["generated"]:
+            reason = "no question could be built from its text (no definitions, entries, lists, notes or titled sections)"
+        elif not c["kept"]:
+            reason = "every question was filtered out (see the filters table)"
+        rows.append({"doc_id": doc_id, "source": source, "lang": lang, "chunks": n_chunks, "generated": c["generated"],
+                     "kept": c["kept"], "golden": c["golden"], "reason": reason})  # fmt: skip
+    return rows
 
 
 def _spread(values: list[int]) -> dict:
@@ -150,6 +228,31 @@ def report_markdown(rep: dict) -> str:
         f"| {k} | {v.get('n', 0)} | {v.get('p5', '')} | {v.get('p50', '')} | {v.get('p95', '')} | {v.get('max', '')} |"
         for k, v in rep["lengths_chars"].items()
     ]
+    if "question_types" in rep:
+        lines += [
+            "",
+            "## Question types",
+            "",
+            "Specificity: share of the questions that, asked alone, retrieve a chunk holding their answer among the top "
+            f"{rep.get('specificity_k', 5)} ({rep['retrieval']['mode']} retrieval: {rep['retrieval']['why']}); the others "
+            "are dropped.",
+            "",
+            "| type | generated | kept | specificity | answer words p5 / p50 / p95 | SFT | golden |",
+            "|---|---:|---:|---:|---|---:|---:|",
+        ]
+        for qtype, row in rep["question_types"].items():
+            w = row["answer_words"]
+            spread = f"{w['p5']} / {w['p50']} / {w['p95']}" if w else ""
+            spec = "" if row["specificity"] is None else f"{row['specificity']:.2f}"
+            lines.append(f"| {qtype} | {row['generated']} | {row['kept']} | {spec} | {spread} | {row['sft']} | {row['golden']} |")
+    if "documents" in rep:
+        lines += ["", "## Documents", "", "| file | language | chunks | generated | kept | golden | why nothing |",
+                  "|---|---|---:|---:|---:|---:|---|"]  # fmt: skip
+        for row in rep["documents"]:
+            lines.append(
+                f"| {row['source']} | {row['lang']} | {row['chunks']} | {row['generated']} | {row['kept']} | "
+                f"{row['golden']} | {row['reason']} |"
+            )
     lines += ["", "## Build counts", "", "| count | value |", "|---|---:|"]
     lines += [f"| {k} | {v} |" for k, v in sorted(rep["build"].items())]
     lines += ["", "## Examples", "", "```json", json.dumps(rep["examples"], indent=1, ensure_ascii=False)[:6000], "```"]
@@ -166,11 +269,18 @@ def run(config: RunConfig, inputs: dict[str, ArtifactRef], tracker: StageRun) ->
             f"no chunks in {inputs['chunks'].artifact_path} of run {inputs['chunks'].run_id}: nothing to generate from"
         )
     pages = read_parquet(tracker.fetch(inputs["pages"]) / PAGES_FILE)
-    doc_lang = {p["doc_id"]: p["lang"] for p in pages}
-    lang_of = {c["chunk_id"]: doc_lang.get(c["doc_id"], "und") for c in chunks}
+    doc_lang = {p["doc_id"]: p["lang"] or "und" for p in pages}
+    doc_source = {p["doc_id"]: p.get("source", "") for p in pages}
+    # Teachers write in the document's language; eval items name their file.
+    chunks = [{**c, "lang": doc_lang.get(c["doc_id"], "und"), "source": doc_source.get(c["doc_id"], "")} for c in chunks]
+    lang_of = {c["chunk_id"]: c["lang"] for c in chunks}
     tracker.log_dataset_input(inputs["chunks"], chunks_dir / CHUNKS_FILE, context="synth")
 
     teacher = make_teacher(cfg, cache)
+    refused = {doc: why for doc, lang in doc_lang.items() if (why := teacher.handles(lang))}
+    for doc, why in refused.items():
+        source = next((p.get("source", doc) for p in pages if p["doc_id"] == doc), doc)
+        print(f"synth: {source}: no questions: {why}", flush=True)
     settings = cfg.model_dump(mode="json", include={"teacher", "endpoint", "local", "min_questions", "max_questions"})
     settings["endpoint"].pop("api_key_env", None)
     # Resume only what the same chunks, settings and code started: a code fix must not reuse stale output.
@@ -181,8 +291,9 @@ def run(config: RunConfig, inputs: dict[str, ArtifactRef], tracker: StageRun) ->
     checkpoint = Cache(cache).entry("synth", key) / "generated.jsonl"
     qas, exchanges, teacher_counts = generate(teacher, chunks, checkpoint, concurrency)
 
-    index = ChunkIndex([c["text"] for c in chunks], config.retrieval.embedding_model, cache)
-    kept, filter_counts = apply_filters(qas, config, lang_of, index)
+    mode, mode_reason = retrieval_mode(config.retrieval.mode, config.retrieval.embedding_model, set(lang_of.values()) - {"und"})
+    index = ChunkIndex([c["text"] for c in chunks], config.retrieval.embedding_model, cache, mode=mode)
+    kept, filter_counts, per_type = apply_filters(qas, config, lang_of, index, Holders(chunks))
     if not kept:
         raise SynthError(f"all {len(qas)} generated questions were filtered out ({filter_counts})")
     replay = replay_texts(config.model.base_model, cfg.replay, cache, cfg.seed)
@@ -197,6 +308,14 @@ def run(config: RunConfig, inputs: dict[str, ArtifactRef], tracker: StageRun) ->
             "two or more are needed): quantize and the gate measure on it. Give the corpus more text."
         )
     rep = report(data, filter_counts, teacher_counts, cfg.teacher)
+    rep["retrieval"] = {"mode": mode, "why": mode_reason}
+    rep["question_types"] = _with_splits(per_type, data)
+    rep["documents"] = documents_report(pages, chunks, qas, kept, data, refused, cfg.languages)
+    rep["specificity_k"] = cfg.specificity_k
+    rep["examples"]["by_type"] = {
+        qtype: [{"question": qa.question, "answer": qa.answer} for qa in kept if qa.qtype == qtype][:2]
+        for qtype in rep["question_types"]
+    }
     tracker.log_metrics(
         {f"filter.{k}": v for k, v in filter_counts.items()}
         | {f"records.{k}": v for k, v in rep["datasets"].items()}

@@ -26,6 +26,7 @@ from doctune.generation import chat_replies
 from doctune.records import read_jsonl
 from doctune.redact import protect, redact, redact_obj
 from doctune.synth.extractive import QA, extractive_questions, fold
+from doctune.synth.languages import language, language_name
 from doctune.synth.prompts import JUDGE_SCHEMA, JUDGE_SYSTEM, QA_SCHEMA, TEACHER_SYSTEM, judge_prompt, teacher_prompt
 
 
@@ -45,9 +46,20 @@ class Teacher(Protocol):
         """QA for one chunk, and a record of the exchange (kept as an artifact)."""
         ...
 
+    def handles(self, lang: str) -> str | None:
+        """Why the teacher cannot write in a language (ISO 639-1), or None."""
+        ...
+
 
 class ExtractiveTeacher:
     name = "extractive"
+
+    @staticmethod
+    def handles(lang: str) -> str | None:
+        """Why this teacher can't write questions in a language, or None when it can."""
+        if language(lang) is None:
+            return f"the extractive teacher has no question templates for {language_name(lang)} ({lang or 'undetected'})"
+        return None
 
     def __init__(self, config: SynthConfig):
         self.limit = config.max_questions
@@ -171,12 +183,19 @@ def _attempts(n: int) -> str:
 class EndpointTeacher:
     name = "endpoint"
 
+    @staticmethod
+    def handles(lang: str) -> str | None:
+        return None  # an LLM teacher is prompted in the passage's language
+
     def __init__(self, config: SynthConfig):
         self.config = config
         self.client = ChatClient(config.endpoint)
 
     def _ask(self, chunk: dict) -> str:
-        prompt = teacher_prompt(chunk["text"], chunk.get("section", ""), self.config.min_questions, self.config.max_questions)
+        prompt = teacher_prompt(
+            chunk["text"], chunk.get("section", ""), self.config.min_questions, self.config.max_questions,
+            language_name(chunk.get("lang") or "en"),
+        )  # fmt: skip
         return self.client.complete(TEACHER_SYSTEM, prompt, QA_SCHEMA)
 
     def questions(self, chunk: dict) -> tuple[list[QA], dict]:
@@ -204,6 +223,10 @@ class LocalTeacher:
 
     name = "local"
 
+    @staticmethod
+    def handles(lang: str) -> str | None:
+        return None  # an LLM teacher is prompted in the passage's language
+
     def __init__(self, config: SynthConfig, cache_dir: Path):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -222,7 +245,10 @@ class LocalTeacher:
         return reply.text
 
     def questions(self, chunk: dict) -> tuple[list[QA], dict]:
-        prompt = teacher_prompt(chunk["text"], chunk.get("section", ""), self.config.min_questions, self.config.max_questions)
+        prompt = teacher_prompt(
+            chunk["text"], chunk.get("section", ""), self.config.min_questions, self.config.max_questions,
+            language_name(chunk.get("lang") or "en"),
+        )  # fmt: skip
         replies = []
         for _ in range(2):
             content = self._generate(prompt)
