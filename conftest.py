@@ -101,6 +101,9 @@ def make_config(tmp_path, tiny_model_dir, corpus):
                 "max_new_tokens": 12,
                 "perplexity_blocks": 2,
                 "block_size": 64,
+                # 2 calibration items state only a loose bound: 0.5 at confidence 0.5 (1 item needed)
+                "hallucination_alpha": 0.5,
+                "hallucination_confidence": 0.5,
                 "rules": {"permutations": 1000},
             },
         }

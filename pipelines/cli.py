@@ -120,6 +120,30 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from doctune.serve import ServeError, Server
+
+    overrides = [
+        f"serve.{key}={value}" for key in ("alias", "variant", "host", "port") if (value := getattr(args, key)) is not None
+    ]
+    args.overrides = [*args.overrides, *overrides]
+    try:
+        server = Server(_load(args))
+    except ServeError as exc:
+        print(redact(f"error: {exc}"), file=sys.stderr)
+        return 2
+    server.start()
+    deployment = server.backend.deployment
+    print(f"serving {server.serve.alias} (version {deployment.version}, {deployment.variant}) at {server.url}/v1; "
+          f"requests and feedback logged to {server.log_dir}; Ctrl-C stops", flush=True)  # fmt: skip
+    try:
+        with stop_on_signals():
+            while True:
+                time.sleep(3600)
+    finally:
+        server.close()
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     from doctune_kfp.pipelines.submit import submit
 
@@ -206,6 +230,13 @@ def build_parser() -> argparse.ArgumentParser:
     back.add_argument("--reason", default="rolled back by hand")
     _config_args(back)
     back.set_defaults(func=cmd_rollback)
+    serve = sub.add_parser("serve", help="serve the champion (or another alias) through llama.cpp, logging requests")
+    serve.add_argument("--alias", help="registry alias to serve and follow (default: serve.alias, champion)")
+    serve.add_argument("--variant", help="GGUF variant to serve (default: serve.variant, gguf-q8_0)")
+    serve.add_argument("--host", help="listen address (default: serve.host, 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="listen port (default: serve.port, 8000)")
+    _config_args(serve)
+    serve.set_defaults(func=cmd_serve)
     cache = sub.add_parser("cache", help="the work directory's cache")
     cache_sub = cache.add_subparsers(dest="cache_command", required=True)
     prune = cache_sub.add_parser("prune", help="remove cache entries no run in the tracking store references")

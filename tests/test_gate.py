@@ -175,24 +175,38 @@ def test_first_run_is_compared_with_the_base_promoted_and_rolled_back(candidate,
     assert first["evidence"]["golden_f1"]["n"] == golden_n and first["evidence"]["golden_f1"]["sufficient"]
     assert first["closed_book_vs_rag"]["candidate"]["closed_book"]["n"] == first["items"]["closed_book"] == golden_n
     assert "closed_book_f1" in first["models"]["base"]["metrics"]
+    # The conformal abstention threshold: scored on every unanswerable item, split, ruled on and shipped as a tag.
+    unanswerable_n = len(first["items"]["unanswerable"])
+    bound = first["abstention_bound"]["candidate gguf-q8_0"]
+    assert bound["calibration_items"] + bound["test_items"] == unanswerable_n
+    assert len(first["models"]["candidate gguf-q8_0"]["per_example"]["abstention_score"]) == unanswerable_n
+    assert all(s < 0 for s in first["models"]["candidate"]["per_example"]["golden_abstention_score"])  # log-probabilities
+    assert "hallucination_bound" in {r["name"] for r in first["rules"]}
+    tags = registry.version_by_alias(tracker, registry.CHALLENGER).tags
+    assert {"doctune.abstention_threshold", "doctune.abstention_threshold.gguf-q8_0"} <= set(tags)
     assert str(registry.version_by_alias(tracker, registry.CHALLENGER).version) == first["version"]
     assert registry.champion(tracker) is None  # the gate decides; the promote step moves the alias
     promote_component(config.to_yaml(), parent, first["version"])
     assert registry.champion(tracker)[0] == first["version"]
 
-    # The same inputs against the same champion: the same decision, scored afresh.
-    fresh = config.model_copy(update={"tracking": config.tracking.model_copy(update={"reuse_stage_results": False})})
-    again, repeat = gate(fresh, tracker, parent, inputs), gate(fresh, tracker, parent, inputs)
+    # The same inputs against the same champion: the same decision, scored afresh and from the score cache.
+    assert not any(m["cached"] for m in first["models"].values())
+    rerun = config.model_copy(update={"tracking": config.tracking.model_copy(update={"reuse_stage_results": False})})
+    uncached = rerun.model_copy(update={"gate": rerun.gate.model_copy(update={"cache_scores": False})})
+    again, repeat = gate(uncached, tracker, parent, inputs), gate(rerun, tracker, parent, inputs)
+    assert not any(m["cached"] for m in again["models"].values()) and all(m["cached"] for m in repeat["models"].values())
     assert again["decision"] == repeat["decision"] and again["rules"] == repeat["rules"]
     for name, model in again["models"].items():
         timing_free = {k: v for k, v in model["metrics"].items() if k != "tokens_per_s"}
         assert timing_free == {k: v for k, v in repeat["models"][name]["metrics"].items() if k != "tokens_per_s"}
+        assert model["per_example"] == repeat["models"][name]["per_example"]
     assert again["champion_label"].startswith(f"version {first['version']}")
 
     report = tracker.fetch(execute_stage("eval_gate", config, tracker, parent, inputs).outputs["report"])
     html = (report / "gate_report.html").read_text()
     assert "golden F1 (RAG)" in html and "<img" in html and (report / "metrics.png").stat().st_size > 0
     assert "What the eval sets can detect" in html and "Closed book vs RAG" in html and "per question type" in html
+    assert "Abstention with a stated bound" in html
 
     # A human promotes the newest version, then rolls back: the first champion serves again; both recorded.
     args = ["--set", f"project.workdir={config.project.workdir}"]

@@ -16,7 +16,7 @@ from doctune.config import EndpointConfig, SynthConfig
 from doctune.records import read_parquet
 from doctune.stages import execute_stage
 from doctune.synth import filters
-from doctune.synth.build import Builder, alter, assign_splits, judged, rehearsal_records, replay_records
+from doctune.synth.build import Builder, alter, assign_splits, judged, rehearsal_records, replay_records, subject_named
 from doctune.synth.extractive import QA, extractive_questions, fold
 from doctune.synth.languages import LANGUAGES, TYPES
 from doctune.synth.replay import ReplayText
@@ -173,6 +173,50 @@ def test_rehearsal_replies_join_sft_as_chats_without_the_documentation_prompt():
     assert len(rehearsal_records(texts, 0.4, 1000, Counter())) == 50  # never more than there are replies
 
 
+def test_an_open_question_whose_subject_the_context_names_is_no_abstention_case():
+    def qa(qtype: str, template: int, lang: str = "en", **fields) -> QA:
+        question = LANGUAGES[lang].templates[qtype][template].format(**{"title": "Install", **fields})
+        return QA(question, "withheld.", "c-1", qtype, template, meta={"fields": {"title": "Install", **fields}, "lang": lang})
+
+    about_groups = qa("topic", 1, title="Groups of questions")
+    assert subject_named(about_groups, ["Other text.", "Each group holds several questions, shuffled per sheet."])
+    assert not subject_named(about_groups, ["The answer sheet is scanned.", "Questions are numbered."])  # no "group"
+    teacher = qa("fact", 2, subject="the teacher")
+    assert subject_named(teacher, ["The teachers mark the sheets."])
+    assert not subject_named(teacher, ["Sheets are marked by hand."])
+    # A fact question is about its subject, not its section: the section's words alone do not answer it.
+    lock = qa("fact", 4, title="Installing packages", subject="the lock file")
+    assert not subject_named(lock, ["To install several packages, list them."])
+    assert not subject_named(qa("topic", 0, title="Process"), ["The procedure has three steps."])  # stems differ
+    # French: the question contracts "de le" to "du"; the subject is still found.
+    fichier = qa("fact", 0, lang="fr", subject="le fichier de configuration")
+    assert subject_named(fichier, ["Le fichier de configuration se trouve dans /etc."])
+    # A question about a specific fact stays an abstention case when its subject is in context and the fact is not.
+    depth = qa("numeric", 0, subject="the default maximal depth of the table of contents")
+    assert not subject_named(depth, ["The default maximal depth of the table of contents is set per style."])
+    assert not subject_named(QA("Q about groups?", "a", "c-1", "topic"), ["groups"])  # an LLM teacher's item: no fields
+
+
+def test_a_structured_reply_is_cut_after_the_json_object_it_starts_with():
+    from doctune.structured import leading_json
+
+    fenced = '```json\n{"make": "Aurora", "year": 2023}\n```\n\nThis is a JSON-formatted representation of a car.'
+    assert leading_json(fenced) == ({"make": "Aurora", "year": 2023}, '```json\n{"make": "Aurora", "year": 2023}\n```')
+    assert leading_json('{"a": 1} and more') == ({"a": 1}, '{"a": 1}')
+    for bad in ('```json\n{"a": 1,}\n```', 'Sure: {"a": 1}', '```json\n{"a": 1}', "[1, 2]"):
+        assert leading_json(bad) is None  # invalid, not at the start, an unclosed fence, not an object
+
+
+def test_verified_structured_replies_take_turns_with_general_ones_at_any_share():
+    general = [ReplayText.rehearsal(f"Question {i}?", f"Reply {i}.") for i in range(20)]
+    structured = [ReplayText.rehearsal(f"JSON {i}?", '{"name": "x"}', structured=True) for i in range(3)]
+    counts = Counter()
+    chats = rehearsal_records(general + structured, 0.1, 54, counts)  # 6 chats
+    assert [c["messages"][0]["content"] for c in chats] == ["JSON 0?", "Question 0?", "JSON 1?", "Question 1?",
+                                                            "JSON 2?", "Question 2?"]  # fmt: skip
+    assert counts["sft_rehearsal_structured"] == 3 and counts["sft_rehearsal"] == 6
+
+
 def test_replay_dataset_errors_name_the_file(tmp_path):
     from doctune.synth.replay import ReplayError, load_replay_dataset
 
@@ -210,12 +254,18 @@ def test_rehearsal_replies_are_sampled_reproducibly_per_seed(tiny_model_dir, tmp
 @pytest.mark.real_model
 def test_bundled_model_rehearses_general_prompts(tmp_path):
     from doctune.config import ReplayConfig
-    from doctune.synth.replay import general_prompts, rehearsal
+    from doctune.structured import json_object, schema_match
+    from doctune.synth.replay import format_prompts, general_prompts, rehearsal
 
-    config = ReplayConfig(max_new_tokens=32, max_prompts=4)
-    sampled = rehearsal("bundled:smollm2-135m-instruct", config, tmp_path, seed=13)
-    greedy = rehearsal("bundled:smollm2-135m-instruct", config.model_copy(update={"temperature": 0}), tmp_path, seed=13)
+    config = ReplayConfig(max_new_tokens=48, max_prompts=4)
+    sampled_all = rehearsal("bundled:smollm2-135m-instruct", config, tmp_path, seed=13)
+    greedy_all = rehearsal("bundled:smollm2-135m-instruct", config.model_copy(update={"temperature": 0}), tmp_path, seed=13)
+    sampled, greedy = [t for t in sampled_all if not t.structured], [t for t in greedy_all if not t.structured]
     assert len(sampled) == len(greedy) == 4 and len(general_prompts()) >= 100
+    requests = {r["prompt"]: r["schema"] for r in format_prompts()[:4]}
+    structured = [t for t in sampled_all if t.structured]
+    assert structured  # the bundled model writes valid JSON for some of the requests within the attempts
+    assert all(schema_match(json_object(t.reply, only=True), requests[t.prompt]) for t in structured)
     for prompt, text in zip(general_prompts(), sampled):
         assert text.prompt == prompt and text.text.startswith(prompt + "\n\n") and text.reply.strip()
     assert "scatter" in greedy[0].reply  # "Explain why the sky is blue": the model's most likely answer is Rayleigh's

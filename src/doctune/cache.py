@@ -24,6 +24,7 @@ KINDS = (
     "models/merged",  # adapter inputs merged into their base, by the adapter's digest
     "embeddings",  # chunk vectors, by embedding model and texts
     "rehearsal",  # the base model's sampled replies to the shipped general prompts
+    "gate_scores",  # a model's scores on the gate's sets, by model, sets, scoring settings and code
     "synth",  # teacher generation checkpoints (resume)
     "train/cpt",  # training checkpoints (resume); removed when the stage finishes
     "train/sft",

@@ -68,6 +68,19 @@ class TransformersRuntime:
 
         return perplexity_from_scores(blocks, score)
 
+    def continuation_logprobs(self, sequences: list[tuple[list[int], int]]) -> list[float]:
+        """Mean log-probability of the tokens ids[start:] after ids[:start], per (ids, start)."""
+        import torch
+
+        out = []
+        with torch.no_grad():
+            for ids, start in sequences:
+                kept = len(ids) - start + 1  # the logits that predict the continuation, not the whole prompt's
+                logits = self.model(input_ids=torch.tensor([ids], device=self.model.device), logits_to_keep=kept).logits[0, :-1]
+                rows = torch.log_softmax(logits.float(), -1)
+                out.append(float(rows.gather(1, torch.tensor(ids[start:], device=rows.device)[:, None]).mean()))
+        return out
+
     def close(self) -> None:
         del self.model
 
@@ -144,6 +157,20 @@ class LlamaCppRuntime:
             return perplexity_from_scores(blocks, score)
         finally:
             scorer.close()
+
+    def continuation_logprobs(self, sequences: list[tuple[list[int], int]]) -> list[float]:
+        """Mean log-probability of the tokens ids[start:] after ids[:start], per (ids, start)."""
+        scorer = self._open(logits_all=True)
+        out = []
+        try:
+            for ids, start in sequences:
+                scorer.reset()
+                scorer.eval(ids)
+                rows = log_softmax(scorer.scores[start - 1 : len(ids) - 1])
+                out.append(float(sum(rows[i, t] for i, t in enumerate(ids[start:])) / (len(ids) - start)))
+        finally:
+            scorer.close()
+        return out
 
     def close(self) -> None:
         self.llm.close()

@@ -6,6 +6,7 @@
 - training: CPT, SFT, DPO (and the further TRL arguments they pass on)
 - export: merge and quantize
 - gate: the eval gate and its rules
+- serve: `doctune serve`, the champion behind an endpoint
 - cluster: Kubeflow placement
 - run: RunConfig, loading, layering (`extends:`), --set overrides, renamed keys
 - reference: writes configs/default.yaml and docs/config.md from these (`make config-docs`)
@@ -38,6 +39,7 @@ from doctune.config.run import (
     rename_keys,
     resolve_extends,
 )
+from doctune.config.serve import ServeConfig
 from doctune.config.synth import (
     DedupConfig,
     EndpointConfig,
@@ -88,6 +90,7 @@ __all__ = [
     "RunConfig",
     "SecretEnv",
     "Section",
+    "ServeConfig",
     "SftConfig",
     "SynthConfig",
     "Toleration",

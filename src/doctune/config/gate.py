@@ -77,4 +77,25 @@ class GateConfig(Section):
     block_size: int = Field(256, ge=16, description="tokens per perplexity block")
     retrieval_k: int = Field(10, ge=1, description="cut-off of Recall@k and NDCG@k of the chunk index")
     samples: int = Field(5, ge=0, description="answers shown side by side in the report")
+    cache_scores: bool = Field(
+        True,
+        description="reuse a model's scores where the same model files were scored on the same sets with the same "
+        "settings and code (the base model and the champion on a rerun of the same data)",
+    )
+    hallucination_alpha: float = Field(
+        0.1, ge=0, lt=1,
+        description="bound on the share of unanswerable questions answered, kept by an abstention threshold chosen "
+        "by conformal risk control on a calibration split (the model also declines where its score for the "
+        "abstention sentence reaches it); shipped with the version; 0: no threshold",
+    )  # fmt: skip
+    hallucination_confidence: float = Field(
+        0.9, gt=0, lt=1,
+        description="probability, over the calibration draw, that the hallucination rate at the threshold is at most "
+        "hallucination_alpha; stating it at all takes log(1 - confidence) / log(1 - alpha) calibration items (22 at "
+        "the defaults); fewer: insufficient evidence",
+    )  # fmt: skip
+    calibration_fraction: float = Field(
+        0.5, gt=0, lt=1, description="share of the unanswerable items that set the threshold; the others test it"
+    )
+    seed: int = Field(13, description="seed of the calibration/test split (a hash of each question and its position)")
     rules: GateRules = Field(default_factory=GateRules, description="what a candidate must meet to be promoted")

@@ -25,6 +25,7 @@ from doctune.config.gate import GateConfig
 from doctune.config.ingest import IngestConfig
 from doctune.config.model import ModelConfig
 from doctune.config.project import ProjectConfig
+from doctune.config.serve import ServeConfig
 from doctune.config.synth import RetrievalConfig, SynthConfig
 from doctune.config.tracking import TrackingConfig
 from doctune.config.training import CptConfig, DpoConfig, SftConfig
@@ -56,6 +57,7 @@ class RunConfig(Section):
     merge: MergeConfig = Field(default_factory=MergeConfig, description="adapter merged into full weights")
     quantize: QuantizeConfig = Field(default_factory=QuantizeConfig, description="quantized variants")
     gate: GateConfig = Field(default_factory=GateConfig, description="the eval gate before promotion")
+    serve: ServeConfig = Field(default_factory=ServeConfig, description="`doctune serve`: the champion behind an endpoint")
     cluster: ClusterConfig = Field(default_factory=ClusterConfig, description="Kubeflow placement; local runs ignore it")
 
     @property

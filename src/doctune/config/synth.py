@@ -66,9 +66,10 @@ class ReplayConfig(Section):
     batch_size: int = Field(64, ge=1, description="prompts generated together (decoding is what costs: larger is faster)")
     max_prompts: int = Field(0, ge=0, description="use the first N shipped prompts; 0 = all")
     sft_share: float = Field(
-        0.05, ge=0, lt=0.5,
-        description="share of SFT training examples that are rehearsal chats (shipped prompts only): without them SFT "
-        "cost the bundled model 16% of its probe accuracy; at 10% the sampled replies cut golden F1 0.240 -> 0.190",
+        0.1, ge=0, lt=0.5,
+        description="share of SFT training examples that are rehearsal chats (shipped prompts only), verified JSON "
+        "replies and general replies taking turns until the JSON ones run out: without them SFT cost the bundled "
+        "model 16% of its probe accuracy; 10% of general replies alone cut golden F1 0.240 -> 0.190",
     )  # fmt: skip
 
     @field_validator("dataset")
@@ -130,7 +131,11 @@ class SynthConfig(Section):
     )  # fmt: skip
     abstention_share: float = Field(0.175, ge=0.15, le=0.2, description="share of SFT examples that abstain")
     rag_share: float = Field(0.8, ge=0, le=1, description="share of answerable SFT examples with retrieved context")
-    unanswerable_share: float = Field(0.4, gt=0, lt=1, description="share of held-out questions turned unanswerable")
+    unanswerable_share: float = Field(
+        0.65, gt=0, lt=1,
+        description="share of held-out questions drawn to be asked without their answer in context; an open question "
+        "(what a section or subject is about) whose subject the remaining context still names is golden instead",
+    )  # fmt: skip
     judge: bool = Field(False, description="pairwise-judge DPO pairs through the endpoint, both orders")
     dedup: DedupConfig = Field(default_factory=DedupConfig, description="near-duplicate removal")
     ngram: int = Field(8, ge=4, le=32, description="n for the golden/training contamination check")

@@ -28,6 +28,7 @@ class EvalSets:
     block_size: int
     max_blocks: int
     closed_book: int = 0  # the first golden items (a stratified list) also asked without context
+    abstention_scores: bool = False  # score the abstention sentence as every RAG prompt's reply (the abstention bound)
     skipped: list[dict] = field(default_factory=list)
 
     def conversations(self, items: list[dict]) -> list[list[dict]]:
@@ -91,6 +92,22 @@ def stratified(items: list[dict], limit: int) -> list[dict]:
     return out[:limit]
 
 
+def reply_sequences(tokenizer, conversations: list[list[dict]], reply: str) -> list[tuple[list[int], int]]:
+    """Per conversation: the token ids of the prompt followed by `reply` as the assistant turn through its
+    end-of-turn token, and where the reply starts."""
+    out = []
+    for messages in conversations:
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        full = tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": reply}], tokenize=False)
+        tail = full[len(prompt) :] if full.startswith(prompt) else reply + (tokenizer.eos_token or "")
+        start = tokenizer(prompt, add_special_tokens=False).input_ids
+        ids = tokenizer(tail, add_special_tokens=False).input_ids
+        if tokenizer.eos_token_id in ids:
+            ids = ids[: ids.index(tokenizer.eos_token_id) + 1]  # not the template's text after the turn
+        out.append((start + ids, len(start)))
+    return out
+
+
 def blocks(sets: EvalSets, tokenizer) -> tuple[list[list[int]], list[list[int]]]:
     """(domain, general) perplexity blocks in a model's own token ids: models with other tokenizers stay comparable
     on the same text."""
@@ -113,9 +130,16 @@ def evaluate_model(
     are those of `tokenizer_folder`), with per-example scores."""
     from transformers import AutoTokenizer
 
-    domain_blocks, general_blocks = blocks(sets, AutoTokenizer.from_pretrained(tokenizer_folder or folder))
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder or folder)
+    domain_blocks, general_blocks = blocks(sets, tokenizer)
     runtime = open_runtime(folder, batch_size=batch_size, n_ctx=4096, precision=precision)
+    scores = {}
     try:
+        if sets.abstention_scores:
+            for name, items in (("golden_abstention_score", sets.golden), ("abstention_score", sets.unanswerable)):
+                scores[name] = runtime.continuation_logprobs(
+                    reply_sequences(tokenizer, sets.conversations(items), sets.abstention)
+                )
         golden = runtime.chat(sets.conversations(sets.golden), max_new_tokens)
         closed_book = runtime.chat(sets.closed_book_conversations(), max_new_tokens) if sets.closed_book else []
         unanswerable = runtime.chat(sets.conversations(sets.unanswerable), max_new_tokens)
@@ -138,6 +162,7 @@ def evaluate_model(
         "hallucinated": [1.0 - a for a in abstained],
         "capability": [float(passed[p["id"]]) for p in sets.probes if p["category"] != "format"],
         "format": [float(passed[p["id"]]) for p in sets.probes if p["category"] == "format"],
+        **scores,  # mean log-probability of the abstention sentence as the reply: the abstention bound's risk score
     }
     tokens = sum(r.tokens for r in golden + unanswerable)
     seconds = sum(r.seconds for r in golden + unanswerable)

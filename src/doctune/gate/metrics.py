@@ -3,13 +3,14 @@ the gate's verdict rests on: a paired test, bootstrap intervals, the smallest di
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import string
 from statistics import NormalDist
 
 import numpy as np
+
+from doctune.structured import json_object, schema_match
 
 ABSTENTION_MARKERS = (
     "cannot answer",
@@ -70,35 +71,6 @@ def abstains(prediction: str, abstention: str) -> bool:
     """Whether a reply declines to answer: the trained abstention sentence or a common paraphrase of it."""
     text = " ".join(prediction.lower().split())
     return normalize(abstention) in normalize(prediction) or any(marker in text for marker in ABSTENTION_MARKERS)
-
-
-def json_object(text: str) -> dict | None:
-    """The JSON object a reply holds (code fences and surrounding prose allowed), or None."""
-    body = re.sub(r"^```(?:json)?\s*|\s*```$", "", text.strip())
-    for candidate in (body, body[body.find("{") : body.rfind("}") + 1] if "{" in body else ""):
-        try:
-            value = json.loads(candidate)
-        except ValueError:
-            continue
-        if isinstance(value, dict):
-            return value
-    return None
-
-
-JSON_TYPES = {"string": str, "integer": int, "number": (int, float), "boolean": bool}
-
-
-def schema_match(value: dict | None, schema: dict[str, str]) -> bool:
-    """Exactly the schema's keys, each of its type (booleans are not integers)."""
-    if value is None or set(value) != set(schema):
-        return False
-    for key, kind in schema.items():
-        item = value[key]
-        if isinstance(item, bool) and kind != "boolean":
-            return False
-        if not isinstance(item, JSON_TYPES[kind]):
-            return False
-    return True
 
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")

@@ -119,6 +119,9 @@ def metric_table(models: dict[str, dict]) -> list[str]:
         count = next((ci["n"] for ci in intervals if ci), "")
         cells = [_ci(models[n]["metrics"][m], ci) if ci else _fmt(models[n]["metrics"][m]) for n, ci in zip(names, intervals)]
         lines.append(f"| {LABELS.get(m, m)} | {count} | " + " | ".join(cells) + " |")
+    reused = [n for n in names if models[n].get("cached")]
+    if reused:
+        lines += ["", f"Scores reused from an earlier scoring of the same model files on the same sets: {', '.join(reused)}."]
     return lines
 
 
@@ -133,6 +136,30 @@ def closed_book_lines(result: dict) -> list[str]:
         closed, rag = row["closed_book"], row["rag"]
         lines.append(f"| {name} | {closed['n']} | {_ci(closed['mean'], closed)} | {_ci(rag['mean'], rag)} | "
                      f"{_signed(row['gain'])} |")  # fmt: skip
+    return lines
+
+
+def abstention_bound_lines(result: dict) -> list[str]:
+    """The abstention threshold per model with its stated bound, and what it did on the test split."""
+    rows = result.get("abstention_bound") or {}
+    if not rows:
+        return []
+    first = next(iter(rows.values()))
+    rate = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731  (no test items)
+    lines = ["", f"## Abstention with a stated bound (hallucination rate <= {first['alpha']:g} with confidence "
+             f"{first['confidence']:g})", "",
+             f"The threshold is set on {first['calibration_items']} unanswerable items (at least "
+             f"{first['items_needed']} are needed to state the bound), tested on {first['test_items']} others; the "
+             f"answer rate and F1 are over all {first['answered_items']} answerable items. The model declines when its "
+             "mean log-probability of the abstention sentence as the reply reaches the threshold (never: its own "
+             "abstentions meet the bound; always: too few items to state it).", "",
+             "| model | threshold | hallucination rate (test) [95% exact] | without threshold | answer rate | "
+             "without threshold | F1 at threshold |", "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for name, b in rows.items():
+        low, high = b["hallucination_ci"]
+        lines.append(f"| {name} | {_fmt(b['threshold'])} | {rate(b['hallucination_rate'])} [{low:.3f}, {high:.3f}] | "
+                     f"{rate(b['raw_hallucination_rate'])} | {rate(b['answer_rate'])} | {rate(b['raw_answer_rate'])} | "
+                     f"{rate(b['f1_at_threshold'])} |")  # fmt: skip
     return lines
 
 
@@ -159,6 +186,7 @@ def markdown(result: dict) -> str:
         *evidence_lines(result),
         *metric_table(result["models"]),
         *closed_book_lines(result),
+        *abstention_bound_lines(result),
         *breakdown_lines(result),
         "",
         "## Rules",

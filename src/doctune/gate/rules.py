@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from doctune.config import GateRules
+from doctune.gate.conformal import AbstentionBound, items_needed
 from doctune.gate.metrics import min_detectable_difference, paired_difference, paired_randomization_p, paired_sd
 
 PROMOTE, REJECT, INSUFFICIENT = "promote", "reject", "insufficient-evidence"
@@ -22,9 +23,15 @@ class Rule:
     detail: str
 
 
-def decide(scores: dict[str, dict], variant_ratios: dict[str, float | None], rules: GateRules) -> dict:
+def decide(
+    scores: dict[str, dict],
+    variant_ratios: dict[str, float | None],
+    rules: GateRules,
+    bounds: dict[str, AbstentionBound] | None = None,
+) -> dict:
     """`scores`: evaluate_model results for "candidate", "champion" and "base" (champion may be the base);
-    `variant_ratios`: perplexity ratio to the merged model of each gated variant (None: it was not produced)."""
+    `variant_ratios`: perplexity ratio to the merged model of each gated variant (None: it was not produced);
+    `bounds`: per candidate model (merged, gated variants), its abstention threshold tested on its split."""
     cand, champ, base = (scores[k]["metrics"] for k in ("candidate", "champion", "base"))
     # A base model below the structured-output bar (a 135M model is) sets it: tuning must not lose what it had.
     format_bar = min(rules.min_format_compliance, base["format_compliance"])
@@ -71,8 +78,17 @@ def decide(scores: dict[str, dict], variant_ratios: dict[str, float | None], rul
         )
         checks.append(Rule(f"not_significantly_worse:{key}", p >= rules.alpha, p, rules.alpha,
                            f"paired randomization p (candidate worse than champion on {label}) >= alpha"))  # fmt: skip
+    bounds = {m: b for m, b in (bounds or {}).items() if m == "candidate" or m.removeprefix("candidate ") in variant_ratios}
+    for model, bound in bounds.items():
+        low, high = bound.hallucination_ci
+        name = "hallucination_bound" + model.removeprefix("candidate").replace(" ", ":")
+        checks.append(Rule(name, not bound.exceeded, bound.hallucination_rate, bound.alpha,
+                           f"unanswerable questions answered at the abstention threshold, 95% interval [{low:.3f}, "
+                           f"{high:.3f}] on {bound.test_items} test items, not above alpha"))  # fmt: skip
     evidence = power(scores, rules)
     power_rules = [evidence_rule(key, e) for key, e in evidence.items()]
+    if "candidate" in bounds:
+        power_rules.append(bound_evidence_rule(bounds["candidate"]))
     failed = [r.name for r in checks if not r.passed]
     short = [r for r in power_rules if not r.passed]
     if not failed and not short:
@@ -130,6 +146,16 @@ def evidence_rule(key: str, e: dict) -> Rule:
         return Rule(f"evidence:{key}", True, e["detectable"], e["margin"], f"{found}; not checked (margin {e['margin']:g} >= 1)")
     detail = f"{found}; the gate needs {e['margin']:g}" + ("" if e["sufficient"] else f": {remedy}")
     return Rule(f"evidence:{key}", e["sufficient"], e["detectable"], e["margin"], detail)
+
+
+def bound_evidence_rule(bound: AbstentionBound) -> Rule:
+    """Whether the calibration split could state the hallucination bound at all."""
+    needed = items_needed(bound.alpha, 1 - bound.confidence)
+    detail = (f"{bound.calibration_items} calibration items state a hallucination rate <= {bound.alpha:g} with "
+              f"confidence {bound.confidence:g} (at least {needed} needed)")  # fmt: skip
+    if not bound.stated:
+        detail += ": raise synth.unanswerable_share or synth.min_golden (or gate.max_unanswerable), or gate.hallucination_alpha"
+    return Rule("evidence:hallucination_bound", bound.stated, bound.calibration_items, needed, detail)
 
 
 def f1_differences(scores: dict[str, dict], rules: GateRules) -> dict[str, dict]:

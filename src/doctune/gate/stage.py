@@ -9,17 +9,21 @@ decision (promote / record rejection), and `doctune promote` / `doctune rollback
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from doctune.artifacts import ArtifactRef, refs_from_json
+from doctune.artifacts import ArtifactRef, build_manifest, manifest_digest, refs_from_json
+from doctune.cache import Cache
 from doctune.chat import ABSTENTION
+from doctune.code_digest import code_digest
 from doctune.config import RunConfig
 from doctune.devices import precision
 from doctune.gate import registry
+from doctune.gate.conformal import AbstentionBound, abstention_bound, threshold_value
 from doctune.gate.evaluate import LABELS, EvalSets, eval_items, evaluate_model, shipped_general_text, shipped_probes
 from doctune.gate.metrics import group_scores, interval, metric_intervals, paired_difference, retrieval_scores
 from doctune.gate.report import loss_curves, markdown, metric_bars, to_html
@@ -82,6 +86,7 @@ def build_sets(config: RunConfig, inputs: dict[str, ArtifactRef], tracker: Stage
         block_size=g.block_size,
         max_blocks=g.perplexity_blocks,
         closed_book=min(g.max_closed_book, len(golden)),
+        abstention_scores=g.hallucination_alpha > 0,
         skipped=skipped,
     )
 
@@ -135,6 +140,53 @@ class Scores:
     lineage: list[dict]
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+
+
+def scoring_key(config: RunConfig, sets: EvalSets, folder: Path, tokenizer_folder: Path | None, prec: str) -> str:
+    """What a model's scores are a function of: its files, the tokenizer it is read with, the sets, the scoring
+    settings, the scoring code and the runtimes' versions."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "absent"
+
+    tokenizer = None
+    if tokenizer_folder is not None:
+        files = [p for p in Path(tokenizer_folder).iterdir() if p.name in TOKENIZER_FILES]
+        tokenizer = manifest_digest(build_manifest(tokenizer_folder, files))
+    parts = {
+        "model": manifest_digest(build_manifest(folder)),
+        "tokenizer": tokenizer,
+        "sets": hashlib.sha256(
+            json.dumps({k: v for k, v in asdict(sets).items() if k != "skipped"}, sort_keys=True).encode()
+        ).hexdigest(),
+        "settings": [config.gate.max_new_tokens, config.gate.batch_size, prec],
+        "code": code_digest("doctune.gate.evaluate"),
+        "runtimes": [installed(n) for n in ("torch", "transformers", "llama_cpp_python", "bitsandbytes")],
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def cached_scores(config: RunConfig, sets: EvalSets, folder: Path, tokenizer_folder: Path | None, prec: str) -> dict:
+    """evaluate_model's result, from the cache when this model was scored on these sets the same way before (the
+    base model and a champion on the next run of the same data); "cached" says which."""
+    g = config.gate
+
+    def fresh() -> dict:
+        return evaluate_model(folder, sets, g.max_new_tokens, g.batch_size, tokenizer_folder, prec)
+
+    if not g.cache_scores:
+        return {**fresh(), "cached": False}
+    computed = []
+    key = scoring_key(config, sets, folder, tokenizer_folder, prec)
+    result = Cache(config.project.workdir / "cache").json("gate_scores", f"{key}.json", lambda: computed.append(1) or fresh())
+    return {**result, "cached": not computed}
+
+
 def score(config: RunConfig, inputs: dict[str, ArtifactRef], tracker: StageRun, sets: EvalSets) -> Scores:
     """The candidate, its gated variants, the base model and the champion, each scored on `sets`."""
     g = config.gate
@@ -146,7 +198,7 @@ def score(config: RunConfig, inputs: dict[str, ArtifactRef], tracker: StageRun, 
     prec = precision(g.precision, "inference")
 
     def evaluate(folder: Path, tokenizer_folder: Path | None = None) -> dict:
-        return evaluate_model(folder, sets, g.max_new_tokens, g.batch_size, tokenizer_folder, prec)
+        return cached_scores(config, sets, folder, tokenizer_folder, prec)
 
     models = {"candidate": evaluate(merged)}
     variant_ratios, variant_refs = {}, {}
@@ -170,8 +222,30 @@ def score(config: RunConfig, inputs: dict[str, ArtifactRef], tracker: StageRun, 
     )  # fmt: skip
 
 
-def register(inputs: dict[str, ArtifactRef], tracker: StageRun, scores: Scores, outcome: dict) -> str:
-    """The candidate as a registry version aliased `challenger`, tagged with the decision, metrics and lineage."""
+def abstention_bounds(config: RunConfig, models: dict[str, dict], sets: EvalSets) -> dict[str, AbstentionBound]:
+    """Per model scored: its abstention threshold for gate.hallucination_alpha at gate.hallucination_confidence,
+    tested on the other split."""
+    g = config.gate
+    if not sets.abstention_scores:
+        return {}
+    out = {}
+    for name, model in models.items():
+        pe = model["per_example"]
+        out[name] = abstention_bound(
+            {"score": pe["golden_abstention_score"], "abstained": pe["golden_abstained"], "f1": pe["golden_f1"]},
+            {"score": pe["abstention_score"], "abstained": pe["abstained"]},
+            [f"{i['question']}|{n}" for n, i in enumerate(sets.unanswerable)],
+            g.hallucination_alpha, 1 - g.hallucination_confidence, g.calibration_fraction, g.seed,
+        )  # fmt: skip
+    return out
+
+
+def register(
+    inputs: dict[str, ArtifactRef], tracker: StageRun, scores: Scores, outcome: dict, bounds: dict[str, AbstentionBound]
+) -> str:
+    """The candidate as a registry version aliased `challenger`, tagged with the decision, metrics and lineage, and
+    the abstention threshold of each of its models (what a server applies: decline where the mean log-probability
+    of the abstention sentence as the reply reaches it)."""
     parent = tracker.client.get_run(tracker.run_id).data.tags.get("mlflow.parentRunId", "")
     datasets = {k: inputs[k].digest for k in ("golden", "unanswerable", "heldout", "chunks")}
     datasets |= {f"{link['stage']}.{k}": v for link in scores.lineage for k, v in link.get("datasets", {}).items()}
@@ -185,6 +259,11 @@ def register(inputs: dict[str, ArtifactRef], tracker: StageRun, scores: Scores, 
         f"{TAG}gate_reason": outcome["reason"][:1000],
         f"{TAG}datasets": json.dumps(datasets),
         **{f"gate.{k}": f"{v:.6g}" for k, v in scores.models["candidate"]["metrics"].items()},
+        **{
+            f"{TAG}abstention_threshold{name.removeprefix('candidate').replace(' ', '.')}": str(threshold_value(bound.threshold))
+            for name, bound in bounds.items()
+            if name.startswith("candidate")
+        },
     }
     return registry.register_candidate(tracker.tracker, inputs["model"], scores.variant_refs, tags)
 
@@ -243,6 +322,10 @@ def logged_metrics(result: dict) -> dict[str, float]:
     for pair, diff in result["f1_differences"].items():
         name = f"gate.golden_f1_diff.{pair.replace('candidate - ', 'candidate_vs_')}"
         metrics |= {name: diff["mean"], f"{name}.ci_low": diff["ci_low"], f"{name}.ci_high": diff["ci_high"]}
+    for model, bound in result.get("abstention_bound", {}).items():
+        prefix = f"gate.{model.replace(' ', '_')}.abstention_bound"
+        values = {k: bound[k] for k in ("threshold", "hallucination_rate", "answer_rate", "f1_at_threshold")}
+        metrics |= {f"{prefix}.{k}": v for k, v in values.items() if isinstance(v, float)}  # "never"/"always"/None: not numbers
     retrieval = result["retrieval"]["metrics"]
     metrics |= {f"gate.retrieval.{r}.{k.replace('@', '_at_')}": v for r, row in retrieval.items() for k, v in row.items()}
     metrics |= {"gate.promote": float(result["decision"] == "promote")}
@@ -253,9 +336,10 @@ def run(config: RunConfig, inputs: dict[str, ArtifactRef], tracker: StageRun) ->
     g = config.gate
     sets = build_sets(config, inputs, tracker)
     scores = score(config, inputs, tracker, sets)
-    outcome = decide(scores.models, scores.variant_ratios, g.rules)
+    bounds = abstention_bounds(config, scores.models, sets)
+    outcome = decide(scores.models, scores.variant_ratios, g.rules, bounds)
     retrieval = retrieval_quality(config, inputs, tracker)
-    version = register(inputs, tracker, scores, outcome)
+    version = register(inputs, tracker, scores, outcome, bounds)
 
     shown = [m for m in scores.models if m != "champion" or scores.champion is not None]
     resamples = g.rules.bootstrap_resamples
@@ -274,6 +358,7 @@ def run(config: RunConfig, inputs: dict[str, ArtifactRef], tracker: StageRun) ->
                 "metrics": scores.models[m]["metrics"],
                 "intervals": metric_intervals(scores.models[m]["per_example"], resamples),
                 "per_example": scores.models[m]["per_example"],
+                "cached": scores.models[m].get("cached", False),
             }
             for m in shown
         },
@@ -282,6 +367,7 @@ def run(config: RunConfig, inputs: dict[str, ArtifactRef], tracker: StageRun) ->
             "unanswerable": [{k: item[k] for k in LABELS} for item in sets.unanswerable],
             "closed_book": sets.closed_book,
         },
+        "abstention_bound": {m: bounds[m].as_dict() for m in shown if m in bounds},
         "closed_book_vs_rag": closed_book_vs_rag({m: scores.models[m] for m in shown}, sets.closed_book, resamples),
         "breakdowns": breakdowns(scores, sets, resamples),
         "quantized": scores.quantized,

@@ -11,6 +11,7 @@ import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import zip_longest
 
 import numpy as np
 
@@ -19,6 +20,7 @@ from doctune.config import SynthConfig
 from doctune.retrieval import ChunkIndex
 from doctune.synth.extractive import QA, fold
 from doctune.synth.filters import words
+from doctune.synth.languages import language
 from doctune.synth.replay import ReplayText
 
 
@@ -117,6 +119,33 @@ class Holders:
         return found
 
 
+OPEN_TYPES = {"section": "title", "topic": "title", "fact": "subject"}  # asked about: any passage on it answers
+
+
+def _stem(word: str) -> str:
+    return word[:5] if len(word) <= 6 else word[:6]  # "groups" -> "group", "process" -> "proces" (not "procedure")
+
+
+def subject_named(qa: QA, passages: list[str]) -> bool:
+    """Whether a passage names what an open question asks about ("What does the manual state about the teacher?"
+    over a context that discusses the teacher): then the context does answer it, if not with the withheld span,
+    and it is no abstention case. Questions about a specific fact (a definition, a value, an entry, steps) stay
+    abstention cases when their subject is in context and the fact is not: the hard negatives. Named: every word
+    of five letters or more of the subject found at a word start by its stem; a subject without such a word (an
+    acronym, "C++ API") is never named, so its item stays an abstention case."""
+    key = OPEN_TYPES.get(qa.qtype)
+    fields = qa.meta.get("fields", {}) if isinstance(qa.meta, dict) else {}
+    if key is None or not fields.get(key) or qa.template < 0:
+        return False
+    lang = language(qa.meta.get("lang", ""))
+    phrasings = lang.templates.get(qa.qtype, []) if lang else []
+    if qa.template >= len(phrasings) or "{" + key + "}" not in phrasings[qa.template]:
+        return False  # this phrasing does not ask about it (a fact question may name only its section)
+    stems = {_stem(w) for w in re.findall(r"[^\W\d_]{5,}", fold(str(fields[key])).lower())}
+    patterns = [re.compile(rf"\b{re.escape(stem)}") for stem in stems]
+    return bool(patterns) and any(all(p.search(fold(text).lower()) for p in patterns) for text in passages)
+
+
 class Builder:
     def __init__(self, config: SynthConfig, chunks: list[dict], index: ChunkIndex, top_k: int, questions: Counter):
         self.config = config
@@ -126,6 +155,7 @@ class Builder:
         self.index = index
         self.top_k = top_k
         self.split = assign_splits(chunks, config, questions)
+        self.counts: Counter = Counter()
 
     def retrieve(self, questions: list[str], allowed: Callable[[int], bool], exclude: list[set[int]]) -> list[list[int]]:
         """Top-k chunk indices per question among allowed chunks, minus each question's excluded ones."""
@@ -177,7 +207,9 @@ class Builder:
                 answerable.append(self.chat(user, qa.answer, {**base, "form": "rag", "context_chunk_ids": edge_order(ids)}))
             else:
                 answerable.append(self.chat(qa.question, qa.answer, {**base, "form": "closed_book"}))
-            if distractors and not held & set(distractors):
+            if distractors and subject_named(qa, self.passages(distractors)):
+                self.counts["sft_abstention_subject_in_context"] += 1
+            elif distractors and not held & set(distractors):
                 ids = [self.chunks[i]["chunk_id"] for i in distractors]
                 user = rag_user_message(qa.question, edge_order(self.passages(distractors)))
                 meta = {**base, "form": "abstention", "context_chunk_ids": edge_order(ids), "withheld_answer": qa.answer}
@@ -257,7 +289,10 @@ class Builder:
             chunk = self.chunks[self.by_id[qa.chunk_id]]
             meta = {"qtype": qa.qtype, "evidence": qa.evidence, "doc_id": chunk["doc_id"], "lang": chunk.get("lang", "und")}
             meta["source"] = chunk.get("source", "")
-            if unit_fraction(self.config.seed, f"unanswerable|{qa.question}|{qa.chunk_id}") < self.config.unanswerable_share:
+            drawn = unit_fraction(self.config.seed, f"unanswerable|{qa.question}|{qa.chunk_id}") < self.config.unanswerable_share
+            if drawn and distractors and subject_named(qa, self.passages(distractors)):
+                self.counts["unanswerable_subject_in_context"] += 1  # answerable after all: golden
+            elif drawn:
                 if distractors:
                     ids = [self.chunks[i]["chunk_id"] for i in distractors]
                     unanswerable.append(
@@ -340,6 +375,7 @@ def build(
     out.cpt = trained + replay_records(replay, sum(len(r["text"]) for r in trained), config.replay.share, counts)
 
     golden, unanswerable = builder.eval_items(pools["eval"])
+    counts.update(builder.counts)
     # Held-out content that recurs in training (repeated pages, boilerplate, the same fact in two chunks)
     # is not held out: drop those eval items, counted in the report.
     n = config.ngram
@@ -402,16 +438,19 @@ def replay_records(texts: list[ReplayText], domain_chars: int, share: float, cou
 
 
 def rehearsal_records(texts: list[ReplayText], share: float, domain_examples: int, counts: Counter) -> list[dict]:
-    """The base model's own replies to general prompts as SFT chats, `share` of the training examples. Asked
-    without the documentation system prompt, as general use (and the capability probes) ask. Texts of a user's
-    replay dataset are not chats and are left out."""
-    wanted = min(len(texts), round(share / (1 - share) * domain_examples)) if share > 0 else 0
+    """The base model's own replies to general prompts as SFT chats, `share` of the training examples, verified
+    structured-output replies and general ones taking turns. Asked without the documentation system prompt, as
+    general use (and the capability probes) ask. Texts of a user's replay dataset are not chats and are left out."""
+    chats = [t for t in texts if t.prompt and t.reply.strip()]
+    structured, general = [t for t in chats if t.structured], [t for t in chats if not t.structured]
+    chats = [t for pair in zip_longest(structured, general) for t in pair if t is not None]  # both kinds at any share
+    wanted = min(len(chats), round(share / (1 - share) * domain_examples)) if share > 0 else 0
     records = []
-    for text in texts[:wanted]:
-        if text.prompt and text.reply.strip():
-            messages = [{"role": "user", "content": text.prompt}, {"role": "assistant", "content": text.reply.strip()}]
-            records.append({"messages": messages, "meta": {"form": "rehearsal", "question": text.prompt}})
+    for text in chats[:wanted]:
+        messages = [{"role": "user", "content": text.prompt}, {"role": "assistant", "content": text.reply.strip()}]
+        records.append({"messages": messages, "meta": {"form": "rehearsal", "question": text.prompt}})
     counts["sft_rehearsal"] = len(records)
+    counts["sft_rehearsal_structured"] = sum(t.structured for t in chats[:wanted])
     return records
 
 

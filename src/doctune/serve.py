@@ -1,0 +1,347 @@
+"""`doctune serve`: a registry alias (the champion) behind llama.cpp's OpenAI-compatible server.
+
+The front server resolves the alias, verifies the variant's artifact against its digest, starts llama.cpp's server
+on a private port and forwards /v1/chat/completions to it, with the model's own system prompt added where the
+client sends none. Every request is logged (request id, model version, prompt, response, latency, token counts)
+to an append-only JSONL file, rotated by size, with secrets and configured PII patterns redacted; POST /feedback
+joins a rating or a correction by request id. The alias is followed: when it moves, a new llama.cpp server is
+started for the new version and takes the next requests; the old one finishes the requests it has, then stops.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from doctune.artifacts import ArtifactRef
+from doctune.config import RunConfig
+from doctune.gate import registry
+from doctune.redact import redact_obj
+from doctune.tracking import Tracker
+
+SYSTEM_PROMPT_FILE = "system_prompt.txt"
+MAX_BODY = 8 * 2**20  # a request body larger than this is refused
+
+
+class ServeError(RuntimeError):
+    """Nothing to serve, or a server that cannot start: one explained line."""
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """One registry version's variant, as served."""
+
+    version: str
+    variant: str
+    gguf: Path
+    system_prompt: str
+    abstention_threshold: str  # the gate's tag, recorded with each logged request ("" where the gate set none)
+
+
+def resolve(tracker: Tracker, alias: str, variant: str) -> Deployment:
+    """The version an alias points at, its variant fetched and verified against its digest."""
+    version = registry.version_by_alias(tracker, alias)
+    if version is None:
+        raise ServeError(
+            f"registered model {registry.model_name(tracker)!r} has no version aliased {alias!r}: run the pipeline "
+            "until a candidate is promoted, or `doctune promote <version>`"
+        )
+    variants = json.loads(version.tags.get(registry.VARIANTS_TAG, "{}"))
+    if variant not in variants:
+        have = ", ".join(sorted(variants)) or "none"
+        raise ServeError(f"version {version.version} ({alias}) has no variant {variant!r} (it has: {have}); set serve.variant")
+    folder = tracker.fetch(ArtifactRef.from_dict(variants[variant]))
+    ggufs = sorted(folder.glob("*.gguf"))
+    if not ggufs:
+        raise ServeError(
+            f"variant {variant!r} of version {version.version} holds no GGUF file: serve a gguf-* variant (llama.cpp "
+            "serves GGUF only; transformers checkpoints such as nf4 are not served by doctune serve)"
+        )
+    model = tracker.fetch(ArtifactRef.from_dict(json.loads(version.tags[registry.MODEL_TAG])))
+    prompt_file = model / SYSTEM_PROMPT_FILE
+    system_prompt = prompt_file.read_text().strip() if prompt_file.is_file() else ""
+    threshold = version.tags.get(f"doctune.abstention_threshold.{variant}", "")
+    return Deployment(str(version.version), variant, ggufs[0], system_prompt, threshold)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Backend:
+    """A llama.cpp server process for one deployment, with the count of requests it is answering."""
+
+    def __init__(self, deployment: Deployment, n_ctx: int, log_dir: Path, startup_timeout_s: float):
+        self.deployment = deployment
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.in_flight = 0
+        self.idle = threading.Condition()
+        log = log_dir / f"llama-server-v{deployment.version}.log"
+        command = [sys.executable, "-m", "doctune.llama_server", "--model", str(deployment.gguf), "--host", "127.0.0.1",
+                   "--port", str(self.port), "--n_ctx", str(n_ctx), "--model_alias", f"v{deployment.version}"]  # fmt: skip
+        with open(log, "a") as handle:
+            self.process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + startup_timeout_s
+        while not self._ready():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.process.kill()
+                tail = log.read_text(errors="replace")[-800:].strip().splitlines()[-3:]
+                raise ServeError(f"llama.cpp server for version {deployment.version} did not start: {' | '.join(tail)}")
+            time.sleep(0.3)
+
+    def _ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/v1/models", timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    def stop(self, drain_timeout_s: float) -> None:
+        """Wait until the requests it took are answered (at most `drain_timeout_s`), then end the process."""
+        with self.idle:
+            self.idle.wait_for(lambda: self.in_flight == 0, timeout=drain_timeout_s)
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+class JsonlLog:
+    """An append-only JSONL file, rotated (renamed with a UTC timestamp) past `max_bytes`, redacted before writing."""
+
+    def __init__(self, path: Path, max_bytes: int, pii_patterns: list[str]):
+        self.path, self.max_bytes = path, max_bytes
+        self.pii = [re.compile(p) for p in pii_patterns]
+        self.lock = threading.Lock()
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def scrub(self, value):
+        value = redact_obj(value)
+        if isinstance(value, str):
+            for pattern in self.pii:
+                value = pattern.sub("[redacted:pii]", value)
+            return value
+        if isinstance(value, dict):
+            return {k: self.scrub(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.scrub(v) for v in value]
+        return value
+
+    def write(self, record: dict) -> None:
+        line = json.dumps(self.scrub(record), ensure_ascii=False) + "\n"
+        with self.lock:
+            if self.path.is_file() and self.path.stat().st_size + len(line) > self.max_bytes:
+                stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+                self.path.rename(self.path.with_name(f"{self.path.stem}-{stamp}{self.path.suffix}"))
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write(line)
+
+
+class Server:
+    """The front server: forwards to the current backend, logs, takes feedback and follows the alias."""
+
+    def __init__(self, config: RunConfig):
+        self.config = config
+        self.serve = config.serve
+        self.tracker = Tracker(config)
+        self.log_dir = self.serve.log_dir or config.project.workdir / "serving"
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.requests = JsonlLog(self.log_dir / "requests.jsonl", self.serve.max_log_bytes, self.serve.pii_patterns)
+        self.feedback = JsonlLog(self.log_dir / "feedback.jsonl", self.serve.max_log_bytes, self.serve.pii_patterns)
+        self.known: dict[str, str] = {}  # request id -> model version, for feedback (this process's requests)
+        self.switch = threading.Lock()
+        self.backend = self._start(resolve(self.tracker, self.serve.alias, self.serve.variant))
+        self.stopping = threading.Event()
+        self.httpd = ThreadingHTTPServer((self.serve.host, self.serve.port), _handler(self))
+        self.httpd.daemon_threads = True
+        self.follower = threading.Thread(target=self._follow, daemon=True)
+
+    @property
+    def url(self) -> str:
+        host, port = self.httpd.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def _start(self, deployment: Deployment) -> Backend:
+        return Backend(deployment, self.serve.n_ctx, self.log_dir, self.serve.startup_timeout_s)
+
+    def start(self) -> None:
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.follower.start()
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        with self.switch:
+            self.backend.stop(self.serve.request_timeout_s)
+
+    # -- the alias ------------------------------------------------------------------------------------------
+
+    def _follow(self) -> None:
+        while not self.stopping.wait(self.serve.poll_seconds):
+            try:
+                self.check_alias()
+            except Exception as exc:  # an unreachable store or a bad new version: keep serving the current one
+                print(f"doctune serve: still serving version {self.backend.deployment.version}: {exc}", flush=True)
+
+    def check_alias(self) -> bool:
+        """Serve the version the alias points at now, if it moved: True when the server switched."""
+        current = registry.version_by_alias(self.tracker, self.serve.alias)
+        if current is None or str(current.version) == self.backend.deployment.version:
+            return False
+        new = self._start(resolve(self.tracker, self.serve.alias, self.serve.variant))
+        with self.switch:
+            old, self.backend = self.backend, new
+        print(f"doctune serve: {self.serve.alias} moved to version {new.deployment.version}; now serving it", flush=True)
+        threading.Thread(target=old.stop, args=(self.serve.request_timeout_s,), daemon=True).start()
+        return True
+
+    def acquire(self) -> Backend:
+        with self.switch:
+            backend = self.backend
+            with backend.idle:
+                backend.in_flight += 1
+        return backend
+
+    @staticmethod
+    def release(backend: Backend) -> None:
+        with backend.idle:
+            backend.in_flight -= 1
+            backend.idle.notify_all()
+
+    # -- requests -------------------------------------------------------------------------------------------
+
+    def chat(self, body: dict) -> tuple[int, dict, str]:
+        """(status, reply, request id) for one chat completion request."""
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+            return 400, _error("'messages' must be a non-empty list of {role, content} objects"), ""
+        if body.get("stream"):
+            return 400, _error("streaming is not supported by doctune serve; send stream: false"), ""
+        backend = self.acquire()
+        deployment = backend.deployment
+        if deployment.system_prompt and not any(m.get("role") == "system" for m in messages):
+            body = {**body, "messages": [{"role": "system", "content": deployment.system_prompt}, *messages]}
+        request_id = uuid.uuid4().hex
+        started = time.perf_counter()
+        try:
+            status, reply = _post(f"{backend.url}/v1/chat/completions", body, self.serve.request_timeout_s)
+        finally:
+            self.release(backend)
+        latency = time.perf_counter() - started
+        reply = {**reply, "doctune": {"request_id": request_id, "model_version": deployment.version}}
+        choices = reply.get("choices") or [{}]
+        self.requests.write({
+            "request_id": request_id, "time": datetime.now(UTC).isoformat(), "model_version": deployment.version,
+            "variant": deployment.variant, "abstention_threshold": deployment.abstention_threshold,
+            "messages": body["messages"], "response": (choices[0].get("message") or {}).get("content"),
+            "status": status, "latency_s": round(latency, 4), "usage": reply.get("usage"),
+        })  # fmt: skip
+        self.known[request_id] = deployment.version
+        return status, reply, request_id
+
+    def rate(self, body: dict) -> tuple[int, dict]:
+        request_id, rating = body.get("request_id"), body.get("rating")
+        if not isinstance(request_id, str) or request_id not in self.known:
+            return 404, _error(f"request_id {request_id!r} was not served by this server")
+        if rating not in ("up", "down", None):
+            return 400, _error("'rating' must be 'up' or 'down'")
+        correction = body.get("correction")
+        if rating is None and not correction:
+            return 400, _error("give a 'rating' (up or down), a 'correction', or both")
+        if correction is not None and not isinstance(correction, str):
+            return 400, _error("'correction' must be text")
+        self.feedback.write({"request_id": request_id, "time": datetime.now(UTC).isoformat(), "rating": rating,
+                             "correction": correction, "model_version": self.known[request_id]})  # fmt: skip
+        return 200, {"ok": True}
+
+
+def _error(message: str) -> dict:
+    return {"error": {"message": message}}
+
+
+def _post(url: str, body: dict, timeout: float) -> tuple[int, dict]:
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            return exc.code, json.loads(exc.read())
+        except ValueError:
+            return exc.code, _error(f"the model server answered {exc.code}")
+    except OSError as exc:
+        return 502, _error(f"the model server did not answer: {exc}")
+
+
+def _handler(server: Server):
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:  # the request log is the JSONL file
+            pass
+
+        def _send(self, status: int, payload: dict, request_id: str = "") -> None:
+            data = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            if request_id:
+                self.send_header("X-Request-Id", request_id)
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _body(self) -> dict | None:
+            length = int(self.headers.get("Content-Length") or 0)
+            if length > MAX_BODY:
+                self._send(413, _error(f"request body over {MAX_BODY} bytes"))
+                return None
+            try:
+                body = json.loads(self.rfile.read(length) or b"{}")
+            except ValueError as exc:
+                self._send(400, _error(f"the request body is not JSON: {exc}"))
+                return None
+            if not isinstance(body, dict):
+                self._send(400, _error("the request body must be a JSON object"))
+                return None
+            return body
+
+        def do_GET(self) -> None:
+            deployment = server.backend.deployment
+            if self.path == "/health":
+                self._send(200, {"status": "ok", "alias": server.serve.alias, "model_version": deployment.version,
+                                 "variant": deployment.variant})  # fmt: skip
+            elif self.path == "/v1/models":
+                self._send(200, {"object": "list", "data": [{"id": f"v{deployment.version}", "object": "model"}]})
+            else:
+                self._send(404, _error(f"no such path: {self.path}"))
+
+        def do_POST(self) -> None:
+            if self.path not in ("/v1/chat/completions", "/feedback"):
+                self._send(404, _error(f"no such path: {self.path}"))
+                return
+            body = self._body()
+            if body is None:
+                return
+            if self.path == "/feedback":
+                self._send(*server.rate(body))
+            else:
+                status, reply, request_id = server.chat(body)
+                self._send(status, reply, request_id)
+
+    return Handler
