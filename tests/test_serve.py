@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import threading
 import time
 import urllib.error
@@ -150,3 +151,9 @@ def test_nothing_to_serve_is_one_explained_line(make_config, capsys):
     registry.promote(tracker, first, reason="test")
     with pytest.raises(ServeError, match="has no variant 'nf4' \\(it has: gguf-q8_0\\)"):
         resolve(tracker, "champion", "nf4")
+    with socket.socket() as taken:  # a port in use: one line, and no model server left behind
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--port", str(port), "--set", f"project.workdir={config.project.workdir}"]) == 2
+        assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err

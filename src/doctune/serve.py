@@ -167,10 +167,20 @@ class Server:
         self.feedback = JsonlLog(self.log_dir / "feedback.jsonl", self.serve.max_log_bytes, self.serve.pii_patterns)
         self.known: dict[str, str] = {}  # request id -> model version, for feedback (this process's requests)
         self.switch = threading.Lock()
-        self.backend = self._start(resolve(self.tracker, self.serve.alias, self.serve.variant))
         self.stopping = threading.Event()
-        self.httpd = ThreadingHTTPServer((self.serve.host, self.serve.port), _handler(self))
+        deployment = resolve(self.tracker, self.serve.alias, self.serve.variant)
+        try:
+            self.httpd = ThreadingHTTPServer((self.serve.host, self.serve.port), _handler(self))
+        except OSError as exc:
+            raise ServeError(
+                f"cannot listen on {self.serve.host}:{self.serve.port}: {exc.strerror or exc}; set serve.port"
+            ) from None
         self.httpd.daemon_threads = True
+        try:
+            self.backend = self._start(deployment)
+        except BaseException:
+            self.httpd.server_close()
+            raise
         self.follower = threading.Thread(target=self._follow, daemon=True)
 
     @property
