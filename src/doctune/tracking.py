@@ -99,7 +99,10 @@ def check_reachable(uri: str, timeout: float = REACHABLE_TIMEOUT_S) -> None:
 
 
 PARENT_TAG = "mlflow.parentRunId"
-LIBRARIES = ("torch", "transformers", "peft", "trl", "datasets", "pymupdf", "kfp", "mlflow", "sentence-transformers")
+LIBRARIES = (
+    "torch", "transformers", "peft", "trl", "datasets", "pymupdf", "kfp", "mlflow", "sentence-transformers",
+    "bitsandbytes", "llama_cpp_python",
+)  # fmt: skip
 
 
 @cache

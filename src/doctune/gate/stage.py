@@ -42,7 +42,7 @@ from doctune.records import (
     read_parquet,
     read_text_file,
 )
-from doctune.tracking import TAG, StageRun
+from doctune.tracking import TAG, StageRun, library_versions
 from doctune.train.artifacts import read_meta
 
 REPORT_FILE = GATE_REPORT_FILE
@@ -145,15 +145,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 
 def scoring_key(config: RunConfig, sets: EvalSets, folder: Path, tokenizer_folder: Path | None, prec: str) -> str:
     """What a model's scores are a function of: its files, the tokenizer it is read with, the sets, the scoring
-    settings, the scoring code and the runtimes' versions."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    def installed(name: str) -> str:
-        try:
-            return version(name)
-        except PackageNotFoundError:
-            return "absent"
-
+    settings, the scoring code and the libraries' versions."""
     tokenizer = None
     if tokenizer_folder is not None:
         files = [p for p in Path(tokenizer_folder).iterdir() if p.name in TOKENIZER_FILES]
@@ -166,7 +158,7 @@ def scoring_key(config: RunConfig, sets: EvalSets, folder: Path, tokenizer_folde
         ).hexdigest(),
         "settings": [config.gate.max_new_tokens, config.gate.batch_size, prec],
         "code": code_digest("doctune.gate.evaluate"),
-        "runtimes": [installed(n) for n in ("torch", "transformers", "llama_cpp_python", "bitsandbytes")],
+        "libraries": library_versions(),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
