@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -78,6 +79,37 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
     return folder
 
 
+GENERAL_TEXT = [
+    "Water boils at 100 degrees Celsius at sea level; at higher altitudes the lower air pressure lets it boil sooner.",
+    "Photosynthesis lets plants turn sunlight, water and carbon dioxide into sugar, releasing oxygen as a by-product.",
+    "The Pacific is the largest and deepest of the Earth's oceans, covering about a third of the planet's surface.",
+    "A prime number has exactly two divisors, one and itself; 2, 3, 5, 7 and 11 are the first five primes.",
+]
+
+
+@pytest.fixture(scope="session")
+def corpus_synth(tmp_path_factory, tiny_model_dir, corpus):
+    """ingest and synth on the shared corpus with the tiny model and a general-text replay file: (config, tracker,
+    the synth StageResult)."""
+    from doctune.stages import execute_stage
+    from doctune.tracking import Tracker
+
+    work = tmp_path_factory.mktemp("synth-corpus")
+    replay = work / "general.jsonl"
+    replay.write_text("".join(json.dumps({"text": text}) + "\n" for text in GENERAL_TEXT))
+    config = build_config(
+        {"project": {"workdir": str(work)}, "model": {"base_model": str(tiny_model_dir)}, "ingest": {"pdfs": str(corpus)},
+         "synth": {"replay": {"dataset": str(replay)}}}
+    )  # fmt: skip
+    tracker = Tracker(config)
+    parent = tracker.open_pipeline_run("synth-test")
+    ingest = execute_stage("ingest", config, tracker, parent, {})
+    synth = execute_stage(
+        "synth", config, tracker, parent, {"chunks": ingest.outputs["chunks"], "pages": ingest.outputs["pages"]}
+    )
+    return config, tracker, synth
+
+
 @pytest.fixture
 def make_config(tmp_path, tiny_model_dir, corpus):
     """Build a RunConfig in a fresh workdir with the tiny model, over the 2-core demo profile (its step counts and
@@ -91,6 +123,7 @@ def make_config(tmp_path, tiny_model_dir, corpus):
             "ingest": {"pdfs": str(pdfs or corpus)},
             "synth": {"replay": {"share": 0.0}},  # a random model's rehearsal is empty: tests opt in
             # Training a random model is a plumbing check: a couple of steps unless a test asks for more.
+            "retriever": {"epochs": 1, "max_seq_length": 32},
             "cpt": {"max_steps": 2, "block_size": 64},
             "sft": {"max_steps": 2, "max_length": 256},
             "dpo": {"max_steps": 2, "max_length": 256},

@@ -15,6 +15,7 @@ from doctune_kfp.components.open_run.component import open_run
 from doctune_kfp.components.promote.component import promote
 from doctune_kfp.components.quantize.component import quantize
 from doctune_kfp.components.record_rejection.component import record_rejection
+from doctune_kfp.components.retriever.component import retriever
 from doctune_kfp.components.sft.component import sft
 from doctune_kfp.components.skip_stage.component import skip_stage
 from doctune_kfp.components.synth.component import synth
@@ -29,10 +30,17 @@ def build_pipeline(cluster: ClusterConfig):
     """The DAG with `cluster`'s settings on every task (see pipelines.placement)."""
 
     @dsl.pipeline(name="doctune", description=DESCRIPTION)
-    def doctune_pipeline(config: str = "", parent_run_id: str = "", cpt_enabled: bool = True, dpo_enabled: bool = True):
+    def doctune_pipeline(
+        config: str = "",
+        parent_run_id: str = "",
+        cpt_enabled: bool = True,
+        dpo_enabled: bool = True,
+        retriever_enabled: bool = True,
+    ):
         """config: the run YAML (empty: built-in defaults); parent_run_id: an MLflow run to adopt (empty: create one);
         cpt_enabled: run domain continued pre-training (off: SFT starts from the base model);
-        dpo_enabled: align the SFT model on the preference pairs (off: the SFT model goes on)."""
+        dpo_enabled: align the SFT model on the preference pairs (off: the SFT model goes on);
+        retriever_enabled: tune the embedding model on the corpus (off: the gate compares the base embedder with BM25)."""
         closing = place(
             close_run(config=config, parent_run_id=parent_run_id, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER),
             "close_run",
@@ -48,6 +56,13 @@ def build_pipeline(cluster: ClusterConfig):
             data = synth(config=config, parent_run_id=parent, documents=documents)
             place(data, "synth", cluster).set_display_name("synthetic data")
             datasets = data.outputs["refs"]
+            with dsl.If(retriever_enabled == True, name="retriever-on"):  # noqa: E712
+                tuned_retriever = retriever(config=config, parent_run_id=parent, datasets=datasets, documents=documents)
+                place(tuned_retriever, "retriever", cluster).set_display_name("retriever")
+            with dsl.Else(name="retriever-off"):
+                no_retriever = skip_stage(config=config, parent_run_id=parent, stage="retriever", passthrough="{}")
+                place(no_retriever, "skip_stage", cluster).set_display_name("retriever off")
+            retrieval = dsl.OneOf(tuned_retriever.outputs["refs"], no_retriever.output)
             with dsl.If(cpt_enabled == True, name="cpt-on"):  # noqa: E712 (a KFP condition, not a Python comparison)
                 adapted = place(cpt(config=config, parent_run_id=parent, datasets=datasets), "cpt", cluster)
                 adapted.set_display_name("domain CPT")
@@ -75,6 +90,7 @@ def build_pipeline(cluster: ClusterConfig):
                 quantized=quantized.outputs["refs"],
                 datasets=datasets,
                 documents=documents,
+                retriever=retrieval,
             )
             place(gate, "eval_gate", cluster).set_display_name("eval gate")
             gate.set_caching_options(False)  # it reads the registry's champion, which is not a task input

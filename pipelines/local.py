@@ -172,6 +172,12 @@ def _run_pipeline(config: RunConfig, parent: str) -> None:
     # kfp.local honours retry policies: here a failed task fails the run at once (retries are for lost cluster nodes).
     pipeline = build_pipeline(config.cluster.model_copy(update={"retries": 0}))
     try:
-        pipeline(config=config.to_yaml(), parent_run_id=parent, cpt_enabled=config.cpt.enabled, dpo_enabled=config.dpo.enabled)
+        pipeline(
+            config=config.to_yaml(),
+            parent_run_id=parent,
+            cpt_enabled=config.cpt.enabled,
+            dpo_enabled=config.dpo.enabled,
+            retriever_enabled=config.retriever.enabled,
+        )
     except RuntimeError as exc:  # kfp.local reports a failed task this way; the exit handler closed the run
         raise LocalRunError(parent, str(exc)) from exc

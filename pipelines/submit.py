@@ -102,7 +102,7 @@ def _run_url(host: str, run_id: str) -> str:
 
 def pipeline_arguments(config: RunConfig) -> dict:
     return {"config": config.to_yaml(), "parent_run_id": "", "cpt_enabled": config.cpt.enabled,
-            "dpo_enabled": config.dpo.enabled}  # fmt: skip
+            "dpo_enabled": config.dpo.enabled, "retriever_enabled": config.retriever.enabled}  # fmt: skip
 
 
 def _compiled(config: RunConfig, folder: str) -> Path:

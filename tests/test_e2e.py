@@ -14,7 +14,7 @@ from doctune.tracking import TAG, Tracker
 from doctune_kfp.pipelines.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ["ingest", "synth", "cpt", "sft", "dpo", "merge", "quantize", "eval_gate"]
+STAGES = ["ingest", "synth", "retriever", "cpt", "sft", "dpo", "merge", "quantize", "eval_gate"]
 
 
 def pipeline_runs(tracker: Tracker) -> list:
@@ -48,6 +48,9 @@ def test_tiny_profile_end_to_end_then_reuse_then_an_sft_change(tmp_path, corpus,
     assert report["decision"] == "promote" and report["failed"] == []
     assert {"candidate", "base"} <= set(report["models"]) and "golden_f1" in report["models"]["candidate"]["metrics"]
     assert any(p.suffix in (".md", ".html") for p in report_dir.iterdir())
+    # The retriever stage's comparison is the report's retrieval table: base, tuned, BM25 and hybrid.
+    assert report["retrieval"]["source"] == "retriever stage"
+    assert list(report["retrieval"]["metrics"]) == ["base", "tuned", "bm25", "hybrid"]
     assert "gate: PROMOTE candidate version 1" in out and "mlflow ui --backend-store-uri" in out
     for stage in STAGES:
         assert re.search(rf"{stage} +FINISHED +[0-9.]+s", out), stage
@@ -68,6 +71,6 @@ def test_tiny_profile_end_to_end_then_reuse_then_an_sft_change(tmp_path, corpus,
     # One SFT hyperparameter changed: SFT and everything after it run again, what comes before is reused.
     assert main([*args, "--set", "sft.learning_rate=0.0005"]) == 0
     third = pipeline_runs(tracker)[-1]
-    assert reused(tracker, third.info.run_id) == {stage: stage in ("ingest", "synth", "cpt") for stage in STAGES}
+    assert reused(tracker, third.info.run_id) == {stage: stage in ("ingest", "synth", "retriever", "cpt") for stage in STAGES}
     judged_against = tracker.client.get_model_version(config.project.name, "2").tags["doctune.gated_against"]
     assert judged_against == json.loads(version.tags["doctune.model_ref"])["digest"]  # version 1, the champion

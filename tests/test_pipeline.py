@@ -22,24 +22,26 @@ def test_ir_declares_the_stages_and_an_exit_handler():
     tasks = spec["root"]["dag"]["tasks"]
     assert tasks["close-run"]["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
     inner = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
-    assert {"open-run", "ingest", "synth", "sft", "condition-branches-2", "condition-branches-5", "merge", "quantize"} <= set(
-        inner
-    )
-    assert "condition-branches-5" in inner["merge"]["dependentTasks"]  # merge takes DPO's model, or SFT's with DPO off
+    # Branches in DAG order: retriever (2), CPT (5), DPO (8), the gate's decision (11).
+    assert {"open-run", "ingest", "synth", "sft", "merge", "quantize", "eval-gate"} | {
+        f"condition-branches-{n}" for n in (2, 5, 8, 11)
+    } <= set(inner)
+    assert "condition-branches-8" in inner["merge"]["dependentTasks"]  # merge takes DPO's model, or SFT's with DPO off
     assert {"merge", "synth"} <= set(inner["quantize"]["dependentTasks"])
-    # The gate decides; its branches promote or record the rejection, never cached (the registry is state).
-    assert {"merge", "quantize", "synth", "ingest"} <= set(inner["eval-gate"]["dependentTasks"])
-    gate = spec["components"]["comp-condition-branches-8"]["dag"]["tasks"]
-    assert gate["condition-9"]["triggerPolicy"]["condition"] == (
+    # The gate takes the retriever's comparison (or nothing with the retriever off) besides the models and the sets.
+    assert {"merge", "quantize", "synth", "ingest", "condition-branches-2"} <= set(inner["eval-gate"]["dependentTasks"])
+    gate = spec["components"]["comp-condition-branches-11"]["dag"]["tasks"]
+    assert gate["condition-12"]["triggerPolicy"]["condition"] == (
         "inputs.parameter_values['pipelinechannel--eval-gate-decision'] == 'promote'"
     )
-    assert spec["components"]["comp-condition-9"]["dag"]["tasks"]["promote"]["cachingOptions"] == {}
-    assert spec["components"]["comp-condition-10"]["dag"]["tasks"]["record-rejection"]["cachingOptions"] == {}
-    branches = spec["components"]["comp-condition-branches-2"]["dag"]["tasks"]
-    assert (
-        branches["condition-3"]["triggerPolicy"]["condition"] == "inputs.parameter_values['pipelinechannel--cpt_enabled'] == true"
-    )
-    assert "skip-stage" in spec["components"]["comp-condition-4"]["dag"]["tasks"]
+    assert spec["components"]["comp-condition-12"]["dag"]["tasks"]["promote"]["cachingOptions"] == {}
+    assert spec["components"]["comp-condition-13"]["dag"]["tasks"]["record-rejection"]["cachingOptions"] == {}
+    for first, flag, stage in ((2, "retriever_enabled", "retriever"), (5, "cpt_enabled", "cpt")):
+        branches = spec["components"][f"comp-condition-branches-{first}"]["dag"]["tasks"]
+        condition = branches[f"condition-{first + 1}"]["triggerPolicy"]["condition"]
+        assert condition == f"inputs.parameter_values['pipelinechannel--{flag}'] == true"
+        assert stage in spec["components"][f"comp-condition-{first + 1}"]["dag"]["tasks"]
+        assert any(t.startswith("skip-stage") for t in spec["components"][f"comp-condition-{first + 2}"]["dag"]["tasks"])
     assert inner["open-run"]["cachingOptions"] == {}  # caching off: every run gets its own parent run
     assert inner["ingest"]["cachingOptions"]["enableCache"] is True
 
@@ -57,7 +59,7 @@ def _pipeline_runs(tracker):
 
 def test_local_pipeline_run_end_to_end(make_config, small_corpus, capsys):
     config = make_config(small_corpus)
-    assert main(_run_args(config, small_corpus, "cpt.enabled=false", "dpo.enabled=false")) == 0
+    assert main(_run_args(config, small_corpus, "cpt.enabled=false", "dpo.enabled=false", "retriever.enabled=false")) == 0
     out = capsys.readouterr().out
     assert re.search(r"ingest +FINISHED", out) and "documents" in out and re.search(r"sft +FINISHED", out)
     tracker = Tracker(config)
@@ -67,6 +69,10 @@ def test_local_pipeline_run_end_to_end(make_config, small_corpus, capsys):
     # CPT switched off: the Else branch ran, and SFT trained on the base model.
     assert parent.data.tags["doctune.skipped.cpt"] == "true" and not tracker.stage_runs(parent.info.run_id, "cpt")
     assert parent.data.tags["doctune.skipped.dpo"] == "true" and not tracker.stage_runs(parent.info.run_id, "dpo")
+    # The retriever off: the gate measured the base embedder against BM25 itself.
+    assert parent.data.tags["doctune.skipped.retriever"] == "true" and not tracker.stage_runs(parent.info.run_id, "retriever")
+    (gate,) = tracker.stage_runs(parent.info.run_id, "eval_gate")
+    assert {"gate.retrieval.base.mrr_at_10", "gate.retrieval.bm25.recall_at_5"} <= set(gate.data.metrics)
     # A data scientist reruns SFT against this run: CPT was off there, so it starts from the base model again.
     rerun = ["stage", "sft", "--from-run", parent.info.run_id, *_run_args(config, small_corpus)[3:], "--set", "sft.max_steps=1"]
     assert main(rerun) == 0

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import numpy as np
+import math
 
-from doctune.retrieval import ChunkIndex
+import numpy as np
+import pytest
+
+from doctune.retrieval import ChunkIndex, compare_retrievers, ranx_run
 
 CHUNKS = [
     "To install a package, run apt install followed by the package name.",
@@ -46,3 +49,24 @@ def test_a_language_the_embedding_model_misses_is_searched_by_its_words_too(tmp_
     assert [row[0] for row in hybrid.search(questions, k=2)[0]] == [1, 2]
     lexical = ChunkIndex(chunks, "bundled:all-minilm-l6-v2", tmp_path, mode="lexical")
     assert [row[0] for row in lexical.search(questions, k=1)[0]] == [1, 2]
+
+
+def test_ranx_metrics_of_a_known_run_and_a_paired_test_between_every_pair():
+    qrels = {"q1": {"d1": 1}, "q2": {"d2": 1}}
+    run = {"q1": {"d1": 0.9, "d3": 0.5}, "q2": {"d3": 0.9, "d2": 0.5}}  # relevant at rank 1 and rank 2
+    scores = compare_retrievers(qrels, {"dense": run}, ["mrr@10", "recall@1", "recall@2", "ndcg@2"])
+    row = scores["metrics"]["dense"]
+    assert row["mrr@10"] == pytest.approx((1 + 1 / 2) / 2) and row["recall@1"] == pytest.approx(0.5)
+    assert row["recall@2"] == pytest.approx(1.0) and row["ndcg@2"] == pytest.approx((1 + 1 / math.log2(3)) / 2)
+    assert scores["p_values"] == {}
+    miss = {"q1": {"d3": 1.0}, "q2": {"d3": 1.0}}
+    compared = compare_retrievers(qrels, {"a": run, "b": miss, "c": run, "d": {"q1": {"d1": 1.0}}}, ["mrr@10"])
+    assert compared["metrics"]["d"]["mrr@10"] == pytest.approx(0.5)  # q2, unanswered, counts as a miss
+    assert set(compared["p_values"]) == {"a vs b", "a vs c", "a vs d", "b vs c", "b vs d", "c vs d"}
+    assert compared["p_values"]["a vs c"]["mrr@10"] == 1.0 and 0 < compared["p_values"]["a vs b"]["mrr@10"] <= 1
+
+
+def test_a_bm25_row_that_matched_nothing_ranks_nothing():
+    indices, scores = np.array([[2, 0, 1], [1, 0, 2]]), np.array([[3.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    assert ranx_run(["q1", "q2"], ["a", "b", "c"], indices, scores, positive_only=True) == {"q1": {"c": 3.0, "a": 1.0}}
+    assert len(ranx_run(["q1"], ["a", "b", "c"], indices[:1], -scores[:1])["q1"]) == 3  # cosine scores may be negative

@@ -283,33 +283,6 @@ def test_judge_keeps_only_pairs_both_orders_agree_on():
 
 # -- the stage on the real corpus ----------------------------------------------
 
-GENERAL_TEXT = [
-    "Water boils at 100 degrees Celsius at sea level; at higher altitudes the lower air pressure lets it boil sooner.",
-    "Photosynthesis lets plants turn sunlight, water and carbon dioxide into sugar, releasing oxygen as a by-product.",
-    "The Pacific is the largest and deepest of the Earth's oceans, covering about a third of the planet's surface.",
-    "A prime number has exactly two divisors, one and itself; 2, 3, 5, 7 and 11 are the first five primes.",
-]
-
-
-@pytest.fixture(scope="module")
-def corpus_synth(tmp_path_factory, tiny_model_dir, corpus):
-    from doctune.config import build_config
-
-    work = tmp_path_factory.mktemp("synth-corpus")
-    replay = work / "general.jsonl"
-    replay.write_text("".join(json.dumps({"text": text}) + "\n" for text in GENERAL_TEXT))
-    config = build_config(
-        {"project": {"workdir": str(work)}, "model": {"base_model": str(tiny_model_dir)}, "ingest": {"pdfs": str(corpus)},
-         "synth": {"replay": {"dataset": str(replay)}}}
-    )  # fmt: skip
-    tracker = Tracker(config)
-    parent = tracker.open_pipeline_run("synth-test")
-    ingest = execute_stage("ingest", config, tracker, parent, {})
-    synth = execute_stage(
-        "synth", config, tracker, parent, {"chunks": ingest.outputs["chunks"], "pages": ingest.outputs["pages"]}
-    )
-    return config, tracker, synth
-
 
 def ingest_chunks(tracker, synth_result):
     """The chunks of the ingest run in the synth run's pipeline run."""

@@ -13,12 +13,14 @@ def eval_gate(
     quantized: str,
     datasets: str,
     documents: str,
+    retriever: str,
     gate_report: dsl.Output[dsl.HTML],
     gate_metrics: dsl.Output[dsl.Metrics],
 ) -> NamedTuple("GateOutputs", refs=str, decision=str, version=str, failed=str):
     """Score candidate, champion and base on the same sets; register the candidate (`challenger`); decide.
     `model`: the merged model's references; `quantized`: the quantize component's; `datasets`: synth's; `documents`:
-    ingest's. The report is also the `gate_report` HTML artifact, the metrics `gate_metrics`."""
+    ingest's; `retriever`: the retriever's (its comparison is the report's retrieval table), or "{}" when it is off.
+    The report is also the `gate_report` HTML artifact, the metrics `gate_metrics`."""
     from collections import namedtuple
 
     from doctune.stages import gate_component
@@ -26,5 +28,14 @@ def eval_gate(
     typed = {"gate_report": gate_report, "gate_metrics": gate_metrics}
     outputs = namedtuple("GateOutputs", ["refs", "decision", "version", "failed"])
     return outputs(
-        *gate_component(config, parent_run_id, typed, model=model, quantized=quantized, datasets=datasets, documents=documents)
+        *gate_component(
+            config,
+            parent_run_id,
+            typed,
+            model=model,
+            quantized=quantized,
+            datasets=datasets,
+            documents=documents,
+            retriever=retriever,
+        )
     )

@@ -27,6 +27,8 @@ ABSTENTION_FILE = "abstention.txt"
 SYNTH_REPORT_FILE = "synth_report.json"
 QUANTIZE_REPORT_FILE = "quantize_report.json"
 GATE_REPORT_FILE = "gate_report.json"
+RETRIEVER_REPORT_FILE = "retriever_report.json"  # retriever: report
+INDEX_FILE = "index.json"  # retriever: index (which retriever, its mode and chunk ids; embeddings.npy beside it)
 
 
 class SkipRecord(ValueError):

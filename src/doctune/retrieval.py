@@ -33,7 +33,17 @@ def retrieval_mode(requested: str, embedding_model: str, languages: set[str]) ->
 
 
 class ChunkIndex:
-    def __init__(self, texts: list[str], embedding_model: str, cache_dir: Path, batch_size: int = 64, mode: str = "dense"):
+    def __init__(
+        self,
+        texts: list[str],
+        embedding_model: str,
+        cache_dir: Path,
+        batch_size: int = 64,
+        mode: str = "dense",
+        identity: str | None = None,
+    ):
+        """`identity` names the embedding model's weights in the vector cache where `embedding_model` does not (a
+        folder whose content changes between runs: a freshly tuned embedder)."""
         from sentence_transformers import SentenceTransformer
 
         if mode not in MODES:
@@ -41,7 +51,7 @@ class ChunkIndex:
         self.mode = mode
         self.model = SentenceTransformer(str(resolve_embedder(embedding_model, cache_dir)), device="cpu")
         self.batch_size = batch_size
-        self.vectors = self._cached_embed(texts, embedding_model, Cache(Path(cache_dir)))
+        self.vectors = self._cached_embed(texts, identity or embedding_model, Cache(Path(cache_dir)))
         self._queries: dict[str, np.ndarray] = {}
         self.lexical = None
         if mode != "dense":
@@ -78,15 +88,19 @@ class ChunkIndex:
             return self.embed([])
         return np.stack([self._queries[q] for q in queries])
 
-    def search(self, queries: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: list[str], k: int, mode: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(indices, scores), each of shape (len(queries), k), best first. Hybrid scores are fused reciprocal
-        ranks, not similarities."""
+        ranks, not similarities. `mode` searches another way than the index's own (lexical and hybrid need an
+        index built lexical or hybrid)."""
         n = self.vectors.shape[0]
         k = min(k, n)
-        if self.mode == "dense":
+        mode = mode or self.mode
+        if mode == "dense":
             return _top(self.query_vectors(queries) @ self.vectors.T, k)
+        if self.lexical is None:
+            raise ValueError(f"a {self.mode} index cannot search {mode}: build it with mode={mode!r}")
         lexical = self._bm25(queries, n)
-        if self.mode == "lexical":
+        if mode == "lexical":
             return _top(lexical, k)
         fused = np.zeros((len(queries), n), dtype=np.float64)
         depth = min(n, max(4 * k, 50))
@@ -101,6 +115,44 @@ class ChunkIndex:
 
         tokens = bm25s.tokenize(queries, stopwords=None, show_progress=False, return_ids=False)
         return np.stack([self.lexical.get_scores(words) if words else np.zeros(n) for words in tokens]).astype(np.float64)
+
+
+def ranx_run(
+    query_ids: list[str], doc_ids: list[str], indices: np.ndarray, scores: np.ndarray, positive_only: bool = False
+) -> dict:
+    """{query: {doc: score}} from search results, as ranx's Run takes them. `positive_only` leaves out what matched
+    nothing (a BM25 score of 0 is no match, not a rank); a query left with nothing is left out (it scores 0)."""
+    run = {}
+    for q, row, row_scores in zip(query_ids, indices, scores):
+        ranked = {doc_ids[int(j)]: float(s) for j, s in zip(row, row_scores) if s > 0 or not positive_only}
+        if ranked:
+            run[q] = ranked
+    return run
+
+
+def compare_retrievers(qrels: dict[str, dict[str, int]], runs: dict[str, dict], metrics: list[str], seed: int = 42) -> dict:
+    """ranx's metrics of each named run on `qrels`, and its paired Fisher randomization test between every pair
+    of runs (p-values keyed "a vs b")."""
+    from ranx import Qrels, Run, compare, evaluate
+
+    qrels_ = Qrels(qrels)
+    ranx_runs = {name: Run(run, name=name) for name, run in runs.items()}
+    scores = {}
+    for name, run in ranx_runs.items():
+        values = evaluate(qrels_, run, metrics, make_comparable=True)
+        scores[name] = {m: float(v) for m, v in (values.items() if isinstance(values, dict) else [(metrics[0], values)])}
+    result = {"queries": len(qrels), "metrics": scores, "p_values": {}}
+    if len(ranx_runs) >= 2:
+        report = compare(
+            qrels_, list(ranx_runs.values()), metrics=metrics, stat_test="fisher", max_p=0.05, random_seed=seed,
+            make_comparable=True,
+        )  # fmt: skip
+        names = list(ranx_runs)
+        for i, first in enumerate(names):
+            for second in names[i + 1 :]:
+                pair = report.comparisons[(first, second)]
+                result["p_values"][f"{first} vs {second}"] = {m: float(pair[m]["p_value"]) for m in metrics}
+    return result
 
 
 def _top(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -72,6 +72,23 @@ STAGES: dict[str, StageSpec] = {
             "synth_report": ("report", "markdown"),
         },
     ),
+    "retriever": StageSpec(
+        name="retriever",
+        module="doctune.retriever.stage",
+        sections=("retrieval", "retriever"),
+        inputs={
+            "chunks": ("ingest", "chunks"),
+            "pages": ("ingest", "pages"),
+            "sft": ("synth", "sft"),
+            "golden": ("synth", "golden"),
+        },
+        params={"datasets": "synth", "documents": "ingest"},
+        kfp_outputs={
+            "embedding_model": ("model", "model"),
+            "chunk_index": ("index", "dataset"),
+            "retriever_report": ("report", "markdown"),
+        },
+    ),
     "cpt": StageSpec(
         name="cpt",
         module="doctune.cpt.stage",
@@ -126,8 +143,10 @@ STAGES: dict[str, StageSpec] = {
             "unanswerable": ("synth", "unanswerable"),
             "heldout": ("synth", "heldout"),
             "chunks": ("ingest", "chunks"),
+            "retriever": ("retriever", "report"),
         },
-        params={"model": "merge", "quantized": "quantize", "datasets": "synth", "documents": "ingest"},
+        optional_inputs=frozenset({"retriever"}),  # retriever off: the gate compares the base embedder with BM25
+        params={"model": "merge", "quantized": "quantize", "datasets": "synth", "documents": "ingest", "retriever": "retriever"},
         kfp_outputs={"gate_report": ("report", "html"), "gate_metrics": ("", "metrics")},
     ),
 }

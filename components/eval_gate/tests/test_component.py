@@ -36,7 +36,14 @@ def test_eval_gate_component_registers_the_candidate_and_its_decision_drives_pro
     quantized = call_component(quantize, config=yaml, parent_run_id=parent, model=merged, datasets=data)
     typed = kfp_outputs(eval_gate)
     outputs = eval_gate.python_func(
-        config=yaml, parent_run_id=parent, model=merged, quantized=quantized, datasets=data, documents=ingested, **typed
+        config=yaml,
+        parent_run_id=parent,
+        model=merged,
+        quantized=quantized,
+        datasets=data,
+        documents=ingested,
+        retriever="{}",
+        **typed,
     )
     assert outputs.decision == "promote" and json.loads(outputs.failed) == []
     assert str(registry.version_by_alias(tracker, registry.CHALLENGER).version) == outputs.version

@@ -27,6 +27,7 @@ from doctune.config.gate import GateConfig, GateRules
 from doctune.config.ingest import ChunkingConfig, IngestConfig
 from doctune.config.model import ModelConfig
 from doctune.config.project import ProjectConfig
+from doctune.config.retriever import RetrieverConfig
 from doctune.config.run import (
     RENAMED_KEYS,
     RunConfig,
@@ -86,6 +87,7 @@ __all__ = [
     "ReplayConfig",
     "Resources",
     "RetrievalConfig",
+    "RetrieverConfig",
     "RopeScalingSettings",
     "RunConfig",
     "SecretEnv",

@@ -82,7 +82,7 @@ def _default_resources() -> dict[str, Resources]:
     big = {"cpt", "sft", "dpo", "merge", "quantize", "eval_gate"}
     return {
         stage: Resources(cpu="8", memory="64Gi") if stage in big else Resources(cpu="4", memory="16Gi")
-        for stage in ("ingest", "synth", "cpt", "sft", "dpo", "merge", "quantize", "eval_gate")
+        for stage in ("ingest", "synth", "retriever", "cpt", "sft", "dpo", "merge", "quantize", "eval_gate")
     }
 
 

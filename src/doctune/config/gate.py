@@ -75,7 +75,6 @@ class GateConfig(Section):
     )
     perplexity_blocks: int = Field(64, ge=1, description="blocks of held-out domain text and of general text")
     block_size: int = Field(256, ge=16, description="tokens per perplexity block")
-    retrieval_k: int = Field(10, ge=1, description="cut-off of Recall@k and NDCG@k of the chunk index")
     samples: int = Field(5, ge=0, description="answers shown side by side in the report")
     cache_scores: bool = Field(
         True,

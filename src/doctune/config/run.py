@@ -25,6 +25,7 @@ from doctune.config.gate import GateConfig
 from doctune.config.ingest import IngestConfig
 from doctune.config.model import ModelConfig
 from doctune.config.project import ProjectConfig
+from doctune.config.retriever import RetrieverConfig
 from doctune.config.serve import ServeConfig
 from doctune.config.synth import RetrievalConfig, SynthConfig
 from doctune.config.tracking import TrackingConfig
@@ -51,6 +52,7 @@ class RunConfig(Section):
     ingest: IngestConfig = Field(default_factory=IngestConfig, description="PDFs to pages and chunks")
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig, description="contexts for RAG data and eval")
     synth: SynthConfig = Field(default_factory=SynthConfig, description="training data and eval sets")
+    retriever: RetrieverConfig = Field(default_factory=RetrieverConfig, description="the embedding model tuned on the corpus")
     cpt: CptConfig = Field(default_factory=CptConfig, description="continued pre-training")
     sft: SftConfig = Field(default_factory=SftConfig, description="supervised fine-tuning")
     dpo: DpoConfig = Field(default_factory=DpoConfig, description="preference optimisation")

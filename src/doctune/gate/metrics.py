@@ -110,23 +110,6 @@ def paired_randomization_p(candidate: list[float], reference: list[float], permu
     return float((np.sum(null <= observed) + 1) / (permutations + 1))
 
 
-def retrieval_scores(qrels: dict[str, dict[str, int]], runs: dict[str, dict[str, dict[str, float]]], k: int) -> dict:
-    """ranx MRR, Recall@k and NDCG@k of each named run; with two runs, ranx's Fisher randomization test between them."""
-    from ranx import Qrels, Run, compare, evaluate
-
-    metrics = ["mrr", f"recall@{k}", f"ndcg@{k}"]
-    qrels_ = Qrels(qrels)
-    ranx_runs = {name: Run(run, name=name) for name, run in runs.items()}
-    scores = {name: {m: float(v) for m, v in evaluate(qrels_, run, metrics).items()} for name, run in ranx_runs.items()}
-    result = {"metrics": scores, "queries": len(qrels)}
-    if len(ranx_runs) == 2:
-        report = compare(qrels_, list(ranx_runs.values()), metrics=metrics, stat_test="fisher", max_p=0.05, random_seed=42)
-        first, second = list(ranx_runs)
-        pair = report.comparisons[(first, second)]
-        result["fisher_p"] = {m: float(pair[m]["p_value"]) for m in metrics}
-    return result
-
-
 # -- statistics over items -------------------------------------------------------------------------------------
 
 # Each per-item metric and the per_example list it is the mean of (0/1 lists for rates, scores for F1 and ROUGE).

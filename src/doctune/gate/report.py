@@ -211,14 +211,21 @@ def markdown(result: dict) -> str:
         lines += [f"| {v} | {r['size_bytes'] / 2**20:.1f} | {r['perplexity_ratio']:.4f} | {r['tokens_per_s']:.1f} |"
                   for v, r in quantized.items()]  # fmt: skip
     retrieval = result["retrieval"]
-    lines += ["", f"## Retrieval ({retrieval['queries']} golden questions, qrels = their source chunks)", ""]
-    lines += ["| retriever | " + " | ".join(next(iter(retrieval["metrics"].values()))) + " |"]
-    lines += ["|---|" + "---:|" * len(next(iter(retrieval["metrics"].values())))]
-    lines += [f"| {name} | " + " | ".join(f"{v:.4f}" for v in row.values()) + " |" for name, row in retrieval["metrics"].items()]
-    if "fisher_p" in retrieval:
+    metrics = list(next(iter(retrieval["metrics"].values()), {}))
+    lines += [
+        "",
+        f"## Retrieval ({retrieval['queries']} golden questions, qrels = their source chunks; from the {retrieval['source']})",
+        "",
+    ]
+    lines += ["| retriever | " + " | ".join(metrics) + " |", "|---|" + "---:|" * len(metrics)] if metrics else ["Not measured."]
+    for name, row in retrieval["metrics"].items():
+        mark = " (selected)" if name == retrieval.get("selected") else ""
+        lines.append(f"| {name}{mark} | " + " | ".join(f"{row[m]:.4f}" for m in metrics) + " |")
+    if retrieval.get("p_values"):
+        lines += ["", "Paired Fisher randomization test (ranx), p-values:", "", "| pair | " + " | ".join(metrics) + " |"]
+        lines += ["|---|" + "---:|" * len(metrics)]
         lines += [
-            "",
-            "Fisher randomization test p-values: " + ", ".join(f"{m} {p:.4f}" for m, p in retrieval["fisher_p"].items()),
+            f"| {pair} | " + " | ".join(f"{row[m]:.4f}" for m in metrics) + " |" for pair, row in retrieval["p_values"].items()
         ]
     if result.get("charts"):
         lines += ["", "## Charts", "", *(f"![{c}]({c})" for c in result["charts"])]

@@ -25,7 +25,7 @@ from doctune.devices import precision
 from doctune.gate import registry
 from doctune.gate.conformal import AbstentionBound, abstention_bound, threshold_value
 from doctune.gate.evaluate import LABELS, EvalSets, eval_items, evaluate_model, shipped_general_text, shipped_probes
-from doctune.gate.metrics import group_scores, interval, metric_intervals, paired_difference, retrieval_scores
+from doctune.gate.metrics import group_scores, interval, metric_intervals, paired_difference
 from doctune.gate.report import loss_curves, markdown, metric_bars, to_html
 from doctune.gate.rules import decide
 from doctune.models import resolve_model
@@ -92,28 +92,28 @@ def build_sets(config: RunConfig, inputs: dict[str, ArtifactRef], tracker: Stage
 
 
 def retrieval_quality(config: RunConfig, inputs: dict[str, ArtifactRef], tracker: StageRun) -> dict:
-    """The chunk index the SFT contexts were retrieved with (dense, sentence-transformers) against a TF-IDF
-    baseline, on qrels from the golden questions' source chunks."""
-    from sklearn.feature_extraction.text import TfidfVectorizer
+    """The retriever stage's comparison (base, tuned, BM25, hybrid) when it ran; otherwise the base embedder against
+    BM25, measured the same way: ranx on qrels from the golden questions' source chunks, over the whole corpus."""
+    from doctune.config.retriever import RANKING_METRICS
+    from doctune.records import RETRIEVER_REPORT_FILE, EvalItem, eval_item, read_records
+    from doctune.retrieval import ChunkIndex, compare_retrievers, ranx_run
 
-    from doctune.records import EvalItem, eval_item, read_records
-    from doctune.retrieval import ChunkIndex
-
+    if "retriever" in inputs:
+        report = json.loads((tracker.fetch(inputs["retriever"]) / RETRIEVER_REPORT_FILE).read_text())
+        return report["comparison"] | {"source": "retriever stage", "selected": report["selected"]}
     chunks = read_parquet(tracker.fetch(inputs["chunks"]) / CHUNKS_FILE)
     ids = [c["chunk_id"] for c in chunks]
     golden: list[EvalItem] = read_records(tracker.fetch(inputs["golden"]) / GOLDEN_FILE, eval_item, [])
     qrels = {f"q{i}": {c: 1 for c in item.source_ids} for i, item in enumerate(golden) if item.source_ids}
     questions = [golden[int(q[1:])].question for q in qrels]
-    k = min(config.gate.retrieval_k, len(ids))
-    index = ChunkIndex([c["text"] for c in chunks], config.retrieval.embedding_model, config.project.workdir / "cache")
-    top, scores = index.search(questions, k)
-    dense = {q: {ids[j]: float(s) for j, s in zip(top[n], scores[n])} for n, q in enumerate(qrels)}
-    tfidf = TfidfVectorizer(sublinear_tf=True).fit([c["text"] for c in chunks])
-    similarity = (tfidf.transform(questions) @ tfidf.transform([c["text"] for c in chunks]).T).toarray()
-    lexical = {
-        q: {ids[j]: float(similarity[n, j]) + 1e-9 for j in similarity[n].argsort()[::-1][:k]} for n, q in enumerate(qrels)
-    }
-    return retrieval_scores(qrels, {"dense": dense, "tfidf": lexical}, k)
+    index = ChunkIndex(
+        [c["text"] for c in chunks], config.retrieval.embedding_model, config.project.workdir / "cache", mode="lexical"
+    )
+    runs = {}
+    for name, mode in (("base", "dense"), ("bm25", "lexical")):
+        top, scores = index.search(questions, 100, mode=mode)
+        runs[name] = ranx_run(list(qrels), ids, top, scores, positive_only=mode == "lexical")
+    return compare_retrievers(qrels, runs, list(RANKING_METRICS)) | {"source": "gate (retriever stage off)", "selected": "base"}
 
 
 def training_losses(tracker: StageRun, lineage: list[dict]) -> dict[str, list[tuple[int, float]]]:

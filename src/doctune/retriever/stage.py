@@ -1,0 +1,333 @@
+"""Retriever: the embedding model fine-tuned on the synthetic (question, source chunk) pairs, compared with ranx.
+
+Training pairs are the SFT training split's questions and the chunks that hold their answers; synth's splits keep
+eval chunks and eval questions out of it, and hard negatives come only from chunks training already sees. Each pair
+gets the chunks the base retriever ranks highest for its question that do not hold the answer's evidence (never
+its own chunk). MultipleNegativesRankingLoss contrasts each question with its positive, its hard negatives and every
+other passage in the batch; batches hold no duplicate texts, so no positive serves as another pair's negative.
+sentence-transformers' own miner is not used: it cannot tell a chunk that holds the answer from one that does not.
+
+The golden questions, over the whole corpus as serving searches it, compare the base embedder, the tuned one, BM25
+and the hybrid of tuned and BM25 (reciprocal rank fusion): MRR@10, Recall@1/5/10, NDCG@10, and ranx's paired
+Fisher randomization test between every pair. The stage hands on the tuned model, an index of the selected
+retriever (its chunk vectors, mode and chunk ids) and the report.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from doctune.artifacts import ArtifactRef, build_manifest, manifest_digest
+from doctune.config import RetrieverConfig, RunConfig
+from doctune.config.retriever import RANKING_METRICS, RETRIEVERS
+from doctune.devices import cuda_available
+from doctune.models import resolve_embedder
+from doctune.records import (
+    CHUNKS_FILE,
+    GOLDEN_FILE,
+    INDEX_FILE,
+    PAGES_FILE,
+    RETRIEVER_REPORT_FILE,
+    TRAIN_FILE,
+    eval_item,
+    read_jsonl,
+    read_parquet,
+    read_records,
+    skip,
+)
+from doctune.retrieval import ChunkIndex, compare_retrievers, ranx_run, retrieval_mode
+from doctune.tracking import StageRun
+
+EMBEDDINGS_FILE = "embeddings.npy"
+RANKING_DEPTH = 100  # ranks kept per question: the metrics stop at 10, fusion reads deeper
+MODES = {"base": "dense", "tuned": "dense", "bm25": "lexical", "hybrid": "hybrid"}
+
+
+@dataclass(frozen=True)
+class Pair:
+    question: str
+    chunk_id: str
+    evidence: str  # the span the answer comes from; a chunk holding it is no negative
+
+
+def _normal(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def training_pairs(records: list[dict], chunk_ids: set[str], path: Path, skipped: list[dict]) -> list[Pair]:
+    """One (question, source chunk) pair per distinct question of the SFT records; rehearsal chats have no source."""
+    pairs, seen = [], set()
+    for record in records:
+        meta = record.get("meta") if isinstance(record.get("meta"), dict) else {}
+        if meta.get("form") == "rehearsal":
+            continue
+        question, chunk_id = meta.get("question"), meta.get("chunk_id")
+        if not isinstance(question, str) or not question.strip() or not isinstance(chunk_id, str):
+            skip(skipped, path, record, "no meta.question and meta.chunk_id: not a (question, source chunk) pair")
+            continue
+        if chunk_id not in chunk_ids:
+            skip(skipped, path, record, f"meta.chunk_id {chunk_id!r} is not a chunk of this corpus")
+            continue
+        if (question, chunk_id) in seen:
+            continue  # the same question as an abstention record
+        seen.add((question, chunk_id))
+        evidence = meta.get("evidence") or meta.get("withheld_answer") or ""
+        pairs.append(Pair(question, chunk_id, evidence if isinstance(evidence, str) else ""))
+    return pairs
+
+
+def training_chunks(records: list[dict]) -> set[str]:
+    """Chunks the SFT data already shows a model: its source chunks and retrieved contexts (never eval chunks)."""
+    seen = set()
+    for record in records:
+        meta = record.get("meta") if isinstance(record.get("meta"), dict) else {}
+        for value in [meta.get("chunk_id"), *(meta.get("context_chunk_ids") or [])]:
+            if isinstance(value, str):
+                seen.add(value)
+    return seen
+
+
+def mine_hard_negatives(
+    index: ChunkIndex, pairs: list[Pair], chunk_ids: list[str], texts: list[str], allowed: set[str], count: int, depth: int
+) -> list[list[int]]:
+    """Per pair, up to `count` chunk indices the index ranks highest for the question, among `allowed` chunks,
+    that are not its source chunk, do not repeat its text and do not hold its evidence."""
+    if count == 0 or not pairs:
+        return [[] for _ in pairs]
+    position = {cid: i for i, cid in enumerate(chunk_ids)}
+    normal = [_normal(t) for t in texts]
+    ranked, _ = index.search([p.question for p in pairs], depth)
+    out = []
+    for pair, row in zip(pairs, ranked):
+        source = position[pair.chunk_id]
+        evidence = _normal(pair.evidence)
+        negatives = []
+        for i in (int(i) for i in row):
+            if i == source or chunk_ids[i] not in allowed or normal[i] == normal[source]:
+                continue
+            if evidence and evidence in normal[i]:
+                continue  # holds the answer too: a false negative
+            negatives.append(i)
+            if len(negatives) == count:
+                break
+        out.append(negatives)
+    return out
+
+
+def train_embedder(
+    base: Path,
+    pairs: list[Pair],
+    negatives: list[list[int]],
+    texts: list[str],
+    position: dict[str, int],
+    cfg: RetrieverConfig,
+    out: Path,
+) -> dict:
+    """Fine-tune with MultipleNegativesRankingLoss (inside MatryoshkaLoss when dims are set); saves to `out`.
+    Pairs with fewer mined negatives than configured are left out (counted), unless too few are left to form a
+    batch: then every pair trains on in-batch negatives alone."""
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from sentence_transformers.sentence_transformer.losses import MatryoshkaLoss, MultipleNegativesRankingLoss
+    from sentence_transformers.sentence_transformer.training_args import BatchSamplers
+
+    device = "cuda" if cuda_available() else "cpu"
+    model = SentenceTransformer(str(base), device=device)
+    model.max_seq_length = cfg.max_seq_length
+    full, count = [(p, n) for p, n in zip(pairs, negatives) if len(n) == cfg.hard_negatives], cfg.hard_negatives
+    if len(full) < 2:  # a corpus too small to mine from: in-batch negatives only
+        full, count = [(p, []) for p in pairs], 0
+    rows = {"anchor": [p.question for p, _ in full], "positive": [texts[position[p.chunk_id]] for p, _ in full]}
+    for k in range(count):
+        rows[f"negative_{k + 1}"] = [texts[n[k]] for _, n in full]
+    dataset = Dataset.from_dict(rows)
+    loss = MultipleNegativesRankingLoss(model)
+    if cfg.matryoshka_dims:
+        loss = MatryoshkaLoss(model, loss, matryoshka_dims=cfg.matryoshka_dims)
+    batch = min(cfg.batch_size, len(dataset))
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(out.parent / "trainer"),
+        num_train_epochs=cfg.epochs,
+        per_device_train_batch_size=batch,
+        learning_rate=cfg.learning_rate,
+        warmup_ratio=cfg.warmup_ratio,
+        batch_sampler=BatchSamplers.NO_DUPLICATES,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        save_strategy="no",
+        logging_steps=1,
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=device == "cpu",
+        dataloader_drop_last=len(dataset) > batch,
+    )
+    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset, loss=loss)
+    trainer.train()
+    model.save(str(out))
+    losses = [(entry["step"], entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]
+    return {
+        "pairs": len(full),
+        "hard_negatives": count,
+        "without_negatives": len(pairs) - len(full),
+        "steps": trainer.state.global_step,
+        "losses": losses,
+    }
+
+
+def rankings(indexes: dict[str, ChunkIndex], questions: list[str], query_ids: list[str], chunk_ids: list[str]) -> dict[str, dict]:
+    """ranx runs of each retriever: name -> {query: {chunk: score}}."""
+    runs = {}
+    for name, index in indexes.items():
+        top, scores = index.search(questions, RANKING_DEPTH, mode=MODES[name])
+        runs[name] = ranx_run(query_ids, chunk_ids, top, scores, positive_only=MODES[name] == "lexical")
+    return runs
+
+
+def selected(cfg: RetrieverConfig, metrics: dict[str, dict[str, float]]) -> str:
+    """The configured retriever, or the first of RETRIEVERS (simplest first) with the highest select_metric; the
+    base embedder when nothing was measured."""
+    if cfg.select != "best":
+        return cfg.select
+    if not metrics:
+        return "base"
+    best = max(metrics[name][cfg.select_metric] for name in RETRIEVERS)
+    return next(name for name in RETRIEVERS if math.isclose(metrics[name][cfg.select_metric], best, abs_tol=1e-12))
+
+
+def folder_digest(folder: Path) -> str:
+    return manifest_digest(build_manifest(folder))
+
+
+def report_markdown(report: dict) -> str:
+    comparison, training = report["comparison"], report["training"]
+    lines = ["# Retriever", ""]
+    if "not_trained" in training:
+        lines.append(f"Not trained ({training['not_trained']}): the tuned model is the base embedder.")
+    else:
+        lines.append(
+            f"Trained on {training['pairs']} (question, source chunk) pairs with {training['hard_negatives']} mined hard "
+            f"negative(s) each ({training['without_negatives']} pairs left out: too few negatives), {training['steps']} "
+            f"steps. Hard negatives were mined {report['mining']['mode']} ({report['mining']['why']})."
+        )
+    lines.append("")
+    if not comparison["metrics"]:
+        lines.append(f"Not measured: no usable golden question. Selected: {report['selected']}.")
+    else:
+        lines += [
+            f"Measured on {comparison['queries']} golden questions (qrels: their source chunks) over {report['chunks']} "
+            f"chunks; selected by {report['select_metric']}.",
+            "",
+            "| retriever | " + " | ".join(RANKING_METRICS) + " |",
+            "|---|" + "---:|" * len(RANKING_METRICS),
+        ]
+        for name, row in comparison["metrics"].items():
+            mark = " (selected)" if name == report["selected"] else ""
+            lines.append(f"| {name}{mark} | " + " | ".join(f"{row[m]:.3f}" for m in RANKING_METRICS) + " |")
+        lines += ["", "Paired Fisher randomization test (ranx), p-values:", "", "| pair | " + " | ".join(RANKING_METRICS) + " |"]
+        lines.append("|---|" + "---:|" * len(RANKING_METRICS))
+        for pair, row in comparison["p_values"].items():
+            lines.append(f"| {pair} | " + " | ".join(f"{row[m]:.4f}" for m in RANKING_METRICS) + " |")
+    if report["skipped"]:
+        lines += ["", f"{len(report['skipped'])} record(s) skipped:", ""]
+        lines += [f"- {s['file']} line {s['line']}: {s['reason']}" for s in report["skipped"][:50]]
+    return "\n".join(lines) + "\n"
+
+
+def run(config: RunConfig, inputs: dict[str, ArtifactRef], tracker: StageRun) -> dict[str, ArtifactRef]:
+    cfg = config.retriever
+    cache = config.project.workdir / "cache"
+    chunks = read_parquet(tracker.fetch(inputs["chunks"]) / CHUNKS_FILE)
+    chunk_ids, texts = [c["chunk_id"] for c in chunks], [c["text"] for c in chunks]
+    position = {cid: i for i, cid in enumerate(chunk_ids)}
+    languages = {p["lang"] for p in read_parquet(tracker.fetch(inputs["pages"]) / PAGES_FILE) if p.get("lang")} - {"und"}
+    skipped: list[dict] = []
+    sft_path = tracker.fetch(inputs["sft"]) / TRAIN_FILE
+    records = read_jsonl(sft_path, skipped)
+    pairs = training_pairs(records, set(chunk_ids), sft_path, skipped)
+    golden_path = tracker.fetch(inputs["golden"]) / GOLDEN_FILE
+    seen = training_chunks(records)
+    golden = []
+    for item in read_records(golden_path, eval_item, skipped):
+        sources = set(item.source_ids) & set(position)
+        if not sources:
+            skipped.append({"file": GOLDEN_FILE, "line": None, "reason": f"{item.question!r}: no source chunk in the corpus"})
+        elif sources & seen:
+            skipped.append({"file": GOLDEN_FILE, "line": None, "reason": f"{item.question!r}: its source chunk is in training"})
+        else:
+            golden.append(item)
+    if not golden:
+        print("retriever: no usable golden question: the retrievers are not compared and the base embedder is kept", flush=True)
+
+    mode, why = retrieval_mode(config.retrieval.mode, config.retrieval.embedding_model, languages)
+    spec = config.retrieval.embedding_model
+    base = ChunkIndex(texts, spec, cache, mode=mode)
+    negatives = mine_hard_negatives(base, pairs, chunk_ids, texts, seen, cfg.hard_negatives, cfg.mining_depth)
+    with tempfile.TemporaryDirectory(prefix="doctune-retriever-") as tmp:
+        model_dir = Path(tmp) / "model"
+        if len(pairs) >= 2:
+            training = train_embedder(resolve_embedder(spec, cache), pairs, negatives, texts, position, cfg, model_dir)
+        else:  # the base embedder is handed on unchanged, and the report says why
+            reason = f"{len(pairs)} (question, source chunk) pair(s) in the SFT training data: too few to train on"
+            print(f"retriever: not trained: {reason}", flush=True)
+            shutil.copytree(resolve_embedder(spec, cache), model_dir)
+            training = {"pairs": 0, "hard_negatives": 0, "without_negatives": len(pairs), "steps": 0, "losses": [],
+                        "not_trained": reason}  # fmt: skip
+        tuned = ChunkIndex(texts, str(model_dir), cache, mode="hybrid", identity=folder_digest(model_dir))
+        query_ids = [f"q{i}" for i in range(len(golden))]
+        qrels = {q: {c: 1 for c in item.source_ids if c in position} for q, item in zip(query_ids, golden)}
+        indexes = {"base": base, "tuned": tuned, "bm25": tuned, "hybrid": tuned}
+        comparison = {"queries": 0, "metrics": {}, "p_values": {}}
+        if golden:
+            runs = rankings(indexes, [item.question for item in golden], query_ids, chunk_ids)
+            comparison = compare_retrievers(qrels, runs, list(RANKING_METRICS), seed=cfg.seed)
+        chosen = selected(cfg, comparison["metrics"])
+
+        index_dir = Path(tmp) / "index"
+        index_dir.mkdir()
+        uses_tuned = chosen in ("tuned", "hybrid", "bm25")
+        np.save(index_dir / EMBEDDINGS_FILE, (tuned if uses_tuned else base).vectors)
+        index = {
+            "retriever": chosen,
+            "mode": MODES[chosen],
+            "embedder": "model" if uses_tuned else spec,
+            "chunk_ids": chunk_ids,
+            "chunks_digest": inputs["chunks"].digest,
+        }
+        (index_dir / INDEX_FILE).write_text(json.dumps(index))
+        report = {
+            "selected": chosen,
+            "select_metric": cfg.select_metric,
+            "chunks": len(chunks),
+            "comparison": comparison,
+            "training": {k: v for k, v in training.items() if k != "losses"},
+            "mining": {"mode": mode, "why": why},
+            "settings": cfg.model_dump(mode="json"),
+            "skipped": skipped,
+        }
+        report_dir = Path(tmp) / "report"
+        report_dir.mkdir()
+        (report_dir / RETRIEVER_REPORT_FILE).write_text(json.dumps(report, indent=1))
+        (report_dir / "retriever_report.md").write_text(report_markdown(report))
+        for step, value in training["losses"]:
+            tracker.log_metrics({"retriever.loss": value}, step=step)
+        tracker.log_metrics(
+            {
+                f"retriever.{name}.{m.replace('@', '_at_')}": v
+                for name, row in comparison["metrics"].items()
+                for m, v in row.items()
+            }
+            | {"retriever.pairs": training["pairs"], "retriever.golden": len(golden)}
+        )
+        tracker.set_tags({"doctune.retriever.selected": chosen})
+        return {
+            "model": tracker.log_output("model", model_dir, kind="embedding_model"),
+            "index": tracker.log_output("index", index_dir, kind="chunk_index"),
+            "report": tracker.log_output("report", report_dir, kind="retriever_report"),
+        }
