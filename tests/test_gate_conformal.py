@@ -70,7 +70,7 @@ def test_the_risk_score_is_the_mean_log_probability_of_the_abstention_sentence_a
     import torch
     from transformers import AutoTokenizer
 
-    from doctune.gate.evaluate import reply_sequences
+    from doctune.chat import reply_sequences
     from doctune.runtimes import TransformersRuntime
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)

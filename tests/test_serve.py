@@ -11,10 +11,12 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 
 from doctune.artifacts import MODEL_KIND
+from doctune.chat import rag_user_message
 from doctune.gate import registry
 from doctune.models import bundled_gguf
 from doctune.serve import ServeError, Server, resolve
@@ -33,12 +35,58 @@ def post(url: str, body, timeout: float = 120) -> tuple[int, dict, dict]:
         return exc.code, json.loads(exc.read()), dict(exc.headers)
 
 
-def register(tracker: Tracker, config, folder_name: str) -> str:
-    """A registry version whose merged model carries the system prompt and whose gguf-q8_0 variant is the bundled
-    SmolLM2 GGUF (llama.cpp serves it like any variant)."""
+CHUNKS = [
+    "To install a package, run apt install followed by the package name.",
+    "The kernel boots from the partition marked active in the boot loader.",
+    "Mount the installation media before copying the firmware files.",
+]
+
+
+def retrieval_outputs(run, work: Path) -> dict:
+    """A retriever stage's outputs over CHUNKS: the chunks, a dense index with the bundled embedder, a model folder."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from doctune.records import CHUNKS_FILE, EMBEDDINGS_FILE, INDEX_FILE
+    from doctune.retrieval import ChunkIndex
+
+    chunks, index, model = work / "chunks", work / "index", work / "embedder"
+    for folder in (chunks, index, model):
+        folder.mkdir()
+    rows = [{"chunk_id": f"doc-{n:04d}", "doc_id": "doc", "page_start": n + 1, "page_end": n + 1, "char_start": 100 * n,
+             "char_end": 100 * n + len(text), "n_tokens": 12, "section": f"Section {n}", "text": text}
+            for n, text in enumerate(CHUNKS)]  # fmt: skip
+    pq.write_table(pa.Table.from_pylist(rows), chunks / CHUNKS_FILE)
+    vectors = ChunkIndex(CHUNKS, "bundled:all-minilm-l6-v2", work / "cache").vectors
+    np.save(index / EMBEDDINGS_FILE, vectors)
+    meta = {
+        "retriever": "base",
+        "mode": "dense",
+        "embedder": "bundled:all-minilm-l6-v2",
+        "chunk_ids": [r["chunk_id"] for r in rows],
+    }
+    (index / INDEX_FILE).write_text(json.dumps(meta))
+    (model / "README.md").write_text("the base embedder was selected: this folder is not read\n")
+    folders = {"chunks": chunks, "index": index, "model": model}
+    return {name: run.log_output(f"retriever_{name}", folder, kind=name) for name, folder in folders.items()}
+
+
+def register(
+    tracker: Tracker,
+    config,
+    folder_name: str,
+    threshold: str = "-1.5",
+    tokenizer: Path | None = None,
+    retrieval: bool = False,
+) -> str:
+    """A registry version whose merged model carries the system prompt (and `tokenizer`'s files, where given) and
+    whose gguf-q8_0 variant is the bundled SmolLM2 GGUF (llama.cpp serves it like any variant)."""
     work = config.project.workdir / folder_name
     model, variant = work / "model", work / "gguf-q8_0"
-    model.mkdir(parents=True)
+    if tokenizer is not None:
+        shutil.copytree(tokenizer, model)
+    model.mkdir(parents=True, exist_ok=True)
     variant.mkdir()
     (model / "system_prompt.txt").write_text(SYSTEM_PROMPT + "\n")
     (model / "config.json").write_text("{}")
@@ -49,15 +97,20 @@ def register(tracker: Tracker, config, folder_name: str) -> str:
         "model": run.log_output("model", model, kind=MODEL_KIND),
         "gguf-q8_0": run.log_output("gguf-q8_0", variant, kind="gguf"),
     }
+    tags = {"doctune.abstention_threshold.gguf-q8_0": threshold, "doctune.abstention_sentence": "Not in the documents."}
+    if retrieval:
+        refs_ = retrieval_outputs(run, work)
+        tags[registry.RETRIEVAL_TAG] = json.dumps({name: ref.to_dict() for name, ref in refs_.items()})
     run.finish(refs)
-    tags = {"doctune.abstention_threshold.gguf-q8_0": "-1.5"}
     return registry.register_candidate(tracker, refs["model"], {"gguf-q8_0": refs["gguf-q8_0"]}, tags)
 
 
 @pytest.fixture
 def served(make_config, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-planted-secret-123456")
-    config = make_config(**{"serve.port": 0, "serve.poll_seconds": 0.5, "serve.n_ctx": 2048})
+    # The threshold is logged, not applied: these versions carry no tokenizer to score prompts with.
+    settings = {"serve.port": 0, "serve.poll_seconds": 0.5, "serve.n_ctx": 2048, "serve.apply_abstention_threshold": False}
+    config = make_config(**settings)
     tracker = Tracker(config)
     first = register(tracker, config, "first")
     registry.promote(tracker, first, reason="test")
@@ -151,9 +204,86 @@ def test_nothing_to_serve_is_one_explained_line(make_config, capsys):
     registry.promote(tracker, first, reason="test")
     with pytest.raises(ServeError, match="has no variant 'nf4' \\(it has: gguf-q8_0\\)"):
         resolve(tracker, "champion", "nf4")
+    with pytest.raises(ServeError, match="has an abstention threshold but its merged model holds no tokenizer"):
+        Server(config.model_copy(update={"serve": config.serve.model_copy(update={"port": 0})}))
     with socket.socket() as taken:  # a port in use: one line, and no model server left behind
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
         assert main(["serve", "--port", str(port), "--set", f"project.workdir={config.project.workdir}"]) == 2
         assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer(tmp_path_factory) -> Path:
+    """The served model's tokenizer and chat template, read from the GGUF as a merged model folder carries them."""
+    from transformers import AutoTokenizer
+
+    gguf = bundled_gguf("smollm2-135m-instruct")
+    folder = tmp_path_factory.mktemp("smollm2-tokenizer")
+    AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(folder)
+    return folder
+
+
+def test_a_question_with_context_is_declined_where_its_abstention_score_reaches_the_threshold(make_config, smollm2_tokenizer):
+    config = make_config(**{"serve.port": 0, "serve.poll_seconds": 0.3, "serve.n_ctx": 2048})
+    tracker = Tracker(config)
+    first = register(tracker, config, "first", threshold="never", tokenizer=smollm2_tokenizer)
+    registry.promote(tracker, first, reason="test")
+    server = Server(config)
+    server.start()
+    try:
+        url = f"{server.url}/v1/chat/completions"
+        passages = ["Packages are installed with apt install followed by the package name."]
+        asked = {"messages": [{"role": "user", "content": rag_user_message("Who painted the Mona Lisa?", passages)}],
+                 "max_tokens": 8}  # fmt: skip
+        status, answered, _ = post(url, asked)
+        score = answered["doctune"]["abstention_score"]
+        assert status == 200 and answered["doctune"]["declined"] is False and score < 0
+        assert answered["choices"][0]["message"]["content"] != "Not in the documents."
+        # A question without context is not scored: the threshold was calibrated on RAG prompts.
+        plain = {"messages": [{"role": "user", "content": "How do I install a package?"}], "max_tokens": 8}
+        assert "abstention_score" not in post(url, plain)[1]["doctune"]
+        # A version whose threshold the same prompt's score reaches: declined with the gate's sentence, not generated.
+        second = register(tracker, config, "second", threshold=str(score - 1e-3), tokenizer=smollm2_tokenizer)
+        registry.promote(tracker, second, reason="test")
+        deadline = time.monotonic() + 120
+        while server.backend.deployment.version != second and time.monotonic() < deadline:
+            time.sleep(0.3)
+        status, declined, _ = post(url, asked)
+        assert status == 200 and declined["doctune"]["model_version"] == second and declined["doctune"]["declined"] is True
+        assert declined["choices"][0]["message"]["content"] == "Not in the documents."
+        assert declined["doctune"]["abstention_score"] == pytest.approx(score, abs=1e-4)  # the same prompt, the same score
+        assert post(url, plain)[1]["choices"][0]["message"]["content"] != "Not in the documents."
+        records = [json.loads(line) for line in (config.project.workdir / "serving" / "requests.jsonl").read_text().splitlines()]
+        assert [r.get("declined") for r in records] == [False, None, True, None]
+    finally:
+        server.close()
+
+
+def test_a_question_without_context_gets_the_indexed_passages_and_their_citations(make_config):
+    config = make_config(**{"serve.port": 0, "serve.apply_abstention_threshold": False, "retrieval.top_k": 2})
+    tracker = Tracker(config)
+    first = register(tracker, config, "first", retrieval=True)
+    registry.promote(tracker, first, reason="test")
+    server = Server(config)
+    server.start()
+    try:
+        url = f"{server.url}/v1/chat/completions"
+        question = "Which partition does the kernel boot from?"
+        status, reply, _ = post(url, {"messages": [{"role": "user", "content": question}], "max_tokens": 8})
+        citations = reply["doctune"]["citations"]
+        assert status == 200 and reply["doctune"]["retriever"] == "base" and len(citations) == 2
+        assert [c["label"] for c in citations] == [1, 2]
+        best = max(citations, key=lambda c: c["score"])
+        assert best["chunk_id"] == "doc-0001" and best["label"] == 1  # the best passage comes first in the prompt
+        assert (best["page_start"], best["char_start"], best["char_end"]) == (2, 100, 100 + len(CHUNKS[1]))
+        record = json.loads((config.project.workdir / "serving" / "requests.jsonl").read_text().splitlines()[-1])
+        sent = record["messages"][-1]["content"]
+        assert sent.startswith("Context:\n[1] " + CHUNKS[1]) and sent.endswith(f"Question: {question}")
+        assert record["retrieved"] == [c["chunk_id"] for c in citations]
+        # A client that sends its own context is answered on it: nothing retrieved, nothing cited.
+        own = {"messages": [{"role": "user", "content": "Context:\n[1] Nothing here.\n\nQuestion: Why?"}], "max_tokens": 4}
+        assert "citations" not in post(url, own)[1]["doctune"]
+    finally:
+        server.close()

@@ -26,10 +26,18 @@ def conversation(user: str, system: str | None = None) -> list[dict]:
     return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
 
 
+CONTEXT_HEADER = "Context:\n"
+
+
 def rag_user_message(question: str, passages: list[str]) -> str:
     """A user turn that carries retrieved context, numbered in the order given."""
     context = "\n\n".join(f"[{i}] {text}" for i, text in enumerate(passages, start=1))
-    return f"Context:\n{context}\n\nQuestion: {question}"
+    return f"{CONTEXT_HEADER}{context}\n\nQuestion: {question}"
+
+
+def carries_context(user_text: str) -> bool:
+    """Whether a user turn is a RAG prompt as rag_user_message writes it."""
+    return user_text.startswith(CONTEXT_HEADER)
 
 
 def edge_order(ranked: list[str]) -> list[str]:
@@ -83,3 +91,19 @@ def with_user_cut(tokenizer, messages: list[dict], remove: int) -> list[dict]:
     last = max(i for i, m in enumerate(messages) if m["role"] == "user")
     cut = {"role": "user", "content": cut_middle(tokenizer, messages[last]["content"], remove)}
     return [*messages[:last], cut, *messages[last + 1 :]]
+
+
+def reply_sequences(tokenizer, conversations: list[list[dict]], reply: str) -> list[tuple[list[int], int]]:
+    """Per conversation: the token ids of the prompt followed by `reply` as the assistant turn through its
+    end-of-turn token, and where the reply starts."""
+    out = []
+    for messages in conversations:
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        full = tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": reply}], tokenize=False)
+        tail = full[len(prompt) :] if full.startswith(prompt) else reply + (tokenizer.eos_token or "")
+        start = tokenizer(prompt, add_special_tokens=False).input_ids
+        ids = tokenizer(tail, add_special_tokens=False).input_ids
+        if tokenizer.eos_token_id in ids:
+            ids = ids[: ids.index(tokenizer.eos_token_id) + 1]  # not the template's text after the turn
+        out.append((start + ids, len(start)))
+    return out

@@ -28,7 +28,8 @@ SYNTH_REPORT_FILE = "synth_report.json"
 QUANTIZE_REPORT_FILE = "quantize_report.json"
 GATE_REPORT_FILE = "gate_report.json"
 RETRIEVER_REPORT_FILE = "retriever_report.json"  # retriever: report
-INDEX_FILE = "index.json"  # retriever: index (which retriever, its mode and chunk ids; embeddings.npy beside it)
+INDEX_FILE = "index.json"  # retriever: index (which retriever, its mode and chunk ids)
+EMBEDDINGS_FILE = "embeddings.npy"  # retriever: index (the chunks' vectors, row i for chunk i of index.json)
 
 
 class SkipRecord(ValueError):

@@ -41,9 +41,11 @@ class ChunkIndex:
         batch_size: int = 64,
         mode: str = "dense",
         identity: str | None = None,
+        vectors: np.ndarray | None = None,
     ):
         """`identity` names the embedding model's weights in the vector cache where `embedding_model` does not (a
-        folder whose content changes between runs: a freshly tuned embedder)."""
+        folder whose content changes between runs: a freshly tuned embedder). `vectors`: the texts' embeddings as
+        an index artifact holds them, used instead of embedding the texts again."""
         from sentence_transformers import SentenceTransformer
 
         if mode not in MODES:
@@ -51,7 +53,11 @@ class ChunkIndex:
         self.mode = mode
         self.model = SentenceTransformer(str(resolve_embedder(embedding_model, cache_dir)), device="cpu")
         self.batch_size = batch_size
-        self.vectors = self._cached_embed(texts, identity or embedding_model, Cache(Path(cache_dir)))
+        if vectors is not None and vectors.shape[0] != len(texts):
+            raise ValueError(f"{vectors.shape[0]} vectors for {len(texts)} texts")
+        self.vectors = (
+            vectors if vectors is not None else self._cached_embed(texts, identity or embedding_model, Cache(Path(cache_dir)))
+        )
         self._queries: dict[str, np.ndarray] = {}
         self.lexical = None
         if mode != "dense":

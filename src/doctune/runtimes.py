@@ -121,6 +121,7 @@ class LlamaCppRuntime:
     def __init__(self, path: Path, n_ctx: int = 2048):
         started = time.perf_counter()
         self.path, self.n_ctx = path, n_ctx
+        self.scorer = None
         self.llm = self._open(logits_all=False)
         self.load_s = time.perf_counter() - started
 
@@ -159,21 +160,22 @@ class LlamaCppRuntime:
             scorer.close()
 
     def continuation_logprobs(self, sequences: list[tuple[list[int], int]]) -> list[float]:
-        """Mean log-probability of the tokens ids[start:] after ids[:start], per (ids, start)."""
-        scorer = self._open(logits_all=True)
+        """Mean log-probability of the tokens ids[start:] after ids[:start], per (ids, start). The scoring context
+        (logits at every position) is opened on first use and kept until close(): a server scores every request."""
+        if self.scorer is None:
+            self.scorer = self._open(logits_all=True)
         out = []
-        try:
-            for ids, start in sequences:
-                scorer.reset()
-                scorer.eval(ids)
-                rows = log_softmax(scorer.scores[start - 1 : len(ids) - 1])
-                out.append(float(sum(rows[i, t] for i, t in enumerate(ids[start:])) / (len(ids) - start)))
-        finally:
-            scorer.close()
+        for ids, start in sequences:
+            self.scorer.reset()
+            self.scorer.eval(ids)
+            rows = log_softmax(self.scorer.scores[start - 1 : len(ids) - 1])
+            out.append(float(sum(rows[i, t] for i, t in enumerate(ids[start:])) / (len(ids) - start)))
         return out
 
     def close(self) -> None:
         self.llm.close()
+        if self.scorer is not None:
+            self.scorer.close()
 
 
 def open_runtime(folder: Path, batch_size: int = 8, n_ctx: int = 2048, precision: str = "fp32"):

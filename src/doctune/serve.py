@@ -6,11 +6,22 @@ client sends none. Every request is logged (request id, model version, prompt, r
 to an append-only JSONL file, rotated by size, with secrets and configured PII patterns redacted; POST /feedback
 joins a rating or a correction by request id. The alias is followed: when it moves, a new llama.cpp server is
 started for the new version and takes the next requests; the old one finishes the requests it has, then stops.
+
+The gate's abstention threshold is applied (`serve.apply_abstention_threshold`): a request whose question comes
+with retrieved context ("Context:" first in its user turn, as the model was trained and gated) is scored first, the
+mean log-probability of the abstention sentence as the reply, the gate's own score; where it reaches the version's
+threshold the server answers with that sentence instead of generating. Requests without context are not scored:
+the threshold was calibrated on RAG prompts only.
+
+Retrieval (`serve.retrieve`): where the version was gated with the retriever stage's index, a question sent
+without context gets the `retrieval.top_k` best passages of that index, in the RAG prompt the model was trained
+on, and the reply names them as citations (chunk, document, pages, character span) beside the text.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import subprocess
 import sys
@@ -25,13 +36,16 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from doctune.artifacts import ArtifactRef
+from doctune.chat import ABSTENTION, carries_context, edge_order, rag_user_message, reply_sequences
 from doctune.config import RunConfig
 from doctune.gate import registry
+from doctune.records import CHUNKS_FILE, EMBEDDINGS_FILE, INDEX_FILE, read_parquet
 from doctune.redact import redact_obj
 from doctune.tracking import Tracker
 
 SYSTEM_PROMPT_FILE = "system_prompt.txt"
 MAX_BODY = 8 * 2**20  # a request body larger than this is refused
+CITED_FIELDS = ("chunk_id", "doc_id", "section", "page_start", "page_end", "char_start", "char_end")
 
 
 class ServeError(RuntimeError):
@@ -47,6 +61,20 @@ class Deployment:
     gguf: Path
     system_prompt: str
     abstention_threshold: str  # the gate's tag, recorded with each logged request ("" where the gate set none)
+    abstention: str  # the sentence the threshold was scored on, and the reply of a declined request
+    model_folder: Path  # the merged model: its tokenizer renders the prompts the threshold is applied to
+    retrieval: dict[str, Path] | None  # fetched index, model and chunks folders; None: the version has no index
+
+
+def threshold_number(tag: str) -> float | None:
+    """The gate's threshold tag as a number: "never" +inf, "always" -inf, "" (no threshold set) None."""
+    if not tag:
+        return None
+    named = {"never": math.inf, "always": -math.inf}
+    try:
+        return named[tag] if tag in named else float(tag)
+    except ValueError:
+        raise ServeError(f"abstention threshold tag {tag!r} is not a number, 'never' or 'always'") from None
 
 
 def resolve(tracker: Tracker, alias: str, variant: str) -> Deployment:
@@ -71,8 +99,79 @@ def resolve(tracker: Tracker, alias: str, variant: str) -> Deployment:
     model = tracker.fetch(ArtifactRef.from_dict(json.loads(version.tags[registry.MODEL_TAG])))
     prompt_file = model / SYSTEM_PROMPT_FILE
     system_prompt = prompt_file.read_text().strip() if prompt_file.is_file() else ""
-    threshold = version.tags.get(f"doctune.abstention_threshold.{variant}", "")
-    return Deployment(str(version.version), variant, ggufs[0], system_prompt, threshold)
+    threshold = version.tags.get(f"{registry.ABSTENTION_THRESHOLD_TAG}.{variant}", "")
+    threshold_number(threshold)  # a malformed tag stops here, before a server starts
+    abstention = version.tags.get(registry.ABSTENTION_SENTENCE_TAG) or ABSTENTION
+    retrieval = None
+    if registry.RETRIEVAL_TAG in version.tags:
+        refs = json.loads(version.tags[registry.RETRIEVAL_TAG])
+        retrieval = {name: tracker.fetch(ArtifactRef.from_dict(ref)) for name, ref in refs.items()}
+    return Deployment(str(version.version), variant, ggufs[0], system_prompt, threshold, abstention, model, retrieval)
+
+
+class Retriever:
+    """The retriever stage's selected index over the chunks, as the version was gated with it."""
+
+    def __init__(self, folders: dict[str, Path], top_k: int, cache_dir: Path):
+        import numpy as np
+
+        from doctune.retrieval import ChunkIndex
+
+        meta = json.loads((folders["index"] / INDEX_FILE).read_text())
+        by_id = {c["chunk_id"]: c for c in read_parquet(folders["chunks"] / CHUNKS_FILE)}
+        missing = [cid for cid in meta["chunk_ids"] if cid not in by_id]
+        if missing:
+            raise ServeError(f"the retrieval index names {len(missing)} chunk(s) its chunks artifact lacks, e.g. {missing[0]}")
+        self.chunks = [by_id[cid] for cid in meta["chunk_ids"]]
+        embedder = str(folders["model"]) if meta["embedder"] == "model" else meta["embedder"]
+        vectors = np.load(folders["index"] / EMBEDDINGS_FILE)
+        texts = [c["text"] for c in self.chunks]
+        self.index = ChunkIndex(texts, embedder, cache_dir, mode=meta["mode"], vectors=vectors)
+        self.name, self.top_k = meta["retriever"], top_k
+        self.lock = threading.Lock()  # the embedder and BM25 are not shared across threads
+
+    def context(self, question: str) -> tuple[str, list[dict]]:
+        """The RAG user turn for a question, and its passages as citations in the order the prompt numbers them."""
+        with self.lock:
+            top, scores = self.index.search([question], self.top_k)
+        ranked = [(self.chunks[int(i)], float(score)) for i, score in zip(top[0], scores[0])]
+        ordered = edge_order(ranked)
+        citations = [
+            {"label": n, "score": round(score, 6), **{k: chunk.get(k) for k in CITED_FIELDS}}
+            for n, (chunk, score) in enumerate(ordered, start=1)
+        ]  # fmt: skip
+        return rag_user_message(question, [chunk["text"] for chunk, _ in ordered]), citations
+
+
+class Decliner:
+    """The gate's abstention threshold at serving: scores a prompt as the gate did (the abstention sentence's mean
+    token log-probability as the reply, rendered with the merged model's tokenizer, computed by llama.cpp on the
+    served GGUF) and says whether it reaches the threshold."""
+
+    def __init__(self, deployment: Deployment, n_ctx: int):
+        from transformers import AutoTokenizer
+
+        from doctune.runtimes import LlamaCppRuntime
+
+        self.threshold = threshold_number(deployment.abstention_threshold)
+        self.sentence = deployment.abstention
+        if not (deployment.model_folder / "tokenizer_config.json").is_file():
+            raise ServeError(
+                f"version {deployment.version} has an abstention threshold but its merged model holds no tokenizer to "
+                "score prompts with; set serve.apply_abstention_threshold=false to serve it without the threshold"
+            )
+        self.tokenizer = AutoTokenizer.from_pretrained(deployment.model_folder)
+        self.runtime = LlamaCppRuntime(deployment.gguf, n_ctx=n_ctx)
+        self.lock = threading.Lock()  # one llama.cpp context: one score at a time
+
+    def score(self, messages: list[dict]) -> float:
+        (sequence,) = reply_sequences(self.tokenizer, [messages], self.sentence)
+        with self.lock:
+            return self.runtime.continuation_logprobs([sequence])[0]
+
+    def close(self) -> None:
+        with self.lock:
+            self.runtime.close()
 
 
 def free_port() -> int:
@@ -86,8 +185,15 @@ def free_port() -> int:
 class Backend:
     """A llama.cpp server process for one deployment, with the count of requests it is answering."""
 
-    def __init__(self, deployment: Deployment, n_ctx: int, log_dir: Path, startup_timeout_s: float):
+    def __init__(self, deployment: Deployment, config: RunConfig, log_dir: Path):
+        serve, n_ctx = config.serve, config.serve.n_ctx
         self.deployment = deployment
+        applies = serve.apply_abstention_threshold and threshold_number(deployment.abstention_threshold) is not None
+        self.decliner = Decliner(deployment, n_ctx) if applies else None
+        self.retriever = None
+        if serve.retrieve and deployment.retrieval is not None:
+            self.retriever = Retriever(deployment.retrieval, config.retrieval.top_k, config.project.workdir / "cache")
+        startup_timeout_s = serve.startup_timeout_s
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.in_flight = 0
@@ -101,6 +207,8 @@ class Backend:
         while not self._ready():
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.process.kill()
+                if self.decliner is not None:
+                    self.decliner.close()
                 tail = log.read_text(errors="replace")[-800:].strip().splitlines()[-3:]
                 raise ServeError(f"llama.cpp server for version {deployment.version} did not start: {' | '.join(tail)}")
             time.sleep(0.3)
@@ -121,6 +229,8 @@ class Backend:
             self.process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.process.kill()
+        if self.decliner is not None:
+            self.decliner.close()
 
 
 class JsonlLog:
@@ -189,7 +299,7 @@ class Server:
         return f"http://{host}:{port}"
 
     def _start(self, deployment: Deployment) -> Backend:
-        return Backend(deployment, self.serve.n_ctx, self.log_dir, self.serve.startup_timeout_s)
+        return Backend(deployment, self.config, self.log_dir)
 
     def start(self) -> None:
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
@@ -251,16 +361,33 @@ class Server:
             body = {**body, "messages": [{"role": "system", "content": deployment.system_prompt}, *messages]}
         request_id = uuid.uuid4().hex
         started = time.perf_counter()
+        verdict: dict = {}
+        citations = None
+        last = _last_user(body["messages"])
+        if backend.retriever is not None and last is not None and not carries_context(body["messages"][last]["content"]):
+            user, citations = backend.retriever.context(body["messages"][last]["content"])
+            messages = list(body["messages"])
+            messages[last] = {**messages[last], "content": user}
+            body = {**body, "messages": messages}
         try:
-            status, reply = _post(f"{backend.url}/v1/chat/completions", body, self.serve.request_timeout_s)
+            scored = backend.decliner is not None and _rag_request(body["messages"])
+            if scored:
+                score = backend.decliner.score(body["messages"])
+                verdict = {"abstention_score": round(score, 6), "declined": score >= backend.decliner.threshold}
+            if verdict.get("declined"):
+                status, reply = 200, _declined(request_id, deployment)
+            else:
+                status, reply = _post(f"{backend.url}/v1/chat/completions", body, self.serve.request_timeout_s)
         finally:
             self.release(backend)
         latency = time.perf_counter() - started
-        reply = {**reply, "doctune": {"request_id": request_id, "model_version": deployment.version}}
+        cited = {"citations": citations, "retriever": backend.retriever.name} if citations is not None else {}
+        reply = {**reply, "doctune": {"request_id": request_id, "model_version": deployment.version, **verdict, **cited}}
         choices = reply.get("choices") or [{}]
         self.requests.write({
             "request_id": request_id, "time": datetime.now(UTC).isoformat(), "model_version": deployment.version,
-            "variant": deployment.variant, "abstention_threshold": deployment.abstention_threshold,
+            "variant": deployment.variant, "abstention_threshold": deployment.abstention_threshold, **verdict,
+            "retrieved": [c["chunk_id"] for c in citations] if citations is not None else None,
             "messages": body["messages"], "response": (choices[0].get("message") or {}).get("content"),
             "status": status, "latency_s": round(latency, 4), "usage": reply.get("usage"),
         })  # fmt: skip
@@ -285,6 +412,28 @@ class Server:
 
 def _error(message: str) -> dict:
     return {"error": {"message": message}}
+
+
+def _last_user(messages: list[dict]) -> int | None:
+    """The position of the last user turn, where its content is text (None otherwise)."""
+    users = [n for n, m in enumerate(messages) if m.get("role") == "user"]
+    return users[-1] if users and isinstance(messages[users[-1]].get("content"), str) else None
+
+
+def _rag_request(messages: list[dict]) -> bool:
+    """Whether the request asks with retrieved context: its last user turn carries it (as text)."""
+    last = _last_user(messages)
+    return last is not None and carries_context(messages[last]["content"])
+
+
+def _declined(request_id: str, deployment: Deployment) -> dict:
+    """An OpenAI chat completion whose reply is the abstention sentence, generated by nobody."""
+    message = {"role": "assistant", "content": deployment.abstention}
+    return {
+        "id": f"chatcmpl-{request_id}", "object": "chat.completion", "created": int(time.time()),
+        "model": f"v{deployment.version}", "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+    }  # fmt: skip
 
 
 def _post(url: str, body: dict, timeout: float) -> tuple[int, dict]:

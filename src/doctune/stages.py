@@ -144,8 +144,11 @@ STAGES: dict[str, StageSpec] = {
             "heldout": ("synth", "heldout"),
             "chunks": ("ingest", "chunks"),
             "retriever": ("retriever", "report"),
+            "retriever_index": ("retriever", "index"),
+            "retriever_model": ("retriever", "model"),
         },
-        optional_inputs=frozenset({"retriever"}),  # retriever off: the gate compares the base embedder with BM25
+        # Retriever off: the gate compares the base embedder with BM25, and the version carries no index to serve.
+        optional_inputs=frozenset({"retriever", "retriever_index", "retriever_model"}),
         params={"model": "merge", "quantized": "quantize", "datasets": "synth", "documents": "ingest", "retriever": "retriever"},
         kfp_outputs={"gate_report": ("report", "html"), "gate_metrics": ("", "metrics")},
     ),

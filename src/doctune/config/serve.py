@@ -24,6 +24,16 @@ class ServeConfig(Section):
     poll_seconds: float = Field(
         30.0, gt=0, description="how often the alias is checked; a moved alias is served without dropping requests"
     )
+    retrieve: bool = Field(
+        True,
+        description="a question sent without context gets the retrieval.top_k best passages of the index the version "
+        "was gated with (the retriever stage's), and the reply cites them; versions without an index answer as asked",
+    )
+    apply_abstention_threshold: bool = Field(
+        True,
+        description="answer a question asked with retrieved context by the abstention sentence where its abstention "
+        "score reaches the gate's threshold for the served variant (versions without one are served as they are)",
+    )
     n_ctx: int = Field(4096, ge=256, description="llama.cpp context length (prompt and reply tokens)")
     request_timeout_s: float = Field(300.0, gt=0, description="longest wait for the model's reply to one request")
     startup_timeout_s: float = Field(180.0, gt=0, description="longest wait for a llama.cpp server to come up")

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from doctune.chat import conversation, rag_user_message
+from doctune.chat import conversation, rag_user_message, reply_sequences
 from doctune.gate.metrics import PER_ITEM_METRICS, abstains, exact_match, probe_passes, rouge_l, token_f1
 from doctune.records import EvalItem, SkipRecord, eval_item, read_jsonl, skip
 from doctune.runtimes import open_runtime
@@ -90,22 +90,6 @@ def stratified(items: list[dict], limit: int) -> list[dict]:
         if len(out) >= limit:
             break
     return out[:limit]
-
-
-def reply_sequences(tokenizer, conversations: list[list[dict]], reply: str) -> list[tuple[list[int], int]]:
-    """Per conversation: the token ids of the prompt followed by `reply` as the assistant turn through its
-    end-of-turn token, and where the reply starts."""
-    out = []
-    for messages in conversations:
-        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        full = tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": reply}], tokenize=False)
-        tail = full[len(prompt) :] if full.startswith(prompt) else reply + (tokenizer.eos_token or "")
-        start = tokenizer(prompt, add_special_tokens=False).input_ids
-        ids = tokenizer(tail, add_special_tokens=False).input_ids
-        if tokenizer.eos_token_id in ids:
-            ids = ids[: ids.index(tokenizer.eos_token_id) + 1]  # not the template's text after the turn
-        out.append((start + ids, len(start)))
-    return out
 
 
 def blocks(sets: EvalSets, tokenizer) -> tuple[list[list[int]], list[list[int]]]:

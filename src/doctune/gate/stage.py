@@ -232,12 +232,26 @@ def abstention_bounds(config: RunConfig, models: dict[str, dict], sets: EvalSets
     return out
 
 
+def retrieval_tags(inputs: dict[str, ArtifactRef]) -> dict[str, str]:
+    """What a server retrieves with for this version: the retriever's index and model and the chunks (none when
+    the retriever stage was off)."""
+    if "retriever_index" not in inputs or "retriever_model" not in inputs:
+        return {}
+    refs = {"index": inputs["retriever_index"], "model": inputs["retriever_model"], "chunks": inputs["chunks"]}
+    return {registry.RETRIEVAL_TAG: json.dumps({k: ref.to_dict() for k, ref in refs.items()})}
+
+
 def register(
-    inputs: dict[str, ArtifactRef], tracker: StageRun, scores: Scores, outcome: dict, bounds: dict[str, AbstentionBound]
+    inputs: dict[str, ArtifactRef],
+    tracker: StageRun,
+    scores: Scores,
+    outcome: dict,
+    bounds: dict[str, AbstentionBound],
+    abstention: str,
 ) -> str:
-    """The candidate as a registry version aliased `challenger`, tagged with the decision, metrics and lineage, and
-    the abstention threshold of each of its models (what a server applies: decline where the mean log-probability
-    of the abstention sentence as the reply reaches it)."""
+    """The candidate as a registry version aliased `challenger`, tagged with the decision, metrics and lineage, the
+    abstention threshold of each of its models and the abstention sentence they were scored with (what a server
+    applies: decline where the mean log-probability of that sentence as the reply reaches the threshold)."""
     parent = tracker.client.get_run(tracker.run_id).data.tags.get("mlflow.parentRunId", "")
     datasets = {k: inputs[k].digest for k in ("golden", "unanswerable", "heldout", "chunks")}
     datasets |= {f"{link['stage']}.{k}": v for link in scores.lineage for k, v in link.get("datasets", {}).items()}
@@ -250,6 +264,8 @@ def register(
         f"{TAG}failed_rules": ", ".join(outcome["failed"]) or "none",
         f"{TAG}gate_reason": outcome["reason"][:1000],
         f"{TAG}datasets": json.dumps(datasets),
+        registry.ABSTENTION_SENTENCE_TAG: abstention,
+        **retrieval_tags(inputs),
         **{f"gate.{k}": f"{v:.6g}" for k, v in scores.models["candidate"]["metrics"].items()},
         **{
             f"{TAG}abstention_threshold{name.removeprefix('candidate').replace(' ', '.')}": str(threshold_value(bound.threshold))
@@ -331,7 +347,7 @@ def run(config: RunConfig, inputs: dict[str, ArtifactRef], tracker: StageRun) ->
     bounds = abstention_bounds(config, scores.models, sets)
     outcome = decide(scores.models, scores.variant_ratios, g.rules, bounds)
     retrieval = retrieval_quality(config, inputs, tracker)
-    version = register(inputs, tracker, scores, outcome, bounds)
+    version = register(inputs, tracker, scores, outcome, bounds, sets.abstention)
 
     shown = [m for m in scores.models if m != "champion" or scores.champion is not None]
     resamples = g.rules.bootstrap_resamples

@@ -31,6 +31,7 @@ from doctune.devices import cuda_available
 from doctune.models import resolve_embedder
 from doctune.records import (
     CHUNKS_FILE,
+    EMBEDDINGS_FILE,
     GOLDEN_FILE,
     INDEX_FILE,
     PAGES_FILE,
@@ -45,7 +46,6 @@ from doctune.records import (
 from doctune.retrieval import ChunkIndex, compare_retrievers, ranx_run, retrieval_mode
 from doctune.tracking import StageRun
 
-EMBEDDINGS_FILE = "embeddings.npy"
 RANKING_DEPTH = 100  # ranks kept per question: the metrics stop at 10, fusion reads deeper
 MODES = {"base": "dense", "tuned": "dense", "bm25": "lexical", "hybrid": "hybrid"}
 
