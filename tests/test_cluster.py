@@ -13,7 +13,7 @@ from doctune.config import ClusterConfig, ConfigError, build_config
 from doctune_kfp.pipelines.cli import main
 from doctune_kfp.pipelines.doctune_pipeline import compile_pipeline
 
-STAGES = ("ingest", "synth", "cpt", "sft", "dpo", "merge", "quantize", "eval-gate")
+STAGES = ("ingest", "synth", "retriever", "cpt", "sft", "dpo", "merge", "quantize", "eval-gate")
 GPU_STAGES = ("cpt", "sft", "dpo", "merge", "quantize")
 
 
@@ -49,13 +49,19 @@ def test_compiled_ir_places_training_on_the_gpu_pool_with_caches_secrets_retries
     all_tasks = tasks(ir)
     for stage in STAGES:
         assert all_tasks[stage]["retryPolicy"]["maxRetryCount"] == 2
-    for stage in ("ingest", "synth", "cpt", "sft", "dpo", "merge", "quantize"):
+    for stage in ("ingest", "synth", "retriever", "cpt", "sft", "dpo", "merge", "quantize"):
         assert all_tasks[stage]["cachingOptions"] == {"enableCache": True}, stage
     # These read or move state that is not a task input: never served from the cache.
     for name in ("open-run", "eval-gate", "promote", "record-rejection"):
         assert not all_tasks[name]["cachingOptions"].get("enableCache"), name
     # Secrets reach pods only as environment variables: the pipeline takes no credential parameter.
-    assert set(ir["root"]["inputDefinitions"]["parameters"]) == {"config", "parent_run_id", "cpt_enabled", "dpo_enabled"}
+    assert set(ir["root"]["inputDefinitions"]["parameters"]) == {
+        "config",
+        "parent_run_id",
+        "cpt_enabled",
+        "dpo_enabled",
+        "retriever_enabled",
+    }
 
 
 def test_cluster_settings_come_from_the_config(tmp_path):
@@ -120,6 +126,7 @@ def test_submit_uploads_the_compiled_pipeline_with_the_run_config_and_prints_the
     assert "exec-sft" in spec["platform_spec"]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     params = body["runtime_config"]["parameters"]
     assert params["dpo_enabled"] is False and params["cpt_enabled"] is True and params["parent_run_id"] == ""
+    assert params["retriever_enabled"] is True
     config = yaml.safe_load(params["config"])
     assert config["tracking"]["uri"] == "http://mlflow.doctune.svc:5000"
     assert config["project"]["workdir"] == "/var/cache/doctune/workdir/handbook"  # on the volume every pod mounts

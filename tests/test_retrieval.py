@@ -70,3 +70,11 @@ def test_a_bm25_row_that_matched_nothing_ranks_nothing():
     indices, scores = np.array([[2, 0, 1], [1, 0, 2]]), np.array([[3.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
     assert ranx_run(["q1", "q2"], ["a", "b", "c"], indices, scores, positive_only=True) == {"q1": {"c": 3.0, "a": 1.0}}
     assert len(ranx_run(["q1"], ["a", "b", "c"], indices[:1], -scores[:1])["q1"]) == 3  # cosine scores may be negative
+
+
+def test_a_retriever_that_matches_nothing_scores_zero_and_no_questions_measure_nothing():
+    qrels = {"q1": {"d1": 1}, "q2": {"d2": 1}}
+    compared = compare_retrievers(qrels, {"bm25": {}, "dense": {"q1": {"d1": 0.9}}}, ["mrr@10", "recall@5"])
+    assert compared["metrics"]["bm25"] == {"mrr@10": 0.0, "recall@5": 0.0}
+    assert compared["metrics"]["dense"]["mrr@10"] == pytest.approx(0.5)
+    assert compare_retrievers({}, {"dense": {}}, ["mrr@10"]) == {"queries": 0, "metrics": {}, "p_values": {}}

@@ -58,6 +58,7 @@ def retrieval_outputs(run, work: Path) -> dict:
              "char_end": 100 * n + len(text), "n_tokens": 12, "section": f"Section {n}", "text": text}
             for n, text in enumerate(CHUNKS)]  # fmt: skip
     pq.write_table(pa.Table.from_pylist(rows), chunks / CHUNKS_FILE)
+    refs = {"chunks": run.log_output("retriever_chunks", chunks, kind="chunks")}
     vectors = ChunkIndex(CHUNKS, "bundled:all-minilm-l6-v2", work / "cache").vectors
     np.save(index / EMBEDDINGS_FILE, vectors)
     meta = {
@@ -65,11 +66,13 @@ def retrieval_outputs(run, work: Path) -> dict:
         "mode": "dense",
         "embedder": "bundled:all-minilm-l6-v2",
         "chunk_ids": [r["chunk_id"] for r in rows],
+        "chunks_digest": refs["chunks"].digest,
     }
     (index / INDEX_FILE).write_text(json.dumps(meta))
     (model / "README.md").write_text("the base embedder was selected: this folder is not read\n")
-    folders = {"chunks": chunks, "index": index, "model": model}
-    return {name: run.log_output(f"retriever_{name}", folder, kind=name) for name, folder in folders.items()}
+    refs["index"] = run.log_output("retriever_index", index, kind="chunk_index")
+    refs["model"] = run.log_output("retriever_model", model, kind="embedding_model")
+    return refs
 
 
 def register(
@@ -228,7 +231,7 @@ def smollm2_tokenizer(tmp_path_factory) -> Path:
 def test_a_question_with_context_is_declined_where_its_abstention_score_reaches_the_threshold(make_config, smollm2_tokenizer):
     config = make_config(**{"serve.port": 0, "serve.poll_seconds": 0.3, "serve.n_ctx": 2048})
     tracker = Tracker(config)
-    first = register(tracker, config, "first", threshold="never", tokenizer=smollm2_tokenizer)
+    first = register(tracker, config, "first", threshold="0", tokenizer=smollm2_tokenizer)  # a mean log-prob is < 0
     registry.promote(tracker, first, reason="test")
     server = Server(config)
     server.start()
@@ -244,6 +247,10 @@ def test_a_question_with_context_is_declined_where_its_abstention_score_reaches_
         # A question without context is not scored: the threshold was calibrated on RAG prompts.
         plain = {"messages": [{"role": "user", "content": "How do I install a package?"}], "max_tokens": 8}
         assert "abstention_score" not in post(url, plain)[1]["doctune"]
+        # A context too long to score is one explained line, and the server goes on.
+        long = {"messages": [{"role": "user", "content": rag_user_message("Why?", ["word " * 3000])}]}
+        status, refused, _ = post(url, long)
+        assert status == 400 and "over serve.n_ctx 2048" in refused["error"]["message"]
         # A version whose threshold the same prompt's score reaches: declined with the gate's sentence, not generated.
         second = register(tracker, config, "second", threshold=str(score - 1e-3), tokenizer=smollm2_tokenizer)
         registry.promote(tracker, second, reason="test")
@@ -256,7 +263,7 @@ def test_a_question_with_context_is_declined_where_its_abstention_score_reaches_
         assert declined["doctune"]["abstention_score"] == pytest.approx(score, abs=1e-4)  # the same prompt, the same score
         assert post(url, plain)[1]["choices"][0]["message"]["content"] != "Not in the documents."
         records = [json.loads(line) for line in (config.project.workdir / "serving" / "requests.jsonl").read_text().splitlines()]
-        assert [r.get("declined") for r in records] == [False, None, True, None]
+        assert [r.get("declined") for r in records] == [False, None, None, True, None]
     finally:
         server.close()
 

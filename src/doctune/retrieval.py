@@ -19,6 +19,8 @@ from doctune.models import resolve_embedder
 EMBEDDER_LANGUAGES = {"bundled:all-minilm-l6-v2": frozenset({"en"})}
 MODES = ("dense", "lexical", "hybrid")
 _RRF_K = 60  # the constant of reciprocal rank fusion (Cormack et al.): damps the weight of the first ranks
+_FUSION_DEPTH = 100  # ranks of each list that enter the fusion
+RANKING_DEPTH = 100  # ranks kept per question when retrievers are compared: the metrics stop at 10
 
 
 def retrieval_mode(requested: str, embedding_model: str, languages: set[str]) -> tuple[str, str]:
@@ -42,10 +44,12 @@ class ChunkIndex:
         mode: str = "dense",
         identity: str | None = None,
         vectors: np.ndarray | None = None,
+        cache_queries: bool = True,
     ):
         """`identity` names the embedding model's weights in the vector cache where `embedding_model` does not (a
         folder whose content changes between runs: a freshly tuned embedder). `vectors`: the texts' embeddings as
-        an index artifact holds them, used instead of embedding the texts again."""
+        an index artifact holds them, used instead of embedding the texts again. `cache_queries`: keep each query's
+        vector for the index's life (synth asks the same questions several times; a server must not)."""
         from sentence_transformers import SentenceTransformer
 
         if mode not in MODES:
@@ -59,6 +63,7 @@ class ChunkIndex:
             vectors if vectors is not None else self._cached_embed(texts, identity or embedding_model, Cache(Path(cache_dir)))
         )
         self._queries: dict[str, np.ndarray] = {}
+        self.cache_queries = cache_queries
         self.lexical = None
         if mode != "dense":
             import bm25s
@@ -86,7 +91,9 @@ class ChunkIndex:
         ).astype(np.float32)
 
     def query_vectors(self, queries: list[str]) -> np.ndarray:
-        """Embeddings of queries, each computed once per index (synth asks the same questions several times)."""
+        """Embeddings of queries, each computed once per index where queries are cached."""
+        if not self.cache_queries:
+            return self.embed(queries)
         missing = list(dict.fromkeys(q for q in queries if q not in self._queries))
         for query, vector in zip(missing, self.embed(missing)):
             self._queries[query] = vector
@@ -109,7 +116,7 @@ class ChunkIndex:
         if mode == "lexical":
             return _top(lexical, k)
         fused = np.zeros((len(queries), n), dtype=np.float64)
-        depth = min(n, max(4 * k, 50))
+        depth = min(n, max(k, _FUSION_DEPTH))  # not k's: the top 2 served are the top 2 of the ranking measured
         for scores in (self.query_vectors(queries) @ self.vectors.T, lexical):
             top, _ = _top(scores, depth)
             np.put_along_axis(fused, top, np.take_along_axis(fused, top, axis=1) + 1.0 / (_RRF_K + 1 + np.arange(depth)), axis=1)
@@ -136,13 +143,26 @@ def ranx_run(
     return run
 
 
-def compare_retrievers(qrels: dict[str, dict[str, int]], runs: dict[str, dict], metrics: list[str], seed: int = 42) -> dict:
+def ranx_runs(
+    searches: dict[str, tuple[ChunkIndex, str]], questions: list[str], query_ids: list[str], doc_ids: list[str]
+) -> dict:
+    """name -> ranx run of that (index, mode) for the questions, RANKING_DEPTH deep."""
+    runs = {}
+    for name, (index, mode) in searches.items():
+        top, scores = index.search(questions, RANKING_DEPTH, mode=mode)
+        runs[name] = ranx_run(query_ids, doc_ids, top, scores, positive_only=mode == "lexical")
+    return runs
+
+
+def compare_retrievers(qrels: dict[str, dict[str, int]], runs: dict[str, dict], metrics: list[str], seed: int = 13) -> dict:
     """ranx's metrics of each named run on `qrels`, and its paired Fisher randomization test between every pair
-    of runs (p-values keyed "a vs b")."""
+    of runs (p-values keyed "a vs b"). No qrels: nothing measured (empty metrics)."""
     from ranx import Qrels, Run, compare, evaluate
 
+    if not qrels:
+        return {"queries": 0, "metrics": {}, "p_values": {}}
     qrels_ = Qrels(qrels)
-    ranx_runs = {name: Run(run, name=name) for name, run in runs.items()}
+    ranx_runs = {name: Run(run, name=name) if run else Run(name=name) for name, run in runs.items()}  # a run may match nothing
     scores = {}
     for name, run in ranx_runs.items():
         values = evaluate(qrels_, run, metrics, make_comparable=True)

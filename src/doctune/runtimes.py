@@ -118,12 +118,19 @@ class LlamaCppRuntime:
     Decoding uses every core this process may run on (llama-cpp-python defaults to half of them); logits for every
     position, which perplexity needs and chat does not, come from a second context opened only for it."""
 
-    def __init__(self, path: Path, n_ctx: int = 2048):
+    def __init__(self, path: Path, n_ctx: int = 2048, chat: bool = True):
+        """`chat=False`: a scorer only (perplexity, continuation log-probabilities), no generation context."""
         started = time.perf_counter()
         self.path, self.n_ctx = path, n_ctx
         self.scorer = None
-        self.llm = self._open(logits_all=False)
+        self.llm = self._open(logits_all=False) if chat else None
         self.load_s = time.perf_counter() - started
+
+    def _scoring(self):
+        """The context with logits at every position: opened on first use, kept until close()."""
+        if self.scorer is None:
+            self.scorer = self._open(logits_all=True)
+        return self.scorer
 
     def _open(self, logits_all: bool):
         with llama_cpp_safe_defaults():
@@ -147,35 +154,31 @@ class LlamaCppRuntime:
         return replies
 
     def perplexity(self, blocks: list[list[int]]) -> float:
-        scorer = self._open(logits_all=True)
+        scorer = self._scoring()
 
         def score(ids):
             scorer.reset()
             scorer.eval(ids)
             return log_softmax(scorer.scores[: len(ids)])
 
-        try:
-            return perplexity_from_scores(blocks, score)
-        finally:
-            scorer.close()
+        return perplexity_from_scores(blocks, score)
 
     def continuation_logprobs(self, sequences: list[tuple[list[int], int]]) -> list[float]:
         """Mean log-probability of the tokens ids[start:] after ids[:start], per (ids, start). The scoring context
-        (logits at every position) is opened on first use and kept until close(): a server scores every request."""
-        if self.scorer is None:
-            self.scorer = self._open(logits_all=True)
+        (logits at every position) is the one perplexity uses, kept open: a server scores every request."""
+        scorer = self._scoring()
         out = []
         for ids, start in sequences:
-            self.scorer.reset()
-            self.scorer.eval(ids)
-            rows = log_softmax(self.scorer.scores[start - 1 : len(ids) - 1])
+            scorer.reset()
+            scorer.eval(ids)
+            rows = log_softmax(scorer.scores[start - 1 : len(ids) - 1])
             out.append(float(sum(rows[i, t] for i, t in enumerate(ids[start:])) / (len(ids) - start)))
         return out
 
     def close(self) -> None:
-        self.llm.close()
-        if self.scorer is not None:
-            self.scorer.close()
+        for context in (self.llm, self.scorer):
+            if context is not None:
+                context.close()
 
 
 def open_runtime(folder: Path, batch_size: int = 8, n_ctx: int = 2048, precision: str = "fp32"):

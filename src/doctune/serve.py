@@ -63,7 +63,7 @@ class Deployment:
     abstention_threshold: str  # the gate's tag, recorded with each logged request ("" where the gate set none)
     abstention: str  # the sentence the threshold was scored on, and the reply of a declined request
     model_folder: Path  # the merged model: its tokenizer renders the prompts the threshold is applied to
-    retrieval: dict[str, Path] | None  # fetched index, model and chunks folders; None: the version has no index
+    retrieval: dict[str, tuple[ArtifactRef, Path]] | None  # index, model, chunks: (ref, fetched folder); None: no index
 
 
 def threshold_number(tag: str) -> float | None:
@@ -77,8 +77,9 @@ def threshold_number(tag: str) -> float | None:
         raise ServeError(f"abstention threshold tag {tag!r} is not a number, 'never' or 'always'") from None
 
 
-def resolve(tracker: Tracker, alias: str, variant: str) -> Deployment:
-    """The version an alias points at, its variant fetched and verified against its digest."""
+def resolve(tracker: Tracker, alias: str, variant: str, retrieve: bool = True) -> Deployment:
+    """The version an alias points at, its variant (and, with `retrieve`, its retrieval index) fetched and verified
+    against its digest."""
     version = registry.version_by_alias(tracker, alias)
     if version is None:
         raise ServeError(
@@ -103,21 +104,27 @@ def resolve(tracker: Tracker, alias: str, variant: str) -> Deployment:
     threshold_number(threshold)  # a malformed tag stops here, before a server starts
     abstention = version.tags.get(registry.ABSTENTION_SENTENCE_TAG) or ABSTENTION
     retrieval = None
-    if registry.RETRIEVAL_TAG in version.tags:
-        refs = json.loads(version.tags[registry.RETRIEVAL_TAG])
-        retrieval = {name: tracker.fetch(ArtifactRef.from_dict(ref)) for name, ref in refs.items()}
+    if retrieve and registry.RETRIEVAL_TAG in version.tags:
+        refs = {name: ArtifactRef.from_dict(ref) for name, ref in json.loads(version.tags[registry.RETRIEVAL_TAG]).items()}
+        retrieval = {name: (ref, tracker.fetch(ref)) for name, ref in refs.items()}
     return Deployment(str(version.version), variant, ggufs[0], system_prompt, threshold, abstention, model, retrieval)
 
 
 class Retriever:
     """The retriever stage's selected index over the chunks, as the version was gated with it."""
 
-    def __init__(self, folders: dict[str, Path], top_k: int, cache_dir: Path):
+    def __init__(self, retrieval: dict[str, tuple[ArtifactRef, Path]], top_k: int, cache_dir: Path):
         import numpy as np
 
         from doctune.retrieval import ChunkIndex
 
+        refs = {name: ref for name, (ref, _) in retrieval.items()}
+        folders = {name: folder for name, (_, folder) in retrieval.items()}
         meta = json.loads((folders["index"] / INDEX_FILE).read_text())
+        if meta.get("chunks_digest") != refs["chunks"].digest:
+            raise ServeError(
+                f"the retrieval index was built on chunks {meta.get('chunks_digest')}, the version names {refs['chunks'].digest}"
+            )
         by_id = {c["chunk_id"]: c for c in read_parquet(folders["chunks"] / CHUNKS_FILE)}
         missing = [cid for cid in meta["chunk_ids"] if cid not in by_id]
         if missing:
@@ -126,7 +133,7 @@ class Retriever:
         embedder = str(folders["model"]) if meta["embedder"] == "model" else meta["embedder"]
         vectors = np.load(folders["index"] / EMBEDDINGS_FILE)
         texts = [c["text"] for c in self.chunks]
-        self.index = ChunkIndex(texts, embedder, cache_dir, mode=meta["mode"], vectors=vectors)
+        self.index = ChunkIndex(texts, embedder, cache_dir, mode=meta["mode"], vectors=vectors, cache_queries=False)
         self.name, self.top_k = meta["retriever"], top_k
         self.lock = threading.Lock()  # the embedder and BM25 are not shared across threads
 
@@ -161,11 +168,13 @@ class Decliner:
                 "score prompts with; set serve.apply_abstention_threshold=false to serve it without the threshold"
             )
         self.tokenizer = AutoTokenizer.from_pretrained(deployment.model_folder)
-        self.runtime = LlamaCppRuntime(deployment.gguf, n_ctx=n_ctx)
+        self.runtime = LlamaCppRuntime(deployment.gguf, n_ctx=n_ctx, chat=False)
         self.lock = threading.Lock()  # one llama.cpp context: one score at a time
 
     def score(self, messages: list[dict]) -> float:
         (sequence,) = reply_sequences(self.tokenizer, [messages], self.sentence)
+        if len(sequence[0]) > self.runtime.n_ctx:
+            raise ValueError(f"{len(sequence[0])} tokens with the abstention sentence, over serve.n_ctx {self.runtime.n_ctx}")
         with self.lock:
             return self.runtime.continuation_logprobs([sequence])[0]
 
@@ -188,11 +197,19 @@ class Backend:
     def __init__(self, deployment: Deployment, config: RunConfig, log_dir: Path):
         serve, n_ctx = config.serve, config.serve.n_ctx
         self.deployment = deployment
-        applies = serve.apply_abstention_threshold and threshold_number(deployment.abstention_threshold) is not None
-        self.decliner = Decliner(deployment, n_ctx) if applies else None
-        self.retriever = None
-        if serve.retrieve and deployment.retrieval is not None:
-            self.retriever = Retriever(deployment.retrieval, config.retrieval.top_k, config.project.workdir / "cache")
+        threshold = threshold_number(deployment.abstention_threshold) if serve.apply_abstention_threshold else None
+        self.decliner = self.retriever = None
+        try:
+            if threshold is not None and threshold != math.inf:  # "never" declines nothing: no need to score
+                self.decliner = Decliner(deployment, n_ctx)
+            if serve.retrieve and deployment.retrieval is not None:
+                self.retriever = Retriever(deployment.retrieval, config.retrieval.top_k, config.project.workdir / "cache")
+        except Exception as exc:
+            if self.decliner is not None:
+                self.decliner.close()
+            if isinstance(exc, ServeError):
+                raise
+            raise ServeError(f"version {deployment.version} cannot be served: {type(exc).__name__}: {exc}") from exc
         startup_timeout_s = serve.startup_timeout_s
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -278,7 +295,7 @@ class Server:
         self.known: dict[str, str] = {}  # request id -> model version, for feedback (this process's requests)
         self.switch = threading.Lock()
         self.stopping = threading.Event()
-        deployment = resolve(self.tracker, self.serve.alias, self.serve.variant)
+        deployment = resolve(self.tracker, self.serve.alias, self.serve.variant, self.serve.retrieve)
         try:
             self.httpd = ThreadingHTTPServer((self.serve.host, self.serve.port), _handler(self))
         except OSError as exc:
@@ -326,7 +343,7 @@ class Server:
         current = registry.version_by_alias(self.tracker, self.serve.alias)
         if current is None or str(current.version) == self.backend.deployment.version:
             return False
-        new = self._start(resolve(self.tracker, self.serve.alias, self.serve.variant))
+        new = self._start(resolve(self.tracker, self.serve.alias, self.serve.variant, self.serve.retrieve))
         with self.switch:
             old, self.backend = self.backend, new
         print(f"doctune serve: {self.serve.alias} moved to version {new.deployment.version}; now serving it", flush=True)
@@ -363,21 +380,23 @@ class Server:
         started = time.perf_counter()
         verdict: dict = {}
         citations = None
-        last = _last_user(body["messages"])
-        if backend.retriever is not None and last is not None and not carries_context(body["messages"][last]["content"]):
-            user, citations = backend.retriever.context(body["messages"][last]["content"])
-            messages = list(body["messages"])
-            messages[last] = {**messages[last], "content": user}
-            body = {**body, "messages": messages}
         try:
-            scored = backend.decliner is not None and _rag_request(body["messages"])
-            if scored:
+            last = _last_user(body["messages"])
+            if backend.retriever is not None and last is not None and not carries_context(body["messages"][last]["content"]):
+                user, citations = backend.retriever.context(body["messages"][last]["content"])
+                messages = list(body["messages"])
+                messages[last] = {**messages[last], "content": user}
+                body = {**body, "messages": messages}
+            if backend.decliner is not None and _rag_request(body["messages"]):
                 score = backend.decliner.score(body["messages"])
                 verdict = {"abstention_score": round(score, 6), "declined": score >= backend.decliner.threshold}
             if verdict.get("declined"):
-                status, reply = 200, _declined(request_id, deployment)
+                status, reply, citations = 200, _declined(request_id, deployment), None
             else:
                 status, reply = _post(f"{backend.url}/v1/chat/completions", body, self.serve.request_timeout_s)
+        except Exception as exc:  # a prompt the scorer or the template cannot take (too long, unknown roles): one line
+            why = "the prompt cannot be scored" if isinstance(exc, ValueError) else "retrieval or scoring failed"
+            status, reply = (400 if isinstance(exc, ValueError) else 500), _error(f"{why}: {exc}")
         finally:
             self.release(backend)
         latency = time.perf_counter() - started

@@ -26,6 +26,7 @@ def test_retriever_component_tunes_the_embedder_and_compares_four_retrievers(mak
     assert list(report["comparison"]["metrics"]) == ["base", "tuned", "bm25", "hybrid"]
     assert len(report["comparison"]["p_values"]) == 6 and report["selected"] == "tuned"
     assert report["training"]["pairs"] > 0 and report["training"]["steps"] >= 1
+    assert report["selected_on"]["questions"] in ("validation", "golden") and report["selected_on"]["n"] > 0
     index = json.loads((tracker.fetch(refs["index"]) / INDEX_FILE).read_text())
     assert index["retriever"] == "tuned" and index["mode"] == "dense" and index["embedder"] == "model"
     assert (tracker.fetch(refs["model"]) / "config_sentence_transformers.json").is_file()

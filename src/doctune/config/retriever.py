@@ -16,7 +16,10 @@ class RetrieverConfig(Section):
     """Fine-tunes `retrieval.embedding_model` with MultipleNegativesRankingLoss on the SFT training questions and their
     source chunks, with mined hard negatives; the golden questions compare base, tuned, BM25 and hybrid."""
 
-    enabled: bool = Field(True, description="run the retriever stage (off: contexts and the gate use the base embedder)")
+    enabled: bool = Field(
+        True,
+        description="run the retriever stage (off: the gate compares the base embedder with BM25; serving retrieves nothing)",
+    )
     epochs: float = Field(3.0, gt=0, le=50, description="passes over the training pairs")
     batch_size: int = Field(
         32, ge=2, le=1024, description="pairs per batch: every other passage of the batch is an in-batch negative"
@@ -28,14 +31,19 @@ class RetrieverConfig(Section):
         description="mined negatives per pair: chunks the base retriever ranks high that do not hold the answer",
     )  # fmt: skip
     mining_depth: int = Field(
-        30, ge=2, le=1000, description="how deep in the base ranking hard negatives are looked for (rank 1 is skipped)"
+        30,
+        ge=2,
+        le=1000,
+        description="how deep in the base ranking hard negatives are looked for (the source chunk itself is passed over)",
     )
     max_seq_length: int = Field(256, ge=16, le=8192, description="tokens of a passage the embedder reads")
     matryoshka_dims: list[int] = Field(
         [], description="train nested embedding sizes with MatryoshkaLoss (e.g. [384, 128, 64]); empty: off"
     )
     select: Literal["best", "base", "tuned", "bm25", "hybrid"] = Field(
-        "best", description="the retriever whose index the stage hands on; best: highest `select_metric` on golden"
+        "best",
+        description="the retriever whose index the stage hands on; best: highest `select_metric` on the SFT validation "
+        "questions (on the golden ones where fewer than 10)",
     )
     select_metric: Literal[RANKING_METRICS] = Field(
         "mrr@10",

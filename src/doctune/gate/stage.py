@@ -96,7 +96,7 @@ def retrieval_quality(config: RunConfig, inputs: dict[str, ArtifactRef], tracker
     BM25, measured the same way: ranx on qrels from the golden questions' source chunks, over the whole corpus."""
     from doctune.config.retriever import RANKING_METRICS
     from doctune.records import RETRIEVER_REPORT_FILE, EvalItem, eval_item, read_records
-    from doctune.retrieval import ChunkIndex, compare_retrievers, ranx_run
+    from doctune.retrieval import ChunkIndex, compare_retrievers, ranx_runs
 
     if "retriever" in inputs:
         report = json.loads((tracker.fetch(inputs["retriever"]) / RETRIEVER_REPORT_FILE).read_text())
@@ -104,15 +104,14 @@ def retrieval_quality(config: RunConfig, inputs: dict[str, ArtifactRef], tracker
     chunks = read_parquet(tracker.fetch(inputs["chunks"]) / CHUNKS_FILE)
     ids = [c["chunk_id"] for c in chunks]
     golden: list[EvalItem] = read_records(tracker.fetch(inputs["golden"]) / GOLDEN_FILE, eval_item, [])
-    qrels = {f"q{i}": {c: 1 for c in item.source_ids} for i, item in enumerate(golden) if item.source_ids}
-    questions = [golden[int(q[1:])].question for q in qrels]
+    items = [(item.question, set(item.source_ids) & set(ids)) for item in golden]
+    items = [(question, sources) for question, sources in items if sources]
+    query_ids = [f"q{i}" for i in range(len(items))]
+    qrels = {q: dict.fromkeys(sources, 1) for q, (_, sources) in zip(query_ids, items)}
     index = ChunkIndex(
         [c["text"] for c in chunks], config.retrieval.embedding_model, config.project.workdir / "cache", mode="lexical"
     )
-    runs = {}
-    for name, mode in (("base", "dense"), ("bm25", "lexical")):
-        top, scores = index.search(questions, 100, mode=mode)
-        runs[name] = ranx_run(list(qrels), ids, top, scores, positive_only=mode == "lexical")
+    runs = ranx_runs({"base": (index, "dense"), "bm25": (index, "lexical")}, [q for q, _ in items], query_ids, ids)
     return compare_retrievers(qrels, runs, list(RANKING_METRICS)) | {"source": "gate (retriever stage off)", "selected": "base"}
 
 

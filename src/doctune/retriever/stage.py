@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -37,16 +38,17 @@ from doctune.records import (
     PAGES_FILE,
     RETRIEVER_REPORT_FILE,
     TRAIN_FILE,
+    VALIDATION_FILE,
     eval_item,
     read_jsonl,
     read_parquet,
     read_records,
     skip,
 )
-from doctune.retrieval import ChunkIndex, compare_retrievers, ranx_run, retrieval_mode
+from doctune.retrieval import ChunkIndex, compare_retrievers, ranx_runs, retrieval_mode
 from doctune.tracking import StageRun
 
-RANKING_DEPTH = 100  # ranks kept per question: the metrics stop at 10, fusion reads deeper
+MIN_SELECTION_QUESTIONS = 10  # fewer validation questions than this: the selection falls back to the golden ones
 MODES = {"base": "dense", "tuned": "dense", "bm25": "lexical", "hybrid": "hybrid"}
 
 
@@ -88,7 +90,8 @@ def training_chunks(records: list[dict]) -> set[str]:
     seen = set()
     for record in records:
         meta = record.get("meta") if isinstance(record.get("meta"), dict) else {}
-        for value in [meta.get("chunk_id"), *(meta.get("context_chunk_ids") or [])]:
+        contexts = meta.get("context_chunk_ids")
+        for value in [meta.get("chunk_id"), *(contexts if isinstance(contexts, list) else [])]:
             if isinstance(value, str):
                 seen.add(value)
     return seen
@@ -108,11 +111,12 @@ def mine_hard_negatives(
     for pair, row in zip(pairs, ranked):
         source = position[pair.chunk_id]
         evidence = _normal(pair.evidence)
+        holds = re.compile(rf"(?<!\w){re.escape(evidence)}(?!\w)") if evidence else None  # "3" is not in "30"
         negatives = []
         for i in (int(i) for i in row):
             if i == source or chunk_ids[i] not in allowed or normal[i] == normal[source]:
                 continue
-            if evidence and evidence in normal[i]:
+            if holds is not None and holds.search(normal[i]):
                 continue  # holds the answer too: a false negative
             negatives.append(i)
             if len(negatives) == count:
@@ -181,15 +185,6 @@ def train_embedder(
     }
 
 
-def rankings(indexes: dict[str, ChunkIndex], questions: list[str], query_ids: list[str], chunk_ids: list[str]) -> dict[str, dict]:
-    """ranx runs of each retriever: name -> {query: {chunk: score}}."""
-    runs = {}
-    for name, index in indexes.items():
-        top, scores = index.search(questions, RANKING_DEPTH, mode=MODES[name])
-        runs[name] = ranx_run(query_ids, chunk_ids, top, scores, positive_only=MODES[name] == "lexical")
-    return runs
-
-
 def selected(cfg: RetrieverConfig, metrics: dict[str, dict[str, float]]) -> str:
     """The configured retriever, or the first of RETRIEVERS (simplest first) with the highest select_metric; the
     base embedder when nothing was measured."""
@@ -222,7 +217,8 @@ def report_markdown(report: dict) -> str:
     else:
         lines += [
             f"Measured on {comparison['queries']} golden questions (qrels: their source chunks) over {report['chunks']} "
-            f"chunks; selected by {report['select_metric']}.",
+            f"chunks; selected by {report['select_metric']} on {report['selected_on']['n']} "
+            f"{report['selected_on']['questions']} questions.",
             "",
             "| retriever | " + " | ".join(RANKING_METRICS) + " |",
             "|---|" + "---:|" * len(RANKING_METRICS),
@@ -236,7 +232,10 @@ def report_markdown(report: dict) -> str:
             lines.append(f"| {pair} | " + " | ".join(f"{row[m]:.4f}" for m in RANKING_METRICS) + " |")
     if report["skipped"]:
         lines += ["", f"{len(report['skipped'])} record(s) skipped:", ""]
-        lines += [f"- {s['file']} line {s['line']}: {s['reason']}" for s in report["skipped"][:50]]
+        lines += [
+            f"- {s['file']}{'' if s['line'] is None else ' line ' + str(s['line'])}: {s['reason']}"
+            for s in report["skipped"][:50]
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -265,10 +264,20 @@ def run(config: RunConfig, inputs: dict[str, ArtifactRef], tracker: StageRun) ->
     if not golden:
         print("retriever: no usable golden question: the retrievers are not compared and the base embedder is kept", flush=True)
 
+    # Questions to select a retriever on, apart from the golden ones it is reported on: SFT validation pairs.
+    validation_path = tracker.fetch(inputs["sft"]) / VALIDATION_FILE
+    validation_records = read_jsonl(validation_path, skipped) if validation_path.is_file() else []
+    trained_sources = {p.chunk_id for p in pairs}
+    validation = [
+        p for p in training_pairs(validation_records, set(chunk_ids), validation_path, skipped)
+        if p.chunk_id not in trained_sources
+    ]  # fmt: skip
+    negatives_pool = seen - {p.chunk_id for p in validation}
+
     mode, why = retrieval_mode(config.retrieval.mode, config.retrieval.embedding_model, languages)
     spec = config.retrieval.embedding_model
     base = ChunkIndex(texts, spec, cache, mode=mode)
-    negatives = mine_hard_negatives(base, pairs, chunk_ids, texts, seen, cfg.hard_negatives, cfg.mining_depth)
+    negatives = mine_hard_negatives(base, pairs, chunk_ids, texts, negatives_pool, cfg.hard_negatives, cfg.mining_depth)
     with tempfile.TemporaryDirectory(prefix="doctune-retriever-") as tmp:
         model_dir = Path(tmp) / "model"
         if len(pairs) >= 2:
@@ -280,18 +289,24 @@ def run(config: RunConfig, inputs: dict[str, ArtifactRef], tracker: StageRun) ->
             training = {"pairs": 0, "hard_negatives": 0, "without_negatives": len(pairs), "steps": 0, "losses": [],
                         "not_trained": reason}  # fmt: skip
         tuned = ChunkIndex(texts, str(model_dir), cache, mode="hybrid", identity=folder_digest(model_dir))
-        query_ids = [f"q{i}" for i in range(len(golden))]
-        qrels = {q: {c: 1 for c in item.source_ids if c in position} for q, item in zip(query_ids, golden)}
-        indexes = {"base": base, "tuned": tuned, "bm25": tuned, "hybrid": tuned}
-        comparison = {"queries": 0, "metrics": {}, "p_values": {}}
-        if golden:
-            runs = rankings(indexes, [item.question for item in golden], query_ids, chunk_ids)
-            comparison = compare_retrievers(qrels, runs, list(RANKING_METRICS), seed=cfg.seed)
-        chosen = selected(cfg, comparison["metrics"])
+        searches = {name: (base if name == "base" else tuned, mode) for name, mode in MODES.items()}
+
+        def measured(items: list[tuple[str, set[str]]]) -> dict:
+            query_ids = [f"q{i}" for i in range(len(items))]
+            qrels = {q: {c: 1 for c in sources} for q, (_, sources) in zip(query_ids, items)}
+            runs = ranx_runs(searches, [question for question, _ in items], query_ids, chunk_ids)
+            return compare_retrievers(qrels, runs, list(RANKING_METRICS), seed=cfg.seed)
+
+        comparison = measured([(item.question, set(item.source_ids) & set(position)) for item in golden])
+        if len(validation) >= MIN_SELECTION_QUESTIONS:
+            selection, selected_on = measured([(p.question, {p.chunk_id}) for p in validation]), "validation"
+        else:  # too few validation questions: selected on the questions it is reported on (optimistic for the selected)
+            selection, selected_on = comparison, "golden"
+        chosen = selected(cfg, selection["metrics"])
 
         index_dir = Path(tmp) / "index"
         index_dir.mkdir()
-        uses_tuned = chosen in ("tuned", "hybrid", "bm25")
+        uses_tuned = chosen in ("tuned", "hybrid")  # BM25 needs no embedder: the base one stands in
         np.save(index_dir / EMBEDDINGS_FILE, (tuned if uses_tuned else base).vectors)
         index = {
             "retriever": chosen,
@@ -304,6 +319,7 @@ def run(config: RunConfig, inputs: dict[str, ArtifactRef], tracker: StageRun) ->
         report = {
             "selected": chosen,
             "select_metric": cfg.select_metric,
+            "selected_on": {"questions": selected_on, "n": selection["queries"], "metrics": selection["metrics"]},
             "chunks": len(chunks),
             "comparison": comparison,
             "training": {k: v for k, v in training.items() if k != "losses"},
