@@ -240,12 +240,14 @@ def test_report_shows_the_verdict_its_reason_and_every_metric_with_its_interval(
     models = {name: {"metrics": s["metrics"], "intervals": metric_intervals(s["per_example"])}
               for name, s in (("candidate", cand), ("base", base))}  # fmt: skip
     result = {**verdict, "version": "3", "champion_label": "none yet", "models": models, "samples": [],
-              "retrieval": {"queries": 0, "metrics": {"dense": {"mrr": 0.5}}},
+              "retrieval": {"queries": 3, "metrics": {"base": {"mrr@10": 0.5}}, "p_values": {}, "source": "retriever stage",
+                            "selected": "base"},
               "breakdowns": {"qtype": group_scores(cand["per_example"]["golden_f1"], base["per_example"]["golden_f1"],
                                                    ["definition", "numeric"] * 6)}}  # fmt: skip
     text = markdown(result)
     assert "# Gate: **INSUFFICIENT-EVIDENCE** (candidate version 3)" in text
     assert "12 golden items detect an F1 difference of" in text and "raise synth.min_golden" in text
+    assert "from the retriever stage)" in text and "| base (selected) | 0.5000 |" in text
     f1 = models["candidate"]["intervals"]["golden_f1"]
     assert f"| golden F1 (RAG) | 12 | {cand['metrics']['golden_f1']:.3f} [{f1['ci_low']:.3f}, {f1['ci_high']:.3f}] |" in text
     assert "| golden F1 (closed book) | 6 |" in text
