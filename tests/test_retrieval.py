@@ -49,6 +49,8 @@ def test_a_language_the_embedding_model_misses_is_searched_by_its_words_too(tmp_
     assert [row[0] for row in hybrid.search(questions, k=2)[0]] == [1, 2]
     lexical = ChunkIndex(chunks, "bundled:all-minilm-l6-v2", tmp_path, mode="lexical")
     assert [row[0] for row in lexical.search(questions, k=1)[0]] == [1, 2]
+    for mode in ("dense", "lexical", "hybrid"):  # no questions (an eval set left empty): nothing ranked, no error
+        assert hybrid.search([], k=2, mode=mode)[0].shape == (0, 2)
 
 
 def test_ranx_metrics_of_a_known_run_and_a_paired_test_between_every_pair():

@@ -570,8 +570,8 @@ def test_endpoint_teacher_against_a_live_llama_cpp_server(start_server, make_con
 
     pdfs = tmp_path / "pdfs"
     pdfs.mkdir()
-    with pymupdf.open(corpus / "camlidl-1.04.doc.pdf") as doc:  # four pages keep the test to a few requests
-        doc.select([1, 2, 3, 4])
+    with pymupdf.open(corpus / "camlidl-1.04.doc.pdf") as doc:  # eight pages keep the test to a few requests
+        doc.select([1, 2, 3, 4, 5, 6, 7, 8])
         doc.save(pdfs / "camlidl-excerpt.pdf")
     config = make_config(pdfs)
     tracker = Tracker(config)
@@ -590,7 +590,7 @@ def test_endpoint_teacher_against_a_live_llama_cpp_server(start_server, make_con
         "project.workdir": config.project.workdir, "model.base_model": config.model.base_model,
         "synth.teacher": "endpoint", "synth.endpoint.base_url": f"http://127.0.0.1:{port}/v1",
         "synth.endpoint.model": "smollm2", "synth.endpoint.max_tokens": 160, "synth.endpoint.max_concurrency": 2,
-        "synth.replay.share": 0,
+        "synth.endpoint.temperature": 0, "synth.replay.share": 0,  # greedy: the same questions, so the same splits, each time
     }  # fmt: skip
     args = ["stage", "synth", "--from-run", parent]
     for key, value in settings.items():

@@ -126,6 +126,8 @@ class ChunkIndex:
         """BM25 scores of every chunk for each query (a dense matrix: corpora here have thousands of chunks)."""
         import bm25s
 
+        if not queries:
+            return np.zeros((0, n), dtype=np.float64)
         tokens = bm25s.tokenize(queries, stopwords=None, show_progress=False, return_ids=False)
         return np.stack([self.lexical.get_scores(words) if words else np.zeros(n) for words in tokens]).astype(np.float64)
 
