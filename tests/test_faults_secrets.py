@@ -8,11 +8,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from doctune import endpoint as endpoint_module
 from doctune.config import EndpointConfig
+from doctune.endpoint import ChatClient, EndpointError
 from doctune.redact import configure, protect, redact, redact_obj, secret_names
 from doctune.stages import execute_stage
-from doctune.synth import teachers
-from doctune.synth.teachers import ChatClient, TeacherError
 from doctune.tracking import Tracker
 from doctune_kfp.pipelines.cli import main
 
@@ -116,23 +116,23 @@ def _client(url: str, **endpoint) -> ChatClient:
 
 @pytest.mark.faults
 def test_refusals_are_not_retried_and_attempts_are_counted(endpoint, monkeypatch):
-    monkeypatch.setattr(teachers.time, "sleep", lambda s: None)
+    monkeypatch.setattr(endpoint_module.time, "sleep", lambda s: None)
     monkeypatch.setenv("DOCTUNE_TEACHER_API_KEY", PLANTED)
     for status in (401, 403, 400, 404, 422):
         server = endpoint(status)
-        with pytest.raises(TeacherError) as caught:
+        with pytest.raises(EndpointError) as caught:
             _client(server.url).complete("s", "u", {})
         message = str(caught.value)
         assert f"refused the request: HTTP {status}" in message and "after 1 attempt" in message, message
         assert len(server.keys) == 1 and PLANTED not in message
     refused = endpoint(401)
-    with pytest.raises(TeacherError, match=r"HTTP 401 \(check the key in \$DOCTUNE_TEACHER_API_KEY\), after 1 attempt:"):
+    with pytest.raises(EndpointError, match=r"HTTP 401 \(check the key in \$DOCTUNE_TEACHER_API_KEY\), after 1 attempt:"):
         _client(refused.url).complete("s", "u", {})
     assert "[redacted:DOCTUNE_TEACHER_API_KEY]" in str(_refusal(refused.url))
 
     monkeypatch.delenv("DOCTUNE_TEACHER_API_KEY")
     anonymous = endpoint(401)
-    with pytest.raises(TeacherError, match=r"HTTP 401 \(no key sent: \$DOCTUNE_TEACHER_API_KEY is not set\)"):
+    with pytest.raises(EndpointError, match=r"HTTP 401 \(no key sent: \$DOCTUNE_TEACHER_API_KEY is not set\)"):
         _client(anonymous.url).complete("s", "u", {})
     assert anonymous.keys == [None]
 
@@ -142,18 +142,18 @@ def test_refusals_are_not_retried_and_attempts_are_counted(endpoint, monkeypatch
     assert len(limited.keys) == 3
     # A server that stays down: the real number of attempts, singular when there was one.
     down = endpoint(503)
-    with pytest.raises(TeacherError, match=r"failed after 4 attempts: HTTP 503"):
+    with pytest.raises(EndpointError, match=r"failed after 4 attempts: HTTP 503"):
         _client(down.url).complete("s", "u", {})
     assert len(down.keys) == 4
     once = endpoint(503)
-    with pytest.raises(TeacherError, match=r"failed after 1 attempt: HTTP 503"):
+    with pytest.raises(EndpointError, match=r"failed after 1 attempt: HTTP 503"):
         _client(once.url, max_retries=0).complete("s", "u", {})
 
 
-def _refusal(url: str) -> TeacherError:
+def _refusal(url: str) -> EndpointError:
     try:
         _client(url).complete("s", "u", {})
-    except TeacherError as exc:
+    except EndpointError as exc:
         return exc
     raise AssertionError("the endpoint did not refuse")
 

@@ -13,6 +13,7 @@ import pytest
 
 from doctune.chat import ABSTENTION, SYSTEM_PROMPT, edge_order
 from doctune.config import EndpointConfig, SynthConfig
+from doctune.endpoint import EndpointError
 from doctune.records import read_parquet
 from doctune.stages import execute_stage
 from doctune.synth import filters
@@ -21,7 +22,7 @@ from doctune.synth.extractive import QA, extractive_questions, fold
 from doctune.synth.languages import LANGUAGES, TYPES
 from doctune.synth.replay import ReplayText
 from doctune.synth.stage import SynthError
-from doctune.synth.teachers import EndpointTeacher, TeacherError, generate
+from doctune.synth.teachers import EndpointTeacher, generate
 from doctune.tracking import Tracker
 
 CHUNK = {
@@ -514,7 +515,7 @@ def test_endpoint_down_names_the_url_and_the_rerun_resumes(tmp_path):
     checkpoint = tmp_path / "ckpt.jsonl"
     endpoint = _Endpoint(lambda n, body: (200, GOOD) if n <= 3 else (503, "overloaded"))
     try:
-        with pytest.raises(TeacherError, match=rf"{endpoint.url}/chat/completions failed after 3 attempts: HTTP 503"):
+        with pytest.raises(EndpointError, match=rf"{endpoint.url}/chat/completions failed after 3 attempts: HTTP 503"):
             generate(_teacher(endpoint.url), _chunks(6), checkpoint)
     finally:
         endpoint.close()

@@ -1,4 +1,4 @@
-"""What the synth stage asks LLM teachers and judges, and the JSON schemas their replies must follow. (The texts a
+"""What the synth stage asks LLM teachers, and the JSON schemas their replies must follow. (The texts a
 tuned model is trained and served with are in doctune.chat.)"""
 
 from __future__ import annotations
@@ -33,16 +33,3 @@ QA_SCHEMA = {
     },
     "required": ["questions"],
 }
-
-JUDGE_SYSTEM = "You compare two answers to a question about documentation. You reply with JSON only."
-
-
-def judge_prompt(question: str, first: str, second: str) -> str:
-    return (
-        f"{question}\n\nAnswer A:\n{first}\n\nAnswer B:\n{second}\n\n"
-        "Which answer is correct and supported by the documentation context in the question? "
-        'Reply with JSON: {"better": "A"} or {"better": "B"}'
-    )
-
-
-JUDGE_SCHEMA = {"type": "object", "properties": {"better": {"type": "string", "enum": ["A", "B"]}}, "required": ["better"]}

@@ -9,34 +9,21 @@ LLM output must be JSON of the QA schema: malformed output is retried once, then
 from __future__ import annotations
 
 import json
-import os
-import random
 import threading
-import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
 
-import requests
-
 from doctune.chat import conversation
-from doctune.config import EndpointConfig, SynthConfig
+from doctune.config import SynthConfig
+from doctune.endpoint import ChatClient, EndpointError, PairwiseJudge
 from doctune.generation import chat_replies
 from doctune.records import read_jsonl
-from doctune.redact import protect, redact, redact_obj
+from doctune.redact import redact_obj
 from doctune.synth.extractive import QA, extractive_questions, fold
 from doctune.synth.languages import language, language_name
-from doctune.synth.prompts import JUDGE_SCHEMA, JUDGE_SYSTEM, QA_SCHEMA, TEACHER_SYSTEM, judge_prompt, teacher_prompt
-
-
-class TeacherError(RuntimeError):
-    """The teacher cannot be used at all (endpoint unreachable after retries, key refused...)."""
-
-
-# Client errors that can pass: a request timeout and rate limiting. Any other 4xx (401/403: the key; 400/404/422: the
-# request) fails at once: repeating it cannot help, and repeats a refused key to the server.
-RETRIED_4XX = frozenset({408, 429})
+from doctune.synth.prompts import QA_SCHEMA, TEACHER_SYSTEM, teacher_prompt
 
 
 class Teacher(Protocol):
@@ -99,87 +86,6 @@ def parse_questions(content: str, chunk: dict, limit: int) -> list[QA] | None:
     return out
 
 
-class ChatClient:
-    """POST /chat/completions with bounded retries and backoff; errors name the URL."""
-
-    def __init__(self, config: EndpointConfig):
-        self.config = config
-        self.url = config.base_url.rstrip("/") + "/chat/completions"
-        self.headers = {"Content-Type": "application/json"}
-        protect(config.api_key_env)  # whatever variable holds the key, its value is never logged
-        key = os.environ.get(config.api_key_env, "")
-        if key:
-            self.headers["Authorization"] = f"Bearer {key}"
-        self.local = threading.local()
-
-    def _session(self) -> requests.Session:
-        if not hasattr(self.local, "session"):
-            self.local.session = requests.Session()
-        return self.local.session
-
-    def response_format(self, schema: dict) -> dict | None:
-        kind = self.config.response_format
-        if kind == "json_object":
-            return {"type": "json_object", "schema": schema}
-        if kind == "json_schema":
-            return {"type": "json_schema", "json_schema": {"name": "reply", "schema": schema}}
-        return None
-
-    def complete(self, system: str, user: str, schema: dict) -> str:
-        body = {
-            "model": self.config.model,
-            "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
-            "temperature": self.config.temperature,
-            "max_tokens": self.config.max_tokens,
-        }
-        if (fmt := self.response_format(schema)) is not None:
-            body["response_format"] = fmt
-        last, attempts = "", 0
-        for attempt in range(self.config.max_retries + 1):
-            attempts += 1
-            try:
-                response = self._session().post(self.url, json=body, headers=self.headers, timeout=self.config.timeout_s)
-            except requests.RequestException as exc:
-                last = f"{type(exc).__name__}: {exc}"
-            else:
-                if response.status_code == 200:
-                    try:
-                        return response.json()["choices"][0]["message"]["content"] or ""
-                    except (ValueError, KeyError, IndexError, TypeError) as exc:
-                        last = f"HTTP 200 without a chat completion ({type(exc).__name__}: {exc})"
-                else:
-                    last = f"HTTP {response.status_code}"
-                    if response.status_code not in RETRIED_4XX and 400 <= response.status_code < 500:
-                        raise TeacherError(self._refused(response, attempts))  # retrying cannot help
-                    last += self._body(response)
-            if attempt < self.config.max_retries:
-                time.sleep(min(8.0, 0.5 * 2**attempt) * (1 + random.random() * 0.25))
-        raise TeacherError(redact(f"teacher endpoint {self.url} failed after {_attempts(attempts)}: {last}"))
-
-    @staticmethod
-    def _body(response: requests.Response) -> str:
-        """': <body>' redacted and cut short, or '' for an empty body."""
-        text = " ".join(redact(response.text).split())
-        return f": {text[:200]}" + ("..." if len(text) > 200 else "") if text else ""
-
-    def _refused(self, response: requests.Response, attempts: int) -> str:
-        status, env = response.status_code, self.config.api_key_env
-        if status in (401, 403):
-            hint = f"check the key in ${env}" if "Authorization" in self.headers else f"no key sent: ${env} is not set"
-            cause = f"HTTP {status} ({hint})"
-        elif status == 404:
-            cause = f"HTTP {status} (no chat completions there: check synth.endpoint.base_url, up to /v1)"
-        else:
-            cause = f"HTTP {status} (the request itself is wrong: check synth.endpoint's model and response_format)"
-        return redact(
-            f"teacher endpoint {self.url} refused the request: {cause}, after {_attempts(attempts)}{self._body(response)}"
-        )
-
-
-def _attempts(n: int) -> str:
-    return f"{n} attempt" + ("" if n == 1 else "s")
-
-
 class EndpointTeacher:
     name = "endpoint"
 
@@ -210,12 +116,7 @@ class EndpointTeacher:
 
     def judge(self, question: str, first: str, second: str) -> str | None:
         """'A', 'B', or None when the reply is unusable."""
-        content = self.client.complete(JUDGE_SYSTEM, judge_prompt(question, first, second), JUDGE_SCHEMA)
-        try:
-            better = json.loads(content).get("better")
-        except (json.JSONDecodeError, AttributeError):
-            return None
-        return better if better in ("A", "B") else None
+        return PairwiseJudge(self.client).prefers(question, first, second)[0]
 
 
 class LocalTeacher:
@@ -275,7 +176,7 @@ def generate(
     """Questions for every chunk, resuming from `checkpoint` (JSONL, one line per finished chunk).
 
     A chunk is written once it is done, so a crash loses at most the chunks in flight and a rerun neither
-    repeats nor duplicates finished ones. Raises TeacherError with everything done so far kept.
+    repeats nor duplicates finished ones. Raises EndpointError with everything done so far kept.
     """
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
     done: dict[str, dict] = {}
@@ -290,7 +191,7 @@ def generate(
             return
         try:
             qas, exchange = teacher.questions(chunk)
-        except TeacherError:
+        except EndpointError:
             stop.set()
             raise
         # The raw replies are kept on disk: a server that echoes a secret must not get it written here.
