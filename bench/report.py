@@ -50,6 +50,13 @@ BENCHMARKS = {
     "quantize": ("Quantization", "quantize_bench.py",
                  "size, load time, greedy tokens/s and held-out perplexity of every variant against the fp32 model "
                  "(where the merged model stands); GGUF in llama.cpp, NF4 and fp32 in transformers."),
+    "serve": ("Serving load test", "serve_bench.py",
+              "requests/s and p50/p95 latency of `doctune serve` (the bundled SmolLM2-135M-Instruct GGUF as the "
+              "champion, behind its llama.cpp server) at 1, 4 and 16 concurrent clients, with the request log written "
+              "and not written, in one run; the log's overhead is the ratio log on / log off. Each level keeps its "
+              "clients running through eight phases, log on, off, off, on, off, on, on, off, and measures a phase once "
+              "every request sent before it has had its reply (the first, once every client has had one); "
+              "{requests_per_mode} replies per level and mode; log off is a no-op writer in place of the server's log"),
     "gpu_train": ("GPU training", "gpu_train_bench.py",
                   "LoRA and full fine-tuning tokens/s and model FLOPs utilisation (MFU, against the GPU's dense bf16 "
                   "peak) of a 1B-class Llama built from its config, in bf16, with plain PyTorch steps."),
@@ -90,6 +97,11 @@ def rows() -> list[dict]:
                 "quantize_bench.py")  # fmt: skip
             add("GGUF q8_0 perplexity vs merged fp32", round(q8["perplexity_ratio"], 3), "<= 1.02",
                 q8["perplexity_ratio"] <= 1.02, "quantize_bench.py")  # fmt: skip
+    if serve := load("serve"):
+        for level in serve["levels"]:
+            for key, what in (("requests_per_s_on_over_off", "requests/s"), ("p95_on_over_off", "p95 latency")):
+                add(f"`doctune serve` request log on vs off, {what} at {level['clients']} concurrent client(s)",
+                    level["ratios"][key], "", None, "serve_bench.py")  # fmt: skip
     if gpu := load("gpu_train"):
         runs = {r["method"]: r for r in gpu["runs"]}
         lora, full, where = runs["lora (dropout 0.05)"], runs["full"], f"{gpu['device']}, 1B-class, bf16"
