@@ -43,9 +43,11 @@ test: $(STAMP)
 compile: $(STAMP)
 	$(BIN)/doctune compile
 
-# configs/default.yaml and docs/config.md, generated from the config schema (src/doctune/config/); a test checks them.
+# configs/default.yaml and docs/config.md, generated from the config schema (src/doctune/config/), and the reference
+# InferenceService of `doctune deploy`'s defaults (manifests/base/serving/); tests check them.
 config-docs: $(STAMP)
 	$(BIN)/python -m doctune.config.reference
+	$(BIN)/python -m doctune.cluster.inference_service
 
 lint: $(STAMP)
 	$(BIN)/ruff check src components pipelines tests bench conftest.py
@@ -57,6 +59,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/synth_bench.py
 	$(BIN)/python bench/train_bench.py
 	$(BIN)/python bench/quantize_bench.py
+	$(BIN)/python bench/serve_bench.py
 	$(BIN)/python bench/gpu_train_bench.py
 	$(BIN)/python bench/pipeline_bench.py $(if $(WORKDIR),--workdir $(WORKDIR))
 	$(BIN)/python bench/report.py

@@ -10,7 +10,9 @@ import time
 from pathlib import Path
 
 from doctune.artifacts import ArtifactIntegrityError
+from doctune.cluster.kube import KubernetesError
 from doctune.config import ConfigError, RunConfig, load_config
+from doctune.deploy import DeployError, deploy
 from doctune.gate.registry import RegistryError
 from doctune.models import ModelResolutionError
 from doctune.processes import Interrupted, stop_on_signals, stopped_by
@@ -20,7 +22,8 @@ from doctune.summary import summarize, table
 from doctune.tracking import InfrastructureError, Tracker
 
 USER_ERRORS = (
-    ConfigError, StageError, ModelResolutionError, ArtifactIntegrityError, FileNotFoundError, RegistryError, InfrastructureError
+    ConfigError, StageError, ModelResolutionError, ArtifactIntegrityError, FileNotFoundError, RegistryError, InfrastructureError,
+    DeployError, KubernetesError,
 )  # fmt: skip
 
 
@@ -104,19 +107,34 @@ def cmd_stage(args: argparse.Namespace) -> int:
 def cmd_promote(args: argparse.Namespace) -> int:
     from doctune.gate import registry
 
-    tracker = Tracker(_load(args))
+    config = _load(args)
+    tracker = Tracker(config)
     previous = registry.promote(tracker, args.version, reason=args.reason)
     print(f"{registry.model_name(tracker)}: champion -> version {args.version}"
           + (f" (previous-champion: version {previous})" if previous else ""))  # fmt: skip
+    _cluster_follows(config, tracker)
     return 0
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
     from doctune.gate import registry
 
-    tracker = Tracker(_load(args))
+    config = _load(args)
+    tracker = Tracker(config)
     demoted, restored = registry.rollback(tracker, reason=args.reason)
     print(f"{registry.model_name(tracker)}: champion -> version {restored} (version {demoted} rolled back)")
+    _cluster_follows(config, tracker)
+    return 0
+
+
+def _cluster_follows(config: RunConfig, tracker: Tracker) -> None:
+    """With deploy.enabled, the cluster's InferenceService serves the champion the registry now names."""
+    if config.deploy.enabled:
+        deploy(config, tracker=tracker)
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    deploy(_load(args), version=args.version)
     return 0
 
 
@@ -124,7 +142,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from doctune.serve import ServeError, Server
 
     overrides = [
-        f"serve.{key}={value}" for key in ("alias", "variant", "host", "port") if (value := getattr(args, key)) is not None
+        f"serve.{key}={value}"
+        for key in ("alias", "version", "variant", "host", "port")
+        if (value := getattr(args, key)) is not None
     ]
     args.overrides = [*args.overrides, *overrides]
     try:
@@ -134,7 +154,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     server.start()
     deployment = server.backend.deployment
-    print(f"serving {server.serve.alias} (version {deployment.version}, {deployment.variant}) at {server.url}/v1; "
+    pinned, alias = server.serve.version, server.serve.alias
+    what = f"version {deployment.version} (pinned" if pinned else f"{alias} (version {deployment.version}"
+    print(f"serving {what}, {deployment.variant}) at {server.url}/v1; "
           f"requests and feedback logged to {server.log_dir}; Ctrl-C stops", flush=True)  # fmt: skip
     try:
         with stop_on_signals():
@@ -184,6 +206,27 @@ def cmd_cache_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_flywheel(args: argparse.Namespace) -> int:
+    from doctune import flywheel
+
+    config = _load(args)
+    fly = flywheel.collect(config)
+    folder = flywheel.log_dir(config)
+    if not fly.interactions:
+        print(f"no answered requests logged in {folder}: nothing to mine")
+        return 0
+    queue = flywheel.write_queue(fly, folder / "labeling")
+    counts = fly.counts
+    mined = ", ".join(f"{r} {counts[f'mined_{r}']}" for r in flywheel.REASONS if counts[f"mined_{r}"]) or "none"
+    print(f"{fly.interactions} answered requests ({' to '.join(fly.window or ())}); failures {counts['failures']} "
+          f"({mined}); rated up {counts['positives']}; labeled {counts['labeled_failures']}")  # fmt: skip
+    print(f"{counts['queued']} failures wait for a label: {queue} (import into Label Studio with "
+          f"{queue.parent / flywheel.LABEL_CONFIG_FILE}); put labels in {flywheel.labels_dir(config)}")  # fmt: skip
+    for line in fly.skipped:
+        print(redact(f"skipped: {line['file']}" + (f" line {line['line']}" if line.get("line") else "") + f": {line['reason']}"))
+    return 0
+
+
 def _host_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", help="KFP API endpoint (default: cluster.host, then $KF_PIPELINES_ENDPOINT)")
 
@@ -230,13 +273,23 @@ def build_parser() -> argparse.ArgumentParser:
     back.add_argument("--reason", default="rolled back by hand")
     _config_args(back)
     back.set_defaults(func=cmd_rollback)
+    dep = sub.add_parser("deploy", help="point the cluster's KServe InferenceService at the champion (or --version)")
+    dep.add_argument("--version", help="a registered version to serve instead of the champion")
+    _config_args(dep)
+    dep.set_defaults(func=cmd_deploy)
     serve = sub.add_parser("serve", help="serve the champion (or another alias) through llama.cpp, logging requests")
     serve.add_argument("--alias", help="registry alias to serve and follow (default: serve.alias, champion)")
+    serve.add_argument("--version", help="serve this registered version; the alias is not followed (default: serve.version)")
     serve.add_argument("--variant", help="GGUF variant to serve (default: serve.variant, gguf-q8_0)")
     serve.add_argument("--host", help="listen address (default: serve.host, 127.0.0.1)")
     serve.add_argument("--port", type=int, help="listen port (default: serve.port, 8000)")
     _config_args(serve)
     serve.set_defaults(func=cmd_serve)
+    fly = sub.add_parser(
+        "flywheel", help="mine the serving logs now: failures, what is labeled, and the labeling queue (Label Studio)"
+    )
+    _config_args(fly)
+    fly.set_defaults(func=cmd_flywheel)
     cache = sub.add_parser("cache", help="the work directory's cache")
     cache_sub = cache.add_subparsers(dest="cache_command", required=True)
     prune = cache_sub.add_parser("prune", help="remove cache entries no run in the tracking store references")

@@ -7,6 +7,7 @@ from kfp import dsl
 from doctune.config import ClusterConfig
 from doctune_kfp.components.close_run.component import close_run
 from doctune_kfp.components.cpt.component import cpt
+from doctune_kfp.components.deploy.component import deploy
 from doctune_kfp.components.dpo.component import dpo
 from doctune_kfp.components.eval_gate.component import eval_gate
 from doctune_kfp.components.ingest.component import ingest
@@ -97,6 +98,9 @@ def build_pipeline(cluster: ClusterConfig):
             with dsl.If(gate.outputs["decision"] == "promote", name="gate-passed"):
                 promoted = promote(config=config, parent_run_id=parent, version=gate.outputs["version"])
                 place(promoted, "promote", cluster).set_caching_options(False).set_display_name("promote: champion")
+                # The cluster's InferenceService follows the registry: after the alias moved, never before.
+                deployed = deploy(config=config, parent_run_id=parent, version=gate.outputs["version"]).after(promoted)
+                place(deployed, "deploy", cluster).set_caching_options(False).set_display_name("deploy: InferenceService")
             with dsl.Else(name="gate-failed"):
                 rejected = record_rejection(
                     config=config, parent_run_id=parent, version=gate.outputs["version"], failed=gate.outputs["failed"]

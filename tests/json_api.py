@@ -59,4 +59,10 @@ class JsonApiServer:
             def do_DELETE(self) -> None:
                 self._serve("DELETE")
 
+            def do_PUT(self) -> None:
+                self._serve("PUT")
+
+            def do_PATCH(self) -> None:
+                self._serve("PATCH")
+
         return Handler

@@ -1,15 +1,22 @@
-"""An in-process Kubernetes API emulator on 127.0.0.1: ConfigMaps and Kubeflow training jobs (PyTorchJob, TrainJob).
+"""An in-process Kubernetes API emulator on 127.0.0.1: ConfigMaps, Kubeflow training jobs (PyTorchJob, TrainJob) and
+KServe InferenceServices.
 
 No Kubernetes API server can run on this machine. This serves the REST paths the `kubernetes` client calls for
-those objects, and a controller stands in for the training operator and kubelet: it runs each replica's
-container command as a local process with the PET_* variables the operator sets (so torchrun forms a real
-multi-node group on 127.0.0.1), mounts ConfigMap volumes as local folders, and reports Created, Running and
-Succeeded or Failed conditions on the job. A test may pass its own controller to script other outcomes.
+those objects: create (POST), read (GET), replace (PUT, with resourceVersion conflicts), JSON merge patch (PATCH,
+RFC 7386, as CustomObjectsApi sends it; the strategic merge patch is refused for custom resources as the API server
+refuses it) and delete, keeping uid, resourceVersion and generation (bumped when the spec changes) as the API
+server does. Controllers stand in for the operators. For training jobs, the training operator and kubelet: each
+replica's container command runs as a local process with the PET_* variables the operator sets (so torchrun forms a
+real multi-node group on 127.0.0.1), ConfigMap volumes are mounted as local folders, and the job gets Created,
+Running and Succeeded or Failed conditions. For InferenceServices, KServe's controller in serverless mode: after
+a write that changes the spec, a new predictor revision is reported created and ready (`serving_ready`), or
+failing to load (`serving_blocked`); nothing is served. A test may pass its own controllers
+to script other outcomes.
 """
 
 from __future__ import annotations
 
-import json
+import copy
 import os
 import socket
 import subprocess
@@ -23,7 +30,12 @@ from pathlib import Path
 
 from json_api import JsonApiServer
 
-CUSTOM = {("kubeflow.org", "v1", "pytorchjobs"), ("trainer.kubeflow.org", "v1alpha1", "trainjobs")}
+TRAINING_JOBS = {("kubeflow.org", "v1", "pytorchjobs"), ("trainer.kubeflow.org", "v1alpha1", "trainjobs")}
+INFERENCE_SERVICES = ("serving.kserve.io", "v1beta1", "inferenceservices")
+CUSTOM = TRAINING_JOBS | {INFERENCE_SERVICES}
+MERGE_PATCH = "application/merge-patch+json"
+
+Controller = Callable[["KubeApi", dict], None]
 
 
 def _now() -> str:
@@ -38,15 +50,31 @@ def set_condition(obj: dict, type_: str, reason: str, message: str = "") -> None
     conditions.append({"type": type_, "status": "True", "reason": reason, "message": message, "lastTransitionTime": _now()})
 
 
+def merge_patch(target, patch):
+    """RFC 7386: objects merge key by key, null removes a key, anything else (lists too) replaces."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    merged = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            merged.pop(key, None)
+        else:
+            merged[key] = merge_patch(merged.get(key), value)
+    return merged
+
+
 class KubeApi(JsonApiServer):
-    def __init__(self, controller: Callable[[KubeApi, dict], None] | None = None):
+    def __init__(self, controller: Controller | None = None, serving: Controller | None = None):
         super().__init__()
         self.objects: dict[tuple[str, str, str], dict] = {}  # (resource, namespace, name) -> object
         self.deleted: list[tuple[str, str, str]] = []
         self.requests: list[tuple[str, str]] = []
-        self.controller = controller or run_replicas_locally
+        self.content_types: list[str] = []  # of every PATCH, in order
+        self.controller = controller or run_replicas_locally  # training jobs, once created
+        self.serving = serving or serving_ready  # InferenceServices, after every write
         self.lock = threading.Lock()
         self.logs: dict[str, str] = {}
+        self._version = 0
 
     def configmap_data(self, namespace: str, name: str) -> dict:
         return self.objects[("configmaps", namespace, name)]["data"]
@@ -59,6 +87,35 @@ class KubeApi(JsonApiServer):
         if parts[0] == "apis" and len(parts) in (6, 7) and parts[3] == "namespaces" and (parts[1], parts[2], parts[5]) in CUSTOM:
             return parts[5], parts[4], parts[6] if len(parts) == 7 else None
         return None
+
+    def _next_version(self) -> str:
+        self._version += 1
+        return str(self._version)
+
+    def _written(self, resource: str, obj: dict) -> None:
+        """Controllers react to a write, each in its own thread like an operator's reconcile loop."""
+        if resource in {r for _, _, r in TRAINING_JOBS}:
+            set_condition(obj, "Created", "JobCreated", f"{obj['kind']} {obj['metadata']['name']} is created.")
+            threading.Thread(target=self.controller, args=(self, obj), daemon=True).start()
+        elif resource == INFERENCE_SERVICES[2]:
+            threading.Thread(target=self.serving, args=(self, obj), daemon=True).start()
+
+    def _update(self, resource: str, obj: dict, new: dict) -> dict:
+        """`obj` becomes `new` in place (controllers hold it); the API server owns metadata and, for custom
+        resources, status (a subresource)."""
+        meta = obj["metadata"]
+        new_meta = {**new.get("metadata", {}), **{k: meta[k] for k in ("name", "namespace", "uid", "creationTimestamp")}}
+        new_meta["resourceVersion"] = self._next_version()
+        changed = new.get("spec") != obj.get("spec")
+        new_meta["generation"] = meta.get("generation", 1) + (1 if changed else 0)
+        status = obj.get("status")
+        obj.clear()
+        obj.update({**new, "metadata": new_meta})
+        if status is not None and resource in {r for _, _, r in CUSTOM}:
+            obj["status"] = status
+        if changed:
+            self._written(resource, obj)
+        return obj
 
     def handle(self, method: str, path: str, query: dict, headers: dict, body: dict) -> tuple[int, dict]:
         self.requests.append((method, path))
@@ -73,17 +130,32 @@ class KubeApi(JsonApiServer):
                 if key in self.objects:
                     return 409, _status(409, "AlreadyExists", f'{resource} "{name}" already exists')
                 obj = {**body, "metadata": {**body["metadata"], "namespace": namespace, "uid": os.urandom(8).hex(),
-                                            "creationTimestamp": _now()}}  # fmt: skip
+                                            "creationTimestamp": _now(), "resourceVersion": self._next_version(),
+                                            "generation": 1}}  # fmt: skip
                 self.objects[key] = obj
-                if resource in {r for _, _, r in CUSTOM}:
-                    set_condition(obj, "Created", "JobCreated", f"{obj['kind']} {name} is created.")
-                    threading.Thread(target=self.controller, args=(self, obj), daemon=True).start()
-                return 201, obj
+                self._written(resource, obj)
+                return 201, copy.deepcopy(obj)
             key = (resource, namespace, name)
             if key not in self.objects:
                 return 404, _status(404, "NotFound", f'{resource} "{name}" not found')
+            obj = self.objects[key]
             if method == "GET":
-                return 200, json.loads(json.dumps(self.objects[key]))
+                return 200, copy.deepcopy(obj)
+            if method == "PUT":
+                sent = body.get("metadata", {})
+                if sent.get("name") != name:
+                    return 400, _status(400, "BadRequest", f"the name of the object ({sent.get('name')}) does not match {name}")
+                if sent.get("resourceVersion") not in (None, obj["metadata"]["resourceVersion"]):
+                    return 409, _status(409, "Conflict", f'Operation cannot be fulfilled on {resource} "{name}": the '
+                                        "object has been modified; please apply your changes to the latest version")  # fmt: skip
+                return 200, copy.deepcopy(self._update(resource, obj, body))
+            if method == "PATCH":
+                kind = headers.get("content-type", "").split(";")[0].strip()
+                self.content_types.append(kind)
+                if kind != MERGE_PATCH:
+                    return 415, _status(415, "UnsupportedMediaType", f"the body of the request was in an unknown format - "
+                                        f"accepted media types include: {MERGE_PATCH} (this emulator)")  # fmt: skip
+                return 200, copy.deepcopy(self._update(resource, obj, merge_patch(obj, body)))
             if method == "DELETE":
                 self.deleted.append(key)
                 return 200, self.objects.pop(key)
@@ -170,5 +242,41 @@ def scripted(*steps: tuple[float, str, str, str]) -> Callable[[KubeApi, dict], N
             time.sleep(delay)
             with api.lock:
                 set_condition(obj, type_, reason, message)
+
+    return controller
+
+
+def _revision(obj: dict) -> str:
+    return f"{obj['metadata']['name']}-predictor-{obj['metadata']['generation']:05d}"
+
+
+def serving_ready(api: KubeApi, obj: dict) -> None:
+    """KServe's controller in serverless mode where every revision comes up: the written spec's revision is created,
+    ready and routed. Like KServe's own controller it sets no observedGeneration."""
+    with api.lock:
+        name, namespace = obj["metadata"]["name"], obj["metadata"]["namespace"]
+        obj["status"] = {
+            "url": f"http://{name}.{namespace}.example.com",
+            "conditions": [{"type": t, "status": "True", "lastTransitionTime": _now()} for t in ("PredictorReady", "Ready")],
+            "components": {"predictor": {"latestCreatedRevision": _revision(obj), "latestReadyRevision": _revision(obj)}},
+            "modelStatus": {
+                "transitionStatus": "UpToDate",
+                "states": {"activeModelState": "Loaded", "targetModelState": "Loaded"},
+            },
+        }
+
+
+def serving_blocked(reason: str, message: str) -> Controller:
+    """KServe's controller where the written spec's model fails to load: its revision is created and fails, the one
+    before it (if any) stays the ready one."""
+
+    def controller(api: KubeApi, obj: dict) -> None:
+        with api.lock:
+            status = obj.setdefault("status", {})
+            predictor = status.setdefault("components", {}).setdefault("predictor", {})
+            predictor["latestCreatedRevision"] = _revision(obj)
+            status["conditions"] = [{"type": "Ready", "status": "False", "reason": "RevisionFailed", "message": message}]
+            status["modelStatus"] = {"transitionStatus": "BlockedByFailedLoad",
+                                     "lastFailureInfo": {"reason": reason, "message": message}}  # fmt: skip
 
     return controller

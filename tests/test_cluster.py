@@ -52,7 +52,7 @@ def test_compiled_ir_places_training_on_the_gpu_pool_with_caches_secrets_retries
     for stage in ("ingest", "synth", "retriever", "cpt", "sft", "dpo", "merge", "quantize"):
         assert all_tasks[stage]["cachingOptions"] == {"enableCache": True}, stage
     # These read or move state that is not a task input: never served from the cache.
-    for name in ("open-run", "eval-gate", "promote", "record-rejection"):
+    for name in ("open-run", "eval-gate", "promote", "deploy", "record-rejection"):
         assert not all_tasks[name]["cachingOptions"].get("enableCache"), name
     # Secrets reach pods only as environment variables: the pipeline takes no credential parameter.
     assert set(ir["root"]["inputDefinitions"]["parameters"]) == {

@@ -255,3 +255,46 @@ def test_a_corpus_too_small_for_the_margin_is_insufficient_evidence(candidate):
     markdown = (tracker.fetch(tracker.outputs_of(result)["report"]) / "gate_report.md").read_text()
     assert "INSUFFICIENT-EVIDENCE" in markdown and f"{evidence['detectable']:.3f}" in markdown
     assert registry.champion(tracker) is None  # recorded like a rejection: nothing promoted
+
+
+def test_the_production_set_is_scored_and_the_judge_is_asked_both_orders(candidate):
+    """Relabeled served failures (synth's production.jsonl beside golden) are scored by every model; with a judge
+    configured, its verdicts are a rule, a report section and an artifact."""
+    import shutil
+
+    from test_synth import _Endpoint
+
+    config, tracker, parent, inputs = candidate
+    golden = tracker.fetch(inputs["golden"])
+    folder = config.project.workdir / "golden-with-production"
+    shutil.copytree(golden, folder)
+    system = {"role": "system", "content": "You answer questions about the manual."}
+    rows = [{"messages": [system, {"role": "user", "content": f"Which tool does the manual document? (item {n})"}],
+             "answer": "CamlIDL.", "meta": {"question": f"q{n}"}} for n in range(3)]  # fmt: skip
+    rows.append({"messages": [{"role": "user", "content": "no answer"}]})  # unusable: listed, not fatal
+    (folder / "production.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = tracker.start_stage_run("synth", parent, {})
+    inputs = {**inputs, "golden": run.log_output("golden", folder, kind="eval_dataset")}
+    run.finish({"golden": inputs["golden"]})
+
+    endpoint = _Endpoint(lambda n, body: (200, json.dumps({"better": "A"})))  # position-biased: every verdict a tie
+    try:
+        judged = config.model_copy(update={"gate": config.gate.model_copy(update={
+            "judge": config.gate.judge.model_copy(update={"enabled": True, "endpoint": config.gate.judge.endpoint.model_copy(
+                update={"base_url": endpoint.url, "max_retries": 0})})})})  # fmt: skip
+        report = gate(judged, tracker, parent, inputs)
+    finally:
+        endpoint.close()
+    assert report["items"]["production"] == 3
+    assert report["models"]["candidate"]["intervals"]["production_f1"]["n"] == 3
+    assert len(report["models"]["base"]["per_example"]["production_f1"]) == 3
+    assert any("not a production eval record" in s["reason"] for s in report["skipped"])
+    assert report["judge"]["sets"]["production"]["n"] == 3 and report["judge"]["overall"]["win_rate"]["mean"] == 0.5
+    (rule,) = [r for r in report["rules"] if r["name"] == "judge_win_rate"]
+    assert rule["passed"] and rule["value"] == 0.5
+    folder = tracker.fetch(tracker.outputs_of(tracker.client.get_run(report["run"]))["report"])
+    verdicts = [json.loads(line) for line in (folder / "judge_verdicts.jsonl").read_text().splitlines()]
+    assert len(verdicts) == report["judge"]["overall"]["n"] and {v["winner"] for v in verdicts} == {"tie"}
+    assert (
+        "Pairwise judge" in (folder / "gate_report.md").read_text() and "production F1" in (folder / "gate_report.md").read_text()
+    )

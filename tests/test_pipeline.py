@@ -34,7 +34,10 @@ def test_ir_declares_the_stages_and_an_exit_handler():
     assert gate["condition-12"]["triggerPolicy"]["condition"] == (
         "inputs.parameter_values['pipelinechannel--eval-gate-decision'] == 'promote'"
     )
-    assert spec["components"]["comp-condition-12"]["dag"]["tasks"]["promote"]["cachingOptions"] == {}
+    passed = spec["components"]["comp-condition-12"]["dag"]["tasks"]
+    assert passed["promote"]["cachingOptions"] == {}
+    # The InferenceService follows the registry: deploy runs after promote has moved the alias, never cached.
+    assert passed["deploy"]["dependentTasks"] == ["promote"] and passed["deploy"]["cachingOptions"] == {}
     assert spec["components"]["comp-condition-13"]["dag"]["tasks"]["record-rejection"]["cachingOptions"] == {}
     for first, flag, stage in ((2, "retriever_enabled", "retriever"), (5, "cpt_enabled", "cpt")):
         branches = spec["components"][f"comp-condition-branches-{first}"]["dag"]["tasks"]

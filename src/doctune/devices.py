@@ -14,6 +14,8 @@ autocast (its adapter weights stay fp32); full and QLoRA training keep fp32 ther
 
 from __future__ import annotations
 
+import math
+import os
 from functools import cache
 from pathlib import Path
 from typing import Literal
@@ -32,6 +34,19 @@ def _cpuinfo() -> str:
         return Path("/proc/cpuinfo").read_text()
     except OSError:
         return ""
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity set, capped by a cgroup v2 CPU quota (a container's limit, which
+    affinity does not show: a 4-CPU pod on a 64-core node)."""
+    count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            count = min(count, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return count
 
 
 def cpu_flags() -> set[str]:

@@ -28,6 +28,9 @@ SYNTH_REPORT_FILE = "synth_report.json"
 QUANTIZE_REPORT_FILE = "quantize_report.json"
 GATE_REPORT_FILE = "gate_report.json"
 RETRIEVER_REPORT_FILE = "retriever_report.json"  # retriever: report
+PRODUCTION_FILE = "production.jsonl"  # synth: golden (relabeled served failures, held out: the production eval set)
+# SFT record forms with no source chunk: general chats against forgetting, and what serving logged
+UNSOURCED_FORMS = frozenset({"rehearsal", "flywheel", "flywheel_positive"})
 INDEX_FILE = "index.json"  # retriever: index (which retriever, its mode and chunk ids)
 EMBEDDINGS_FILE = "embeddings.npy"  # retriever: index (the chunks' vectors, row i for chunk i of index.json)
 

@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 STANDARD_SECRETS = frozenset(
     {
         "DOCTUNE_TEACHER_API_KEY",
+        "DOCTUNE_JUDGE_API_KEY",
+        "DOCTUNE_SERVE_API_KEY",
         "MLFLOW_TRACKING_PASSWORD",
         "MLFLOW_TRACKING_TOKEN",
         "AWS_SECRET_ACCESS_KEY",
@@ -120,4 +122,19 @@ def redact_obj(value: Any) -> Any:
     return value
 
 
-__all__ = ["configure", "protect", "redact", "redact_obj", "secret_names"]
+def scrub(value: Any, pii: list[re.Pattern[str]]) -> Any:
+    """`redact_obj`, and every match of the `pii` patterns (e-mail addresses, ...) replaced by [redacted:pii]: what
+    text people typed goes through before it is written (serving logs, labels)."""
+    value = redact_obj(value)
+    if isinstance(value, str):
+        for pattern in pii:
+            value = pattern.sub("[redacted:pii]", value)
+        return value
+    if isinstance(value, dict):
+        return {k: scrub(v, pii) for k, v in value.items()}
+    if isinstance(value, list):
+        return [scrub(v, pii) for v in value]
+    return value
+
+
+__all__ = ["configure", "protect", "redact", "redact_obj", "scrub", "secret_names"]

@@ -7,12 +7,11 @@ for perplexity; quantize measures variants with them, the gate evaluates candida
 from __future__ import annotations
 
 import math
-import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from doctune.devices import cpu_has_amx, torch_dtype
+from doctune.devices import cpu_has_amx, torch_dtype, usable_cpus
 from doctune.generation import Reply, chat_replies
 
 
@@ -136,7 +135,7 @@ class LlamaCppRuntime:
         with llama_cpp_safe_defaults():
             from llama_cpp import Llama
 
-            threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            threads = usable_cpus()
             return Llama(
                 str(self.path), n_ctx=self.n_ctx, logits_all=logits_all, n_threads=threads, n_threads_batch=threads,
                 verbose=False, seed=0,

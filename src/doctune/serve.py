@@ -4,7 +4,8 @@ The front server resolves the alias, verifies the variant's artifact against its
 on a private port and forwards /v1/chat/completions to it, with the model's own system prompt added where the
 client sends none. Every request is logged (request id, model version, prompt, response, latency, token counts)
 to an append-only JSONL file, rotated by size, with secrets and configured PII patterns redacted; POST /feedback
-joins a rating or a correction by request id. The alias is followed: when it moves, a new llama.cpp server is
+joins a rating or a correction by request id. (The flywheel's own self-consistency samples, marked in their
+`metadata`, are answered but not logged.) The alias is followed: when it moves, a new llama.cpp server is
 started for the new version and takes the next requests; the old one finishes the requests it has, then stops.
 
 The gate's abstention threshold is applied (`serve.apply_abstention_threshold`): a request whose question comes
@@ -35,15 +36,19 @@ from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from mlflow.exceptions import MlflowException
+
 from doctune.artifacts import ArtifactRef
 from doctune.chat import ABSTENTION, carries_context, edge_order, rag_user_message, reply_sequences
 from doctune.config import RunConfig
+from doctune.devices import usable_cpus
 from doctune.gate import registry
 from doctune.records import CHUNKS_FILE, EMBEDDINGS_FILE, INDEX_FILE, read_parquet
-from doctune.redact import redact_obj
+from doctune.redact import scrub
 from doctune.tracking import Tracker
 
 SYSTEM_PROMPT_FILE = "system_prompt.txt"
+SELF_CONSISTENCY = "self-consistency"  # metadata.doctune_purpose of the flywheel's samples (answered, not logged)
 MAX_BODY = 8 * 2**20  # a request body larger than this is refused
 CITED_FIELDS = ("chunk_id", "doc_id", "section", "page_start", "page_end", "char_start", "char_end")
 
@@ -77,10 +82,18 @@ def threshold_number(tag: str) -> float | None:
         raise ServeError(f"abstention threshold tag {tag!r} is not a number, 'never' or 'always'") from None
 
 
-def resolve(tracker: Tracker, alias: str, variant: str, retrieve: bool = True) -> Deployment:
-    """The version an alias points at, its variant (and, with `retrieve`, its retrieval index) fetched and verified
-    against its digest."""
-    version = registry.version_by_alias(tracker, alias)
+def resolve(tracker: Tracker, alias: str, variant: str, retrieve: bool = True, pinned: str | None = None) -> Deployment:
+    """The version an alias points at (or the `pinned` version), its variant (and, with `retrieve`, its retrieval
+    index) fetched and verified against its digest."""
+    if pinned is not None:
+        try:
+            version = tracker.client.get_model_version(registry.model_name(tracker), pinned)
+        except MlflowException:
+            raise ServeError(
+                f"registered model {registry.model_name(tracker)!r} has no version {pinned} (serve.version)"
+            ) from None
+    else:
+        version = registry.version_by_alias(tracker, alias)
     if version is None:
         raise ServeError(
             f"registered model {registry.model_name(tracker)!r} has no version aliased {alias!r}: run the pipeline "
@@ -216,8 +229,10 @@ class Backend:
         self.in_flight = 0
         self.idle = threading.Condition()
         log = log_dir / f"llama-server-v{deployment.version}.log"
+        threads = serve.threads or usable_cpus()  # llama.cpp's own default is half the cores
         command = [sys.executable, "-m", "doctune.llama_server", "--model", str(deployment.gguf), "--host", "127.0.0.1",
-                   "--port", str(self.port), "--n_ctx", str(n_ctx), "--model_alias", f"v{deployment.version}"]  # fmt: skip
+                   "--port", str(self.port), "--n_ctx", str(n_ctx), "--model_alias", f"v{deployment.version}",
+                   "--n_threads", str(threads), "--n_threads_batch", str(threads)]  # fmt: skip
         with open(log, "a") as handle:
             self.process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + startup_timeout_s
@@ -259,20 +274,8 @@ class JsonlLog:
         self.lock = threading.Lock()
         path.parent.mkdir(parents=True, exist_ok=True)
 
-    def scrub(self, value):
-        value = redact_obj(value)
-        if isinstance(value, str):
-            for pattern in self.pii:
-                value = pattern.sub("[redacted:pii]", value)
-            return value
-        if isinstance(value, dict):
-            return {k: self.scrub(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [self.scrub(v) for v in value]
-        return value
-
     def write(self, record: dict) -> None:
-        line = json.dumps(self.scrub(record), ensure_ascii=False) + "\n"
+        line = json.dumps(scrub(record, self.pii), ensure_ascii=False) + "\n"
         with self.lock:
             if self.path.is_file() and self.path.stat().st_size + len(line) > self.max_bytes:
                 stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
@@ -295,7 +298,7 @@ class Server:
         self.known: dict[str, str] = {}  # request id -> model version, for feedback (this process's requests)
         self.switch = threading.Lock()
         self.stopping = threading.Event()
-        deployment = resolve(self.tracker, self.serve.alias, self.serve.variant, self.serve.retrieve)
+        deployment = resolve(self.tracker, self.serve.alias, self.serve.variant, self.serve.retrieve, self.serve.version)
         try:
             self.httpd = ThreadingHTTPServer((self.serve.host, self.serve.port), _handler(self))
         except OSError as exc:
@@ -339,7 +342,10 @@ class Server:
                 print(f"doctune serve: still serving version {self.backend.deployment.version}: {exc}", flush=True)
 
     def check_alias(self) -> bool:
-        """Serve the version the alias points at now, if it moved: True when the server switched."""
+        """Serve the version the alias points at now, if it moved: True when the server switched. A pinned version
+        (serve.version) stays."""
+        if self.serve.version is not None:
+            return False
         current = registry.version_by_alias(self.tracker, self.serve.alias)
         if current is None or str(current.version) == self.backend.deployment.version:
             return False
@@ -403,11 +409,14 @@ class Server:
         cited = {"citations": citations, "retriever": backend.retriever.name} if citations is not None else {}
         reply = {**reply, "doctune": {"request_id": request_id, "model_version": deployment.version, **verdict, **cited}}
         choices = reply.get("choices") or [{}]
+        if _purpose(body) == SELF_CONSISTENCY:  # the flywheel's own samples: not a user's request, not to be mined
+            return status, reply, request_id
         self.requests.write({
             "request_id": request_id, "time": datetime.now(UTC).isoformat(), "model_version": deployment.version,
             "variant": deployment.variant, "abstention_threshold": deployment.abstention_threshold, **verdict,
             "retrieved": [c["chunk_id"] for c in citations] if citations is not None else None,
             "messages": body["messages"], "response": (choices[0].get("message") or {}).get("content"),
+            "json_requested": _json_requested(body),
             "status": status, "latency_s": round(latency, 4), "usage": reply.get("usage"),
         })  # fmt: skip
         self.known[request_id] = deployment.version
@@ -443,6 +452,19 @@ def _rag_request(messages: list[dict]) -> bool:
     """Whether the request asks with retrieved context: its last user turn carries it (as text)."""
     last = _last_user(messages)
     return last is not None and carries_context(messages[last]["content"])
+
+
+def _purpose(body: dict) -> str | None:
+    """Why a request was sent, where a doctune client says (the flywheel's self-consistency samples)."""
+    metadata = body.get("metadata")
+    purpose = metadata.get("doctune_purpose") if isinstance(metadata, dict) else None
+    return purpose if isinstance(purpose, str) else None
+
+
+def _json_requested(body: dict) -> bool:
+    """Whether the client asked for JSON (OpenAI response_format): the flywheel mines replies that are not."""
+    fmt = body.get("response_format")
+    return isinstance(fmt, dict) and fmt.get("type") in ("json_object", "json_schema")
 
 
 def _declined(request_id: str, deployment: Deployment) -> dict:

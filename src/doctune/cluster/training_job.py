@@ -13,13 +13,12 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from doctune import __version__
+from doctune.cluster import kube
 
 DEEPSPEED_MOUNT = "/etc/doctune/deepspeed"
 DEEPSPEED_FILE = "ds_config.json"
-NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 
 class TrainingJobError(RuntimeError):
@@ -144,35 +143,6 @@ def job_manifest(
     return {"apiVersion": f"{kind.group}/{kind.version}", "kind": kind.kind, "metadata": meta, "spec": spec}
 
 
-def kube_client(api_server: str | None):
-    """An ApiClient: `api_server` as given, else the pod's service account, else ~/.kube/config."""
-    from kubernetes import client, config
-
-    if api_server:
-        configuration = client.Configuration()
-        configuration.host = api_server
-        return client.ApiClient(configuration)
-    try:
-        config.load_incluster_config()
-    except config.ConfigException:
-        try:
-            config.load_kube_config()
-        except (config.ConfigException, FileNotFoundError) as exc:
-            raise TrainingJobError(
-                "no Kubernetes API to create the training job with: not in a pod with a service account, no "
-                f"~/.kube/config, and cluster.training_job.api_server is unset ({exc})"
-            ) from None
-    return client.ApiClient()
-
-
-def current_namespace(configured: str | None) -> str:
-    if configured:
-        return configured
-    if NAMESPACE_FILE.is_file():
-        return NAMESPACE_FILE.read_text().strip()
-    raise TrainingJobError(f"cluster.training_job.namespace is unset and {NAMESPACE_FILE} does not exist (not in a pod)")
-
-
 def _conditions(obj: dict) -> list[dict]:
     return [c for c in (obj.get("status") or {}).get("conditions") or [] if c.get("status") == "True"]
 
@@ -196,8 +166,8 @@ def run_training_job(
 
     settings = cluster["training_job"]
     kind = KINDS[settings["kind"]]
-    namespace = current_namespace(settings["namespace"])
-    api = kube_client(settings["api_server"])
+    namespace = kube.namespace(settings["namespace"], "cluster.training_job.namespace")
+    api = kube.api_client(settings["api_server"], "cluster.training_job.api_server")
     core, custom = client.CoreV1Api(api), client.CustomObjectsApi(api)
     configmap = {
         "apiVersion": "v1",
@@ -211,7 +181,7 @@ def run_training_job(
         core.create_namespaced_config_map(namespace, configmap)
         custom.create_namespaced_custom_object(kind.group, kind.version, namespace, kind.plural, manifest)
     except ApiException as exc:
-        raise TrainingJobError(f"creating {where} failed: HTTP {exc.status} {exc.reason}: {_message(exc)}") from None
+        raise TrainingJobError(f"creating {where} failed: HTTP {exc.status} {exc.reason}: {kube.api_message(exc)}") from None
     report(f"{where}: created ({nodes} nodes x {gpus_per_node} processes)")
     deadline = time.monotonic() + settings["timeout_s"]
     seen: set[tuple[str, str]] = set()
@@ -226,7 +196,7 @@ def run_training_job(
                     report(f"{where}: API server answered {exc.status}; retrying")
                     obj = {}
                 else:
-                    raise TrainingJobError(f"reading {where} failed: HTTP {exc.status}: {_message(exc)}") from None
+                    raise TrainingJobError(f"reading {where} failed: HTTP {exc.status}: {kube.api_message(exc)}") from None
             for condition in _conditions(obj):
                 key = (condition["type"], condition.get("reason", ""))
                 if key not in seen:
@@ -260,10 +230,3 @@ def _delete(custom, kind: JobKind, namespace: str, name: str) -> None:
     except ApiException as exc:
         if exc.status != 404:
             raise
-
-
-def _message(exc) -> str:
-    try:
-        return json.loads(exc.body).get("message", exc.body)
-    except (TypeError, ValueError):
-        return str(exc.body)

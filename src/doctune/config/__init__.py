@@ -6,7 +6,8 @@
 - training: CPT, SFT, DPO (and the further TRL arguments they pass on)
 - export: merge and quantize
 - gate: the eval gate and its rules
-- serve: `doctune serve`, the champion behind an endpoint
+- serve: `doctune serve`, the champion behind an endpoint; flywheel: its logs back into training
+- deploy: `doctune deploy`, the champion as a KServe InferenceService on a cluster
 - cluster: Kubeflow placement
 - run: RunConfig, loading, layering (`extends:`), --set overrides, renamed keys
 - reference: writes configs/default.yaml and docs/config.md from these (`make config-docs`)
@@ -22,8 +23,9 @@ from doctune.config.cluster import (
     Toleration,
     TrainingJobSettings,
 )
+from doctune.config.deploy import DeployConfig
 from doctune.config.export import MergeConfig, QuantizeConfig
-from doctune.config.gate import GateConfig, GateRules
+from doctune.config.gate import GateConfig, GateRules, JudgeConfig
 from doctune.config.ingest import ChunkingConfig, IngestConfig
 from doctune.config.model import ModelConfig
 from doctune.config.project import ProjectConfig
@@ -40,7 +42,7 @@ from doctune.config.run import (
     rename_keys,
     resolve_extends,
 )
-from doctune.config.serve import ServeConfig
+from doctune.config.serve import FlywheelConfig, ServeConfig
 from doctune.config.synth import (
     DedupConfig,
     EndpointConfig,
@@ -72,12 +74,15 @@ __all__ = [
     "CptConfig",
     "DedupConfig",
     "DeepSpeedSettings",
+    "DeployConfig",
     "DpoConfig",
     "EndpointConfig",
+    "FlywheelConfig",
     "GateConfig",
     "GateRules",
     "GpuPlacement",
     "IngestConfig",
+    "JudgeConfig",
     "LocalTeacherConfig",
     "LoraSettings",
     "MergeConfig",

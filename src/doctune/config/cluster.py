@@ -119,7 +119,7 @@ class ClusterConfig(Section):
     )
     bookkeeping: Resources = Field(
         default_factory=lambda: Resources(cpu="500m", memory="2Gi"),
-        description="open/close run, skip, promote, record rejection: MLflow calls only",
+        description="open/close run, skip, promote, record rejection, deploy: MLflow and Kubernetes API calls only",
     )
     gpu: GpuPlacement = Field(default_factory=GpuPlacement, description="the GPU node pool")
     cache_volume: CacheVolume = Field(default_factory=CacheVolume, description="mounted by every pod")

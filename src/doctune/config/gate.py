@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field
 
 from doctune.config.base import Section
+from doctune.config.synth import EndpointConfig
 
 
 class GateRules(Section):
@@ -46,6 +47,24 @@ class GateRules(Section):
         "power (1 or more: not checked)",
     )
     bootstrap_resamples: int = Field(2000, ge=100, description="resamples of the bootstrap confidence intervals (95%)")
+    min_judge_win_rate: float = Field(
+        0.5, ge=0, le=1,
+        description="with a judge (gate.judge.enabled): the candidate's pairwise win rate against the champion, ties "
+        "counting half, must reach this",
+    )  # fmt: skip
+
+
+class JudgeConfig(Section):
+    """An LLM behind an OpenAI-compatible API judging candidate against champion answers, both orders."""
+
+    enabled: bool = Field(False, description="ask the judge (a rule on its win rate follows: rules.min_judge_win_rate)")
+    endpoint: EndpointConfig = Field(
+        default_factory=lambda: EndpointConfig(temperature=0.0, max_tokens=32, api_key_env="DOCTUNE_JUDGE_API_KEY"),
+        description="the judge model's API (key in its api_key_env, never logged)",
+    )
+    max_items: int = Field(
+        256, ge=1, description="golden and production items judged (each twice, A/B swapped); production items first"
+    )
 
 
 class GateConfig(Section):
@@ -97,4 +116,5 @@ class GateConfig(Section):
         0.5, gt=0, lt=1, description="share of the unanswerable items that set the threshold; the others test it"
     )
     seed: int = Field(13, description="seed of the calibration/test split (a hash of each question and its position)")
+    judge: JudgeConfig = Field(default_factory=JudgeConfig, description="pairwise LLM judge of candidate vs champion")
     rules: GateRules = Field(default_factory=GateRules, description="what a candidate must meet to be promoted")

@@ -20,13 +20,14 @@ from pydantic import BaseModel, Field, ValidationError
 
 from doctune.config.base import ConfigError, Section
 from doctune.config.cluster import ClusterConfig
+from doctune.config.deploy import DeployConfig
 from doctune.config.export import MergeConfig, QuantizeConfig
 from doctune.config.gate import GateConfig
 from doctune.config.ingest import IngestConfig
 from doctune.config.model import ModelConfig
 from doctune.config.project import ProjectConfig
 from doctune.config.retriever import RetrieverConfig
-from doctune.config.serve import ServeConfig
+from doctune.config.serve import FlywheelConfig, ServeConfig
 from doctune.config.synth import RetrievalConfig, SynthConfig
 from doctune.config.tracking import TrackingConfig
 from doctune.config.training import CptConfig, DpoConfig, SftConfig
@@ -60,6 +61,10 @@ class RunConfig(Section):
     quantize: QuantizeConfig = Field(default_factory=QuantizeConfig, description="quantized variants")
     gate: GateConfig = Field(default_factory=GateConfig, description="the eval gate before promotion")
     serve: ServeConfig = Field(default_factory=ServeConfig, description="`doctune serve`: the champion behind an endpoint")
+    flywheel: FlywheelConfig = Field(
+        default_factory=FlywheelConfig, description="served failures, relabeled, into the next run's training and eval data"
+    )
+    deploy: DeployConfig = Field(default_factory=DeployConfig, description="the champion as a KServe InferenceService")
     cluster: ClusterConfig = Field(default_factory=ClusterConfig, description="Kubeflow placement; local runs ignore it")
 
     @property

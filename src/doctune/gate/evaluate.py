@@ -7,8 +7,16 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from doctune.chat import conversation, rag_user_message, reply_sequences
-from doctune.gate.metrics import PER_ITEM_METRICS, abstains, exact_match, probe_passes, rouge_l, token_f1
+from doctune.chat import (
+    InvalidMessages,
+    check_messages,
+    conversation,
+    rag_user_message,
+    render_ids,
+    reply_sequences,
+    with_user_cut,
+)
+from doctune.gate.metrics import OPTIONAL_METRICS, PER_ITEM_METRICS, abstains, exact_match, probe_passes, rouge_l, token_f1
 from doctune.records import EvalItem, SkipRecord, eval_item, read_jsonl, skip
 from doctune.runtimes import open_runtime
 from doctune.textblocks import perplexity_blocks
@@ -27,6 +35,7 @@ class EvalSets:
     general_texts: list[str]
     block_size: int
     max_blocks: int
+    production: list[dict] = field(default_factory=list)  # relabeled served failures: {messages, answer, question}
     closed_book: int = 0  # the first golden items (a stratified list) also asked without context
     abstention_scores: bool = False  # score the abstention sentence as every RAG prompt's reply (the abstention bound)
     skipped: list[dict] = field(default_factory=list)
@@ -51,6 +60,32 @@ def shipped_general_text() -> list[str]:
 
 
 LABELS = ("qtype", "doc_id", "lang")  # what an item is, from the record's meta: per-type tables, stratified selection
+
+
+N_CTX = 4096  # tokens of context every model is scored with
+
+
+def fitted(tokenizer, messages: list[dict], limit: int) -> list[dict]:
+    """`messages` whose rendered prompt takes at most `limit` tokens, the last user turn cut in the middle."""
+    over = len(render_ids(tokenizer, messages, generation_prompt=True)) - limit
+    return with_user_cut(tokenizer, messages, over) if over > 0 else messages
+
+
+def production_items(path: Path, limit: int, skipped: list[dict]) -> list[dict]:
+    """The production eval set (relabeled served failures synth held out): the prompt as served, the labeled answer."""
+    items = []
+    for record in read_jsonl(path, skipped) if path.is_file() else []:
+        try:
+            messages = check_messages(record.get("messages"))
+        except InvalidMessages as exc:
+            skip(skipped, path, record, str(exc))
+            continue
+        if messages[-1]["role"] != "user" or not isinstance(record.get("answer"), str) or not record["answer"].strip():
+            skip(skipped, path, record, "not a production eval record: a prompt ending with the user turn, and an answer")
+            continue
+        question = (record.get("meta") or {}).get("question") or messages[-1]["content"]
+        items.append({"messages": messages, "answer": record["answer"], "question": str(question)})
+    return items[:limit]
 
 
 def eval_items(path: Path, chunk_text: dict[str, str], limit: int, skipped: list[dict]) -> list[dict]:
@@ -116,7 +151,10 @@ def evaluate_model(
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder or folder)
     domain_blocks, general_blocks = blocks(sets, tokenizer)
-    runtime = open_runtime(folder, batch_size=batch_size, n_ctx=4096, precision=precision)
+    runtime = open_runtime(folder, batch_size=batch_size, n_ctx=N_CTX, precision=precision)
+    # A served prompt can be longer than the gate's context (serve.n_ctx is a deployment's choice): its passages
+    # are cut in the middle, as SFT cuts over-long records, rather than the gate failing.
+    production_prompts = [fitted(tokenizer, item["messages"], N_CTX - max_new_tokens - 8) for item in sets.production]
     scores = {}
     try:
         if sets.abstention_scores:
@@ -127,6 +165,7 @@ def evaluate_model(
         golden = runtime.chat(sets.conversations(sets.golden), max_new_tokens)
         closed_book = runtime.chat(sets.closed_book_conversations(), max_new_tokens) if sets.closed_book else []
         unanswerable = runtime.chat(sets.conversations(sets.unanswerable), max_new_tokens)
+        production = runtime.chat(production_prompts, max_new_tokens) if production_prompts else []
         probe_chats = [[{"role": "user", "content": p["prompt"]}] for p in sets.probes]
         probes = runtime.chat(probe_chats, max(p["max_tokens"] for p in sets.probes))
         domain_ppl = runtime.perplexity(domain_blocks)
@@ -139,6 +178,7 @@ def evaluate_model(
     per_example = {
         "golden_f1": [token_f1(r.text, i["answer"]) for r, i in zip(golden, sets.golden)],
         "closed_book_f1": [token_f1(r.text, i["answer"]) for r, i in zip(closed_book, sets.golden)],
+        "production_f1": [token_f1(r.text, i["answer"]) for r, i in zip(production, sets.production)],
         "golden_exact_match": [exact_match(r.text, i["answer"]) for r, i in zip(golden, sets.golden)],
         "golden_rouge_l": [rouge_l(r.text, i["answer"]) for r, i in zip(golden, sets.golden)],
         "golden_abstained": [float(abstains(r.text, sets.abstention)) for r in golden],
@@ -152,8 +192,8 @@ def evaluate_model(
     seconds = sum(r.seconds for r in golden + unanswerable)
     return {
         "metrics": {
-            # closed-book F1 only where it was measured: a 0 would read as a model that knows nothing
-            **{m: _mean(per_example[k]) for m, k in PER_ITEM_METRICS.items() if per_example[k] or m != "closed_book_f1"},
+            # closed-book and production F1 only where measured: a 0 would read as a model that knows nothing
+            **{m: _mean(per_example[k]) for m, k in PER_ITEM_METRICS.items() if per_example[k] or m not in OPTIONAL_METRICS},
             **{f"probes_{c}": _mean([passed[p["id"]] for p in sets.probes if p["category"] == c]) for c in categories},
             "domain_perplexity": domain_ppl,
             "general_perplexity": general_ppl,
@@ -164,6 +204,7 @@ def evaluate_model(
             "golden": [r.text for r in golden],
             "closed_book": [r.text for r in closed_book],
             "unanswerable": [r.text for r in unanswerable],
+            "production": [r.text for r in production],
         },
     }
 

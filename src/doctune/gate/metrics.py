@@ -113,9 +113,11 @@ def paired_randomization_p(candidate: list[float], reference: list[float], permu
 # -- statistics over items -------------------------------------------------------------------------------------
 
 # Each per-item metric and the per_example list it is the mean of (0/1 lists for rates, scores for F1 and ROUGE).
+OPTIONAL_METRICS = frozenset({"closed_book_f1", "production_f1"})  # measured only where their items exist
 PER_ITEM_METRICS = {
     "golden_f1": "golden_f1",
     "closed_book_f1": "closed_book_f1",
+    "production_f1": "production_f1",
     "golden_exact_match": "golden_exact_match",
     "golden_rouge_l": "golden_rouge_l",
     "false_abstention_rate": "golden_abstained",

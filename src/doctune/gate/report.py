@@ -25,7 +25,7 @@ def _signed(diff: dict) -> str:
     return f"{diff['mean']:+.3f} [{diff['ci_low']:+.3f}, {diff['ci_high']:+.3f}]"
 
 
-LABELS = {"golden_f1": "golden F1 (RAG)", "closed_book_f1": "golden F1 (closed book)"}
+LABELS = {"golden_f1": "golden F1 (RAG)", "closed_book_f1": "golden F1 (closed book)", "production_f1": "production F1"}
 BREAKDOWN_TITLES = {"qtype": "question type", "lang": "language", "document": "document"}
 MAX_DOCUMENT_ROWS = 30  # a corpus of many manuals: the documents with most items; the JSON has them all
 
@@ -180,12 +180,40 @@ def breakdown_lines(result: dict) -> list[str]:
     return lines
 
 
+def judge_lines(result: dict) -> list[str]:
+    """The pairwise judge's win rate of the candidate against the champion, per set."""
+    j = result.get("judge")
+    if not j:
+        return []
+    lines = ["", f"## Pairwise judge ({j['model']} at {j['base_url']}) vs {j['against']}", "",
+             "Each pair judged twice, A/B swapped; a verdict stands where both orders agree, otherwise a tie. Win "
+             "rate = (wins + ties / 2) / items [95% bootstrap interval]; raw verdicts in judge_verdicts.jsonl.", "",
+             "| set | items | wins | losses | ties | unusable | win rate |", "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for name, row in [*j["sets"].items(), ("all", j["overall"])]:
+        if row["win_rate"] is not None:
+            rate = row["win_rate"]
+            lines.append(f"| {name} | {row['n']} | {row['wins']} | {row['losses']} | {row['ties']} | {row['unusable']} | "
+                         f"{_ci(rate['mean'], rate)} |")  # fmt: skip
+    return lines
+
+
+def production_lines(result: dict) -> list[str]:
+    n = (result.get("items") or {}).get("production", 0)
+    if not n:
+        return []
+    return ["", f"## Production set ({n} relabeled served failures, never trained on)", "",
+            "Questions users asked `doctune serve`, answered badly, relabeled by a person and held out by synth; the "
+            "production F1 row of the metrics table scores every model against the labeled answers."]  # fmt: skip
+
+
 def markdown(result: dict) -> str:
     lines = [
         *verdict_lines(result),
         *evidence_lines(result),
         *metric_table(result["models"]),
         *closed_book_lines(result),
+        *production_lines(result),
+        *judge_lines(result),
         *abstention_bound_lines(result),
         *breakdown_lines(result),
         "",

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 
 from doctune.config import GateRules
 from doctune.gate.conformal import AbstentionBound, items_needed
+from doctune.gate.judge import MAX_UNUSABLE
 from doctune.gate.metrics import min_detectable_difference, paired_difference, paired_randomization_p, paired_sd
 
 PROMOTE, REJECT, INSUFFICIENT = "promote", "reject", "insufficient-evidence"
@@ -28,10 +29,12 @@ def decide(
     variant_ratios: dict[str, float | None],
     rules: GateRules,
     bounds: dict[str, AbstentionBound] | None = None,
+    judged: dict | None = None,
 ) -> dict:
     """`scores`: evaluate_model results for "candidate", "champion" and "base" (champion may be the base);
     `variant_ratios`: perplexity ratio to the merged model of each gated variant (None: it was not produced);
-    `bounds`: per candidate model (merged, gated variants), its abstention threshold tested on its split."""
+    `bounds`: per candidate model (merged, gated variants), its abstention threshold tested on its split;
+    `judged`: the pairwise judge's verdicts (None: no judge configured)."""
     cand, champ, base = (scores[k]["metrics"] for k in ("candidate", "champion", "base"))
     # A base model below the structured-output bar (a 135M model is) sets it: tuning must not lose what it had.
     format_bar = min(rules.min_format_compliance, base["format_compliance"])
@@ -85,6 +88,16 @@ def decide(
         checks.append(Rule(name, not bound.exceeded, bound.hallucination_rate, bound.alpha,
                            f"unanswerable questions answered at the abstention threshold, 95% interval [{low:.3f}, "
                            f"{high:.3f}] on {bound.test_items} test items, not above alpha"))  # fmt: skip
+    if judged is not None:
+        overall = judged["overall"]
+        rate, unusable = overall["win_rate"], overall["unusable"] / max(1, overall["n"])
+        # A judge whose replies mostly cannot be read scores 0.5 by default: that is silence, not a pass.
+        ok = rate is not None and rate["mean"] >= rules.min_judge_win_rate and unusable <= MAX_UNUSABLE
+        value = float("nan") if rate is None else rate["mean"]
+        where = "" if rate is None else f", 95% interval [{rate['ci_low']:.3f}, {rate['ci_high']:.3f}]"
+        checks.append(Rule("judge_win_rate", ok, value, rules.min_judge_win_rate,
+                           f"pairwise judge ({judged['model']}) vs {judged['against']} over {overall['n']} items, ties "
+                           f"half{where}; unusable replies {overall['unusable']} (at most {MAX_UNUSABLE:.0%})"))  # fmt: skip
     evidence = power(scores, rules)
     power_rules = [evidence_rule(key, e) for key, e in evidence.items()]
     if "candidate" in bounds:

@@ -24,7 +24,16 @@ from doctune.config import RunConfig
 from doctune.devices import precision
 from doctune.gate import registry
 from doctune.gate.conformal import AbstentionBound, abstention_bound, threshold_value
-from doctune.gate.evaluate import LABELS, EvalSets, eval_items, evaluate_model, shipped_general_text, shipped_probes
+from doctune.gate.evaluate import (
+    LABELS,
+    EvalSets,
+    eval_items,
+    evaluate_model,
+    production_items,
+    shipped_general_text,
+    shipped_probes,
+)
+from doctune.gate.judge import JudgeError, judge
 from doctune.gate.metrics import group_scores, interval, metric_intervals, paired_difference
 from doctune.gate.report import loss_curves, markdown, metric_bars, to_html
 from doctune.gate.rules import decide
@@ -35,12 +44,14 @@ from doctune.records import (
     GATE_REPORT_FILE,
     GOLDEN_FILE,
     HELDOUT_FILE,
+    PRODUCTION_FILE,
     QUANTIZE_REPORT_FILE,
     SYSTEM_PROMPT_FILE,
     UNANSWERABLE_FILE,
     read_jsonl,
     read_parquet,
     read_text_file,
+    write_jsonl,
 )
 from doctune.tracking import TAG, StageRun, library_versions
 from doctune.train.artifacts import read_meta
@@ -74,12 +85,14 @@ def build_sets(config: RunConfig, inputs: dict[str, ArtifactRef], tracker: Stage
     unanswerable = eval_items(unanswerable_dir / UNANSWERABLE_FILE, chunk_text, g.max_unanswerable, skipped)
     if not golden or not unanswerable:
         raise GateError(f"no usable golden ({len(golden)}) or unanswerable ({len(unanswerable)}) items; skipped: {skipped[:5]}")
+    production = production_items(golden_dir / PRODUCTION_FILE, g.max_golden, skipped)
     heldout_path = tracker.fetch(inputs["heldout"]) / HELDOUT_FILE
     return EvalSets(
         system_prompt=read_text_file(golden_dir, SYSTEM_PROMPT_FILE) or "",
         abstention=read_text_file(unanswerable_dir, ABSTENTION_FILE) or unanswerable[0]["answer"] or ABSTENTION,
         golden=golden,
         unanswerable=unanswerable,
+        production=production,
         probes=shipped_probes(),
         heldout_texts=[r["text"] for r in read_jsonl(heldout_path, skipped) if isinstance(r.get("text"), str)],
         general_texts=shipped_general_text(),
@@ -275,11 +288,14 @@ def register(
     return registry.register_candidate(tracker.tracker, inputs["model"], scores.variant_refs, tags)
 
 
-def write_report(tracker: StageRun, result: dict, lineage: list[dict]) -> ArtifactRef:
-    """The gate report (JSON, Markdown, HTML with charts) as the stage's `report` output."""
+def write_report(tracker: StageRun, result: dict, lineage: list[dict], records: dict[str, list[dict]]) -> ArtifactRef:
+    """The gate report (JSON, Markdown, HTML with charts) as the stage's `report` output, with `records` (file
+    name -> rows: the judge's raw verdicts) beside it."""
     with tempfile.TemporaryDirectory(prefix="doctune-gate-") as tmp:
         out = Path(tmp) / "report"
         out.mkdir()
+        for name, rows in records.items():
+            write_jsonl(out / name, rows)
         charts = []
         if loss_curves(training_losses(tracker, lineage), out / "loss_curves.png"):
             charts.append("loss_curves.png")
@@ -335,6 +351,9 @@ def logged_metrics(result: dict) -> dict[str, float]:
         metrics |= {f"{prefix}.{k}": v for k, v in values.items() if isinstance(v, float)}  # "never"/"always"/None: not numbers
     retrieval = result["retrieval"]["metrics"]
     metrics |= {f"gate.retrieval.{r}.{k.replace('@', '_at_')}": v for r, row in retrieval.items() for k, v in row.items()}
+    for name, row in ((result.get("judge") or {}).get("sets") or {}).items():
+        if row["win_rate"] is not None:
+            metrics |= {f"gate.judge.{name}.win_rate": row["win_rate"]["mean"], f"gate.judge.{name}.n": row["n"]}
     metrics |= {"gate.promote": float(result["decision"] == "promote")}
     return {k: float(v) for k, v in metrics.items() if math.isfinite(v)}
 
@@ -344,12 +363,19 @@ def run(config: RunConfig, inputs: dict[str, ArtifactRef], tracker: StageRun) ->
     sets = build_sets(config, inputs, tracker)
     scores = score(config, inputs, tracker, sets)
     bounds = abstention_bounds(config, scores.models, sets)
-    outcome = decide(scores.models, scores.variant_ratios, g.rules, bounds)
+    resamples = g.rules.bootstrap_resamples
+    verdicts = None
+    if g.judge.enabled:
+        answers = [scores.models[m]["answers"] for m in ("candidate", "champion")]
+        try:
+            verdicts = judge(g.judge, sets, *answers, scores.champion_label, resamples)
+        except JudgeError as exc:
+            raise GateError(str(exc)) from None
+    outcome = decide(scores.models, scores.variant_ratios, g.rules, bounds, verdicts)
     retrieval = retrieval_quality(config, inputs, tracker)
     version = register(inputs, tracker, scores, outcome, bounds, sets.abstention)
 
     shown = [m for m in scores.models if m != "champion" or scores.champion is not None]
-    resamples = g.rules.bootstrap_resamples
     result = {
         "decision": outcome["decision"],
         "reason": outcome["reason"],
@@ -372,8 +398,10 @@ def run(config: RunConfig, inputs: dict[str, ArtifactRef], tracker: StageRun) ->
         "items": {
             "golden": [{k: item[k] for k in LABELS} for item in sets.golden],
             "unanswerable": [{k: item[k] for k in LABELS} for item in sets.unanswerable],
+            "production": len(sets.production),
             "closed_book": sets.closed_book,
         },
+        "judge": {k: v for k, v in verdicts.items() if k != "verdicts"} if verdicts else None,
         "abstention_bound": {m: bounds[m].as_dict() for m in shown if m in bounds},
         "closed_book_vs_rag": closed_book_vs_rag({m: scores.models[m] for m in shown}, sets.closed_book, resamples),
         "breakdowns": breakdowns(scores, sets, resamples),
@@ -392,7 +420,8 @@ def run(config: RunConfig, inputs: dict[str, ArtifactRef], tracker: StageRun) ->
     }
     tracker.log_metrics(logged_metrics(result))
     tracker.set_tags({f"{TAG}gate.decision": outcome["decision"], f"{TAG}gate.version": version})
-    return {"report": write_report(tracker, result, scores.lineage)}
+    files = {"judge_verdicts.jsonl": verdicts["verdicts"]} if verdicts else {}
+    return {"report": write_report(tracker, result, scores.lineage, files)}
 
 
 def read_decision(refs_json: str, fetch) -> dict:

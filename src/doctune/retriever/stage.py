@@ -38,6 +38,7 @@ from doctune.records import (
     PAGES_FILE,
     RETRIEVER_REPORT_FILE,
     TRAIN_FILE,
+    UNSOURCED_FORMS,
     VALIDATION_FILE,
     eval_item,
     read_jsonl,
@@ -64,11 +65,12 @@ def _normal(text: str) -> str:
 
 
 def training_pairs(records: list[dict], chunk_ids: set[str], path: Path, skipped: list[dict]) -> list[Pair]:
-    """One (question, source chunk) pair per distinct question of the SFT records; rehearsal chats have no source."""
+    """One (question, source chunk) pair per distinct question of the SFT records; rehearsal chats and served
+    questions have no source chunk."""
     pairs, seen = [], set()
     for record in records:
         meta = record.get("meta") if isinstance(record.get("meta"), dict) else {}
-        if meta.get("form") == "rehearsal":
+        if meta.get("form") in UNSOURCED_FORMS:
             continue
         question, chunk_id = meta.get("question"), meta.get("chunk_id")
         if not isinstance(question, str) or not question.strip() or not isinstance(chunk_id, str):

@@ -17,6 +17,7 @@ import numpy as np
 
 from doctune.chat import ABSTENTION, SYSTEM_PROMPT, conversation, edge_order, rag_user_message
 from doctune.config import SynthConfig
+from doctune.flywheel import Examples
 from doctune.retrieval import ChunkIndex
 from doctune.synth.extractive import QA, fold
 from doctune.synth.filters import words
@@ -100,6 +101,7 @@ class Datasets:
     heldout: list[dict] = field(default_factory=list)  # domain text no training stage sees: perplexity after training
     golden: list[dict] = field(default_factory=list)
     unanswerable: list[dict] = field(default_factory=list)
+    production: list[dict] = field(default_factory=list)  # relabeled served failures, held out
     counts: Counter = field(default_factory=Counter)
     contamination_rate: float = 0.0
 
@@ -340,6 +342,7 @@ def build(
     top_k: int,
     replay: list[ReplayText],
     judge: Callable[[str, str, str], str | None] | None = None,
+    flywheel: Examples | None = None,
 ) -> Datasets:
     builder = Builder(config, chunks, index, top_k, Counter(qa.chunk_id for qa in qas))
     out = Datasets()
@@ -389,6 +392,9 @@ def build(
         counts[f"{name}_dropped_seen_in_training"] = len(items) - len(kept)
         setattr(out, name, kept)
 
+    if flywheel is not None:
+        add_flywheel(out, flywheel, set().union(*(grams(item) for item in out.golden + out.unanswerable)), n, config.seed)
+
     # The check: n-gram overlap between eval items and every training record as written.
     training: set[int] = set()
     for record in out.cpt:
@@ -416,6 +422,24 @@ def build(
             f"(rate {out.contamination_rate:.4f} > synth.max_contamination {config.max_contamination})"
         )
     return out
+
+
+def add_flywheel(out: Datasets, made: Examples, eval_grams: set[int], n: int, seed: int) -> None:
+    """Relabeled served failures and rated-up answers into the training split, the held-out ones as the production
+    set. A served question is answered from passages of the whole corpus: a record sharing an n-gram with an eval
+    item would leak it, so it is dropped (counted) rather than trained on."""
+
+    def clean(texts: list[str]) -> bool:
+        return not ngrams(" ".join(texts), n) & eval_grams
+
+    sft = [r for r in made.sft if clean([m["content"] for m in r["messages"]])]
+    dpo = [p for p in made.dpo if clean([m["content"] for key in ("prompt", "chosen") for m in p[key]])]
+    out.counts.update({f"flywheel_{k}": v for k, v in made.counts.items()})
+    out.counts["flywheel_sft_dropped_eval_overlap"] = len(made.sft) - len(sft)
+    out.counts["flywheel_dpo_dropped_eval_overlap"] = len(made.dpo) - len(dpo)
+    out.sft["train"] = sorted(out.sft["train"] + sft, key=lambda r: unit_fraction(seed, "order|" + r["meta"]["question"]))
+    out.dpo["train"] += dpo
+    out.production = made.production
 
 
 def replay_records(texts: list[ReplayText], domain_chars: int, share: float, counts: Counter) -> list[dict]:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from doctune import flywheel
 from doctune.artifacts import ArtifactRef
 from doctune.cache import Cache
 from doctune.chat import ABSTENTION, SYSTEM_PROMPT
@@ -21,10 +22,12 @@ from doctune.records import (
     GOLDEN_FILE,
     HELDOUT_FILE,
     PAGES_FILE,
+    PRODUCTION_FILE,
     SYNTH_REPORT_FILE,
     SYSTEM_PROMPT_FILE,
     TRAIN_FILE,
     UNANSWERABLE_FILE,
+    UNSOURCED_FORMS,
     read_parquet,
     write_jsonl,
 )
@@ -43,12 +46,19 @@ class SynthError(RuntimeError):
     """Nothing to generate from, or nothing left after filtering."""
 
 
+def external_digests(config: RunConfig, inputs: dict[str, ArtifactRef]) -> dict[str, str]:
+    """What serving logged and people labeled is an input too, and how it is used: new logs, labels or flywheel
+    settings make a new dataset."""
+    settings = config.flywheel.model_dump(mode="json", exclude={"log_dir", "labels_dir"})
+    return {"flywheel": flywheel.sources_digest(config), "flywheel_settings": json.dumps(settings, sort_keys=True)}
+
+
 def check_judged(data: Datasets) -> None:
     """A pairwise judge that kept none of the training split's DPO pairs is refused: an empty DPO set would only
     fail later, in the DPO stage, far from its cause."""
     counts = data.counts
     pairs = counts.get("judge_train_pairs", 0)
-    if pairs and not data.dpo["train"]:
+    if pairs and not [p for p in data.dpo["train"] if p["meta"].get("form") not in UNSOURCED_FORMS]:
         disagreed, rejected = counts.get("judge_train_disagreed", 0), counts.get("judge_train_prefers_rejected", 0)
         raise SynthError(
             f"the pairwise judge kept 0 of {pairs} DPO pairs of the training split ({disagreed} disagreed between "
@@ -113,7 +123,8 @@ def apply_filters(
 
 def _with_splits(per_type: dict, data: Datasets) -> dict:
     """Per question type, also its SFT records (answerable and abstaining) and golden items."""
-    sft = Counter(r["meta"].get("qtype") for split in data.sft.values() for r in split if r["meta"]["form"] != "rehearsal")
+    sourced = [r for split in data.sft.values() for r in split if r["meta"]["form"] not in UNSOURCED_FORMS]
+    sft = Counter(r["meta"].get("qtype") for r in sourced)
     golden = Counter(item["meta"].get("qtype") for item in data.golden)
     return {qtype: {**row, "sft": sft[qtype], "golden": golden[qtype]} for qtype, row in per_type.items()}
 
@@ -167,7 +178,7 @@ def _spread(values: list[int]) -> dict:
 
 
 def report(data: Datasets, filter_counts: dict, teacher_counts: Counter, teacher: str) -> dict:
-    sft_all = [r for r in data.sft["train"] + data.sft["validation"] if r["meta"]["form"] != "rehearsal"]
+    sft_all = [r for r in data.sft["train"] + data.sft["validation"] if r["meta"]["form"] not in UNSOURCED_FORMS]
     abstaining = sum(r["meta"]["form"] == "abstention" for r in sft_all)
     forms = Counter(r["meta"]["form"] for r in data.sft["train"] + data.sft["validation"])
     return {
@@ -184,6 +195,7 @@ def report(data: Datasets, filter_counts: dict, teacher_counts: Counter, teacher
             "dpo_validation": len(data.dpo["validation"]),
             "golden": len(data.golden),
             "unanswerable": len(data.unanswerable),
+            "production": len(data.production),
         },
         "sft_forms": dict(forms),
         "abstention_share": round(abstaining / len(sft_all), 4) if sft_all else 0.0,
@@ -201,7 +213,8 @@ def report(data: Datasets, filter_counts: dict, teacher_counts: Counter, teacher
         "examples": {
             "sft": [r["messages"][1:] for r in sft_all[:3]],
             "dpo": [
-                {k: p[k] for k in ("chosen", "rejected")} | {"strategy": p["meta"]["strategy"]} for p in data.dpo["train"][:3]
+                {k: p[k] for k in ("chosen", "rejected")} | {"strategy": p["meta"].get("strategy", p["meta"]["form"])}
+                for p in data.dpo["train"][:3]
             ],
             "golden": [{k: g[k] for k in ("question", "answer")} for g in data.golden[:3]],
             "unanswerable": [{k: g[k] for k in ("question", "answer")} for g in data.unanswerable[:3]],
@@ -253,6 +266,23 @@ def report_markdown(rep: dict) -> str:
                 f"| {row['source']} | {row['lang']} | {row['chunks']} | {row['generated']} | {row['kept']} | "
                 f"{row['golden']} | {row['reason']} |"
             )
+    fly = rep.get("flywheel") or {}
+    if fly.get("interactions"):
+        window = " to ".join(fly["window"]) if fly.get("window") else ""
+        lines += ["", "## Flywheel: what serving logged", "",
+                  f"{fly['interactions']} answered requests read from {fly['log_dir']} ({window}); positive share of the "
+                  f"flywheel's SFT records: {fly['positive_share'] if fly['positive_share'] is not None else 'none'}.",
+                  "", "| count | value |", "|---|---:|"]  # fmt: skip
+        lines += [f"| {k} | {v} |" for k, v in sorted(fly["counts"].items())]
+        if fly["queued"]:
+            lines += ["", "Waiting for a label (raw/flywheel/labeling_queue.json, a Label Studio import):", ""]
+            lines += [f"- {q['question'][:120]} ({', '.join(q['reasons'])})" for q in fly["queued"]]
+        if fly["skipped"]:
+            lines += ["", f"Skipped ({len(fly['skipped'])}):", ""]
+            lines += [
+                f"- {s['file']}" + (f" line {s['line']}" if s.get("line") else "") + f": {s['reason']}"
+                for s in fly["skipped"][:20]
+            ]
     lines += ["", "## Build counts", "", "| count | value |", "|---|---:|"]
     lines += [f"| {k} | {v} |" for k, v in sorted(rep["build"].items())]
     lines += ["", "## Examples", "", "```json", json.dumps(rep["examples"], indent=1, ensure_ascii=False)[:6000], "```"]
@@ -300,7 +330,11 @@ def run(config: RunConfig, inputs: dict[str, ArtifactRef], tracker: StageRun) ->
     judge = teacher.judge if cfg.judge and isinstance(teacher, EndpointTeacher) else None
     if cfg.judge and judge is None:
         raise SynthError("synth.judge needs synth.teacher=endpoint: the judge is asked through the teacher endpoint")
-    data = build(cfg, chunks, kept, index, config.retrieval.top_k, replay, judge)
+    fly = flywheel.collect(config)
+    made = flywheel.examples(fly, config, cfg.seed)
+    for line in fly.skipped[:20]:
+        print(f"synth: flywheel: {line['file']}" + (f" line {line['line']}" if line.get("line") else "") + f": {line['reason']}")
+    data = build(cfg, chunks, kept, index, config.retrieval.top_k, replay, judge, made)
     check_judged(data)  # whether DPO runs is not part of synth's cache key: its result must serve both
     if not data.heldout:
         raise SynthError(
@@ -312,6 +346,7 @@ def run(config: RunConfig, inputs: dict[str, ArtifactRef], tracker: StageRun) ->
     rep["question_types"] = _with_splits(per_type, data)
     rep["documents"] = documents_report(pages, chunks, qas, kept, data, refused, cfg.languages)
     rep["specificity_k"] = cfg.specificity_k
+    rep["flywheel"] = flywheel.report(fly, made) | {"log_dir": str(flywheel.log_dir(config))}
     rep["examples"]["by_type"] = {
         qtype: [{"question": qa.question, "answer": qa.answer} for qa in kept if qa.qtype == qtype][:2]
         for qtype in rep["question_types"]
@@ -336,10 +371,14 @@ def run(config: RunConfig, inputs: dict[str, ArtifactRef], tracker: StageRun) ->
         write_jsonl(out / "heldout" / HELDOUT_FILE, data.heldout)
         write_jsonl(out / "golden" / GOLDEN_FILE, data.golden)
         write_jsonl(out / "unanswerable" / UNANSWERABLE_FILE, data.unanswerable)
+        if data.production:
+            write_jsonl(out / "golden" / PRODUCTION_FILE, data.production)
         for name in ("sft", "dpo", "golden", "unanswerable"):
             (out / name / SYSTEM_PROMPT_FILE).write_text(SYSTEM_PROMPT)
             (out / name / ABSTENTION_FILE).write_text(ABSTENTION)
         write_jsonl(out / "raw" / "qa.jsonl", [q.to_dict() for q in qas])
+        if fly.failures:
+            flywheel.write_queue(fly, out / "raw" / "flywheel")
         if exchanges:
             write_jsonl(out / "raw" / "exchanges.jsonl", redact_obj(exchanges))  # raw replies may echo a secret
         (out / "report").mkdir()
