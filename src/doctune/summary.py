@@ -65,7 +65,7 @@ def _quantize_table(report: dict) -> str:
     return table(["variant", "MiB", "size ratio", "tokens/s", "perplexity", "ppl ratio", "status"], rows)
 
 
-GATE_TABLE = ("golden_f1", "closed_book_f1", "golden_rouge_l", "abstention_accuracy", "false_abstention_rate",
+GATE_TABLE = ("golden_f1", "closed_book_f1", "production_f1", "golden_rouge_l", "abstention_accuracy", "false_abstention_rate",
               "hallucination_rate", "capability_accuracy", "format_compliance", "domain_perplexity",
               "general_perplexity")  # fmt: skip
 
@@ -98,6 +98,12 @@ def _gate_summary(report: dict) -> str:
     for pair, d in report.get("f1_differences", {}).items():
         lines.append(f"golden F1 (RAG) {pair}: {d['mean']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]")
     lines.append(table(["metric (mean [95% CI])", "n", *models], rows))
+    judged = (report.get("judge") or {}).get("overall")
+    if judged and judged["win_rate"] is not None:
+        rate = judged["win_rate"]
+        lines.append(f"pairwise judge vs {report['judge']['against']}: win rate {rate['mean']:.3f} [{rate['ci_low']:.3f}, "
+                     f"{rate['ci_high']:.3f}] over {judged['n']} items ({judged['wins']} won, {judged['losses']} lost, "
+                     f"{judged['ties']} tied, {judged['unusable']} unusable)")  # fmt: skip
     return "\n".join(lines)
 
 
