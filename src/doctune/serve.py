@@ -41,7 +41,6 @@ from mlflow.exceptions import MlflowException
 from doctune.artifacts import ArtifactRef
 from doctune.chat import ABSTENTION, carries_context, edge_order, rag_user_message, reply_sequences
 from doctune.config import RunConfig
-from doctune.devices import usable_cpus
 from doctune.gate import registry
 from doctune.records import CHUNKS_FILE, EMBEDDINGS_FILE, INDEX_FILE, read_parquet
 from doctune.redact import scrub
@@ -229,10 +228,10 @@ class Backend:
         self.in_flight = 0
         self.idle = threading.Condition()
         log = log_dir / f"llama-server-v{deployment.version}.log"
-        threads = serve.threads or usable_cpus()  # llama.cpp's own default is half the cores
         command = [sys.executable, "-m", "doctune.llama_server", "--model", str(deployment.gguf), "--host", "127.0.0.1",
-                   "--port", str(self.port), "--n_ctx", str(n_ctx), "--model_alias", f"v{deployment.version}",
-                   "--n_threads", str(threads), "--n_threads_batch", str(threads)]  # fmt: skip
+                   "--port", str(self.port), "--n_ctx", str(n_ctx), "--model_alias", f"v{deployment.version}"]  # fmt: skip
+        if serve.threads:
+            command += ["--n_threads", str(serve.threads), "--n_threads_batch", str(serve.threads)]
         with open(log, "a") as handle:
             self.process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + startup_timeout_s

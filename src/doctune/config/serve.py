@@ -42,7 +42,10 @@ class ServeConfig(Section):
     )
     n_ctx: int = Field(4096, ge=256, description="llama.cpp context length (prompt and reply tokens)")
     threads: int = Field(
-        0, ge=0, description="CPU threads llama.cpp generates and reads prompts with; 0: every core this process may use"
+        0,
+        ge=0,
+        description="CPU threads llama.cpp generates and reads prompts with; 0: llama.cpp's defaults (half the cores "
+        "to generate, every core for prompts)",
     )
     request_timeout_s: float = Field(300.0, gt=0, description="longest wait for the model's reply to one request")
     startup_timeout_s: float = Field(180.0, gt=0, description="longest wait for a llama.cpp server to come up")
