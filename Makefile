@@ -57,6 +57,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/ingest_bench.py
 	$(BIN)/python bench/synth_bench.py
+	$(BIN)/python bench/retriever_bench.py
 	$(BIN)/python bench/train_bench.py
 	$(BIN)/python bench/quantize_bench.py
 	$(BIN)/python bench/serve_bench.py

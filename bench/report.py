@@ -43,6 +43,13 @@ BENCHMARKS = {
     "synth": ("Synthetic data", "synth_bench.py",
               "extractive generation and filtering throughput on the corpus, and how deduplication time grows from "
               "10,000 to 100,000 examples (linear growth is 10x)."),
+    "retriever": ("Retriever", "retriever_bench.py",
+                  "the retriever stage on the corpus's synthetic data (cpu-demo profile): training examples/s "
+                  "(training pairs x epochs / seconds of the trainer), index build chunks/s of the base and the tuned "
+                  "embedder over every chunk (into an empty cache, fastest of {index_builds} build(s) each), and "
+                  "MRR@10, Recall@1/5/10 and NDCG@10 of base, tuned, BM25 and hybrid on the golden questions with the "
+                  "paired Fisher p-values tuned vs base, as the stage computes them. Target: tuned significantly above "
+                  "base on Recall@5 (p < 0.05)."),
     "train": ("Training (CPU)", "train_bench.py",
               "SFT tokens/s with packing (best-fit decreasing, no attention across examples) against without (padded "
               "to the longest in the batch), on the same data and model in one run, and CPT tokens/s; real tokens "
@@ -89,6 +96,21 @@ def rows() -> list[dict]:
     if synth := load("synth"):
         growth = synth["dedup_growth"]
         add("dedup time growth, 10k → 100k questions (linear = 10)", growth, "<= 12", growth <= 12, "synth_bench.py")
+    if retriever := load("retriever"):
+        versus, target = retriever["tuned_vs_base"], retriever["target"]
+        for metric, label in (("recall@5", "Recall@5"), ("mrr@10", "MRR@10"), ("recall@1", "Recall@1")):
+            if row := versus.get(metric):
+                what = f"retriever tuned vs base embedder, {label} on {retriever['golden_questions']} golden questions"
+                p = "< 0.001" if row["p_value"] < 0.001 else f"= {row['p_value']:.3f}"
+                what += f" (paired Fisher p {p})"
+                if metric == target["metric"]:
+                    add(what, row["ratio"], "> 1 at p < 0.05", target["meets"], "retriever_bench.py")
+                else:
+                    add(what, row["ratio"], "", None, "retriever_bench.py")
+        if (ratio := retriever["index_build_tuned_over_base"]) is not None:
+            base, training = retriever["index_build"]["base"], retriever["training"]
+            add(f"retriever index build, tuned vs base embedder, chunks/s ({base['chunks_per_second']} chunks/s base; "
+                f"training {training['examples_per_second']} examples/s)", ratio, "", None, "retriever_bench.py")  # fmt: skip
     if quantize := load("quantize"):
         q8 = quantize["variants"].get("gguf-q8_0")
         if q8:

@@ -1,7 +1,8 @@
 """The benchmarks' own arithmetic, on CPU: the GPU training benchmark's model FLOPs (its MFU numerator) against
-PyTorch's own count, and the serving load test's measured windows."""
+PyTorch's own count, the serving load test's measured windows, and the retriever benchmark's rates and verdict."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import torch
@@ -65,3 +66,56 @@ def test_the_serve_benchmark_measures_each_phase_from_when_every_client_has_a_re
     assert summary["requests"] == 3 and summary["seconds"] == 4.0 and summary["requests_per_s"] == 0.75
     assert summary["p50_s"] == 2.0 and summary["mean_completion_tokens"] == 8
     assert bench.NoLog().write({"request_id": "x"}) is None
+
+
+def test_the_retriever_benchmark_counts_examples_per_second_and_judges_recall_at_5_by_its_p_value(monkeypatch, tmp_path):
+    bench_dir = Path(__file__).resolve().parents[1] / "bench"
+    monkeypatch.syspath_prepend(str(bench_dir))  # its `results_io` import
+    spec = importlib.util.spec_from_file_location("retriever_bench", bench_dir / "retriever_bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def metrics(mrr, r1, r5):
+        return {"mrr@10": mrr, "recall@1": r1, "recall@5": r5, "recall@10": r5, "ndcg@10": mrr}
+
+    p_values = {"mrr@10": 0.0, "recall@1": 0.004, "recall@5": 0.36, "recall@10": 1.0, "ndcg@10": 0.002}
+    report = {
+        "chunks": 1000, "selected": "tuned", "selected_on": {"questions": "validation"}, "mining": {"mode": "dense"},
+        "settings": {"epochs": 3.0, "batch_size": 32},
+        "training": {"pairs": 185, "hard_negatives": 1, "without_negatives": 0, "steps": 15},
+        "comparison": {
+            "queries": 130,
+            "metrics": {"base": metrics(0.75, 0.6, 0.992), "tuned": metrics(0.84, 0.72, 0.969),
+                        "bm25": metrics(0.5, 0.4, 0.7), "hybrid": metrics(0.83, 0.72, 0.97)},
+            "p_values": {"base vs tuned": p_values},
+        },
+    }  # fmt: skip
+    builds = {"base": [10.0, 8.0], "tuned": [8.5, 9.0], "load": [0.5], "bm25": [1.0]}
+    result = bench.summarize(report, "bundled:all-minilm-l6-v2", 60.0, 2.0, 90.0, builds)
+    assert result["training"]["examples_per_second"] == 9.25  # 185 pairs x 3 epochs / 60 s
+    assert result["training"]["examples_seen_per_second"] == 8.0  # 15 steps x 32 / 60 s: the last partial batch dropped
+    assert result["index_build"]["base"] == {"seconds": 8.0, "runs": [10.0, 8.0], "chunks_per_second": 125.0}
+    assert result["index_build_tuned_over_base"] == round((1000 / 8.5) / 125.0, 3)
+    assert result["tuned_vs_base"]["recall@5"] == {"ratio": round(0.969 / 0.992, 3), "p_value": 0.36}
+    assert result["target"]["meets"] is False  # lower, and p >= 0.05
+    text = "\n".join(bench.markdown(result))
+    assert "**not met**" in text and "no room is left" in text and "on: MRR@10, Recall@1, NDCG@10." in text
+    assert "Significantly below base on: Recall@5" not in text
+
+    # Higher alone does not meet the target: the paired test must say so too.
+    report["comparison"]["metrics"]["tuned"]["recall@5"] = 0.995
+    assert bench.summarize(report, "e", 60.0, 2.0, 90.0, builds)["target"]["meets"] is False
+    p_values["recall@5"] = 0.01
+    met = bench.summarize(report, "e", 60.0, 2.0, 90.0, builds)
+    assert met["target"]["meets"] is True
+
+    # The summary row of bench/report.py carries the target and its verdict.
+    spec = importlib.util.spec_from_file_location("report", bench_dir / "report.py")
+    report_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report_module)
+    (tmp_path / "retriever.json").write_text(json.dumps(met))
+    monkeypatch.setattr(report_module, "RESULTS", tmp_path)
+    rows = {row["benchmark"]: row for row in report_module.rows()}
+    (recall,) = [row for name, row in rows.items() if "Recall@5" in name]
+    assert recall["target"] == "> 1 at p < 0.05" and recall["meets"] is True and "p = 0.010" in recall["benchmark"]
+    assert any("p < 0.001" in name for name in rows)  # MRR@10
