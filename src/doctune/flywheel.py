@@ -24,14 +24,15 @@ from pathlib import Path
 from doctune.chat import ABSTENTION, CONTEXT_HEADER, InvalidMessages, carries_context, check_messages
 from doctune.config import RunConfig
 from doctune.endpoint import ChatClient, EndpointError
-from doctune.records import SkipRecord, dpo_pair, sft_messages, skip
+from doctune.records import SkipRecord, dpo_pair, read_jsonl, sft_messages, skip
 from doctune.redact import scrub
 
 REQUESTS_GLOB, FEEDBACK_GLOB = "requests*.jsonl", "feedback*.jsonl"
 LABEL_GLOBS = ("*.json", "*.jsonl")
 REASONS = ("thumbs_down", "corrected", "labeled", "invalid_json", "ungrounded", "uncertain")
 # Requests the flywheel itself sends (self-consistency samples) carry this: serve answers them without logging them.
-SAMPLE_MARK = {"metadata": {"doctune_purpose": "self-consistency"}}
+SELF_CONSISTENCY = "self-consistency"
+SAMPLE_MARK = {"metadata": {"doctune_purpose": SELF_CONSISTENCY}}
 QUESTION_MARK = "\n\nQuestion: "  # how rag_user_message ends its context
 ACCEPTED = frozenset({"correct", "accept", "accepted", "good"})  # a label saying the logged answer was right
 QUEUE_FILE, LABEL_CONFIG_FILE = "labeling_queue.json", "labeling_config.xml"
@@ -50,7 +51,8 @@ LABEL_CONFIG = """<View>
     <Choice value="correct"/>
     <Choice value="wrong"/>
   </Choices>
-  <TextArea name="answer" toName="question" placeholder="The right answer (or the abstention sentence)" rows="4"/>
+  <Header value="The right answer (or the abstention sentence), where the model's is wrong"/>
+  <TextArea name="answer" toName="question" rows="4"/>
 </View>
 """
 
@@ -95,7 +97,7 @@ class Flywheel:
     interactions: int = 0
     failures: list[Interaction] = field(default_factory=list)
     positives: list[Interaction] = field(default_factory=list)
-    labels: dict[str, dict] = field(default_factory=dict)  # request id -> {"answer"} or {"accepted": True}
+    labels: dict[str, dict] = field(default_factory=dict)  # request id -> {"answer", "accepted"} or {"accepted": True}
     skipped: list[dict] = field(default_factory=list)
     counts: Counter = field(default_factory=Counter)
     window: tuple[str, str] | None = None  # first and last request time read
@@ -159,29 +161,12 @@ def _valid_json(text: str) -> bool:
 
 
 def _records(path: Path, skipped: list[dict]) -> list[dict]:
-    """A JSONL file's JSON object records, each with its line number as `_line`. A line that is not UTF-8 or not a
-    JSON object (a write torn by a crash) is listed and the rest of the file read; an unreadable file is listed."""
-    records = []
+    """read_jsonl, with a file that cannot be read listed instead of raised (a log rotated away while reading)."""
     try:
-        with open(path, "rb") as handle:
-            for number, raw in enumerate(handle, start=1):
-                try:
-                    record = json.loads(raw.decode("utf-8")) if raw.strip() else None
-                except UnicodeDecodeError:
-                    skipped.append({"file": path.name, "line": number, "reason": "not UTF-8 text"})
-                    continue
-                except json.JSONDecodeError as exc:
-                    skipped.append({"file": path.name, "line": number, "reason": f"not JSON: {exc.msg}"})
-                    continue
-                if record is None:
-                    continue
-                if not isinstance(record, dict):
-                    skipped.append({"file": path.name, "line": number, "reason": "not a JSON object"})
-                    continue
-                records.append({**record, "_line": number})
+        return read_jsonl(path, skipped)
     except OSError as exc:
         skipped.append({"file": path.name, "line": None, "reason": f"unreadable: {exc}"})
-    return records
+        return []
 
 
 def _text_messages(messages: object) -> object:
@@ -318,7 +303,7 @@ def served_version(base_url: str) -> str | None:
 
 
 def read_labels(directory: Path, skipped: list[dict]) -> dict[str, dict]:
-    """request id -> {"answer": text, "verdict": ...} or {"accepted": True}, from Label Studio JSON exports (an
+    """request id -> {"answer": text, "accepted": bool} or {"accepted": True}, from Label Studio JSON exports (an
     "answer" text area, a "verdict" choice) and JSONL rows {request_id, answer | verdict}. A later file wins."""
     labels: dict[str, dict] = {}
     if not directory.is_dir():
@@ -366,8 +351,8 @@ def _label_studio_row(number: int, task: object) -> tuple[object, object, object
             continue
         if result.get("from_name") == "answer":
             text = value.get("text")
-            parts = [text] if isinstance(text, str) else [t for t in text if isinstance(t, str)] if isinstance(text, list) else []
-            answer = "\n".join(parts) or None
+            parts = [text] if isinstance(text, str) else text if isinstance(text, list) else []
+            answer = "\n".join(t for t in parts if isinstance(t, str)) or None
         elif result.get("from_name") == "verdict":
             choices = value.get("choices")
             if isinstance(choices, list) and choices and isinstance(choices[0], str):

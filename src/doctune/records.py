@@ -40,14 +40,18 @@ class SkipRecord(ValueError):
 
 
 def read_jsonl(path: Path, skipped: list[dict]) -> list[dict]:
-    """JSON object records of a file, each with its line number as `_line`; the others are listed in `skipped`."""
+    """JSON object records of a file, each with its line number as `_line`; the others are listed in `skipped`. A
+    line is decoded alone: one that is not UTF-8 (a write torn by a crash) costs that line, not the file."""
     records = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if not raw.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                skipped.append({"file": Path(path).name, "line": number, "reason": "not UTF-8 text"})
+                continue
             except json.JSONDecodeError as exc:
                 skipped.append({"file": Path(path).name, "line": number, "reason": f"not JSON: {exc.msg}"})
                 continue

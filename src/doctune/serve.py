@@ -41,13 +41,13 @@ from mlflow.exceptions import MlflowException
 from doctune.artifacts import ArtifactRef
 from doctune.chat import ABSTENTION, carries_context, edge_order, rag_user_message, reply_sequences
 from doctune.config import RunConfig
+from doctune.flywheel import SELF_CONSISTENCY
 from doctune.gate import registry
 from doctune.records import CHUNKS_FILE, EMBEDDINGS_FILE, INDEX_FILE, read_parquet
 from doctune.redact import scrub
 from doctune.tracking import Tracker
 
 SYSTEM_PROMPT_FILE = "system_prompt.txt"
-SELF_CONSISTENCY = "self-consistency"  # metadata.doctune_purpose of the flywheel's samples (answered, not logged)
 MAX_BODY = 8 * 2**20  # a request body larger than this is refused
 CITED_FIELDS = ("chunk_id", "doc_id", "section", "page_start", "page_end", "char_start", "char_end")
 
