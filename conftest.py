@@ -79,6 +79,14 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def tiny_vlm_dir(tmp_path_factory) -> Path:
+    """`bundled:tiny-random-vlm`: a two-layer SmolVLM-architecture model with a real processor, built once per session."""
+    from doctune.models import resolve_model
+
+    return resolve_model("bundled:tiny-random-vlm", tmp_path_factory.mktemp("vlm-cache"))
+
+
 GENERAL_TEXT = [
     "Water boils at 100 degrees Celsius at sea level; at higher altitudes the lower air pressure lets it boil sooner.",
     "Photosynthesis lets plants turn sunlight, water and carbon dioxide into sugar, releasing oxygen as a by-product.",

@@ -7,11 +7,11 @@ from doctune import __version__
 
 DEFAULT_REGISTRY = "ghcr.io/doctune"
 CPU_IMAGE = f"{DEFAULT_REGISTRY}/doctune-cpu:{__version__}"
-# Training, merge and quantize: CUDA torch, DeepSpeed, bitsandbytes.
+# Training, merge and quantize (of both tracks): CUDA torch, DeepSpeed, bitsandbytes.
 GPU_IMAGE = f"{DEFAULT_REGISTRY}/doctune-cuda:{__version__}"
 
 # Stages whose component runs in the CUDA image.
-CUDA_STAGES = frozenset({"cpt", "sft", "dpo", "merge", "quantize"})
+CUDA_STAGES = frozenset({"cpt", "sft", "dpo", "merge", "quantize", "page_sft", "page_merge", "page_quantize", "page_gate"})
 
 _IMAGE = re.compile(r"^.+/(doctune-(?:cpu|cuda)):[^/]+$")
 

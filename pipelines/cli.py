@@ -8,10 +8,12 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import get_args
 
 from doctune.artifacts import ArtifactIntegrityError
 from doctune.cluster.kube import KubernetesError
 from doctune.config import ConfigError, RunConfig, load_config
+from doctune.config.pages import Task
 from doctune.deploy import DeployError, deploy
 from doctune.gate.registry import RegistryError
 from doctune.models import ModelResolutionError
@@ -62,10 +64,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from doctune_kfp.pipelines.doctune_pipeline import IR_YAML, compile_pipeline
+    from doctune_kfp.pipelines.dags import DAGS
 
-    path = compile_pipeline(args.output or IR_YAML)
-    print(f"wrote {path}")
+    if args.output and not args.task:
+        raise ConfigError(f"--output names one file: pass --task too ({', '.join(DAGS)})")
+    for task in [args.task] if args.task else DAGS:
+        print(f"wrote {DAGS[task].compile_pipeline(args.output or DAGS[task].IR_YAML)}")
     return 0
 
 
@@ -234,12 +238,13 @@ def _host_arg(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="doctune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run the whole pipeline locally (kfp.local)")
+    run = sub.add_parser("run", help="run the whole pipeline of the config's task locally (kfp.local)")
     _config_args(run)
     run.add_argument("--verbose", action="store_true", help="show kfp.local's and the components' output here, not in a log")
     run.set_defaults(func=cmd_run)
-    comp = sub.add_parser("compile", help="write the pipeline's KFP IR YAML")
-    comp.add_argument("--output", type=Path, help="default: pipelines/doctune_pipeline.yaml")
+    comp = sub.add_parser("compile", help="write the pipelines' KFP IR YAML (one per task)")
+    comp.add_argument("--task", choices=sorted(get_args(Task)), help="only this task's DAG (default: every task's)")
+    comp.add_argument("--output", type=Path, help="with --task: where to write it (default: its pipelines/*_pipeline.yaml)")
     comp.set_defaults(func=cmd_compile)
     stage = sub.add_parser("stage", help="run one stage directly, or rerun it against an earlier run's artifacts")
     stage.add_argument("name", choices=sorted(STAGES))
@@ -248,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--submit", action="store_true", help="rerun it on the cluster (a one-component KFP run)")
     _host_arg(stage)
     stage.set_defaults(func=cmd_stage)
-    sub_run = sub.add_parser("submit", help="compile the pipeline with the cluster settings and start a KFP run")
+    sub_run = sub.add_parser("submit", help="compile the config's task's pipeline with the cluster settings and start a KFP run")
     _config_args(sub_run)
     _host_arg(sub_run)
     sub_run.add_argument("--name", help="run name (default: project.name)")

@@ -4,7 +4,7 @@ from pathlib import Path
 
 from kfp import dsl
 
-from doctune.config import ClusterConfig
+from doctune.config import ClusterConfig, RunConfig
 from doctune_kfp.components.close_run.component import close_run
 from doctune_kfp.components.cpt.component import cpt
 from doctune_kfp.components.deploy.component import deploy
@@ -108,6 +108,11 @@ def build_pipeline(cluster: ClusterConfig):
                 place(rejected, "record_rejection", cluster).set_caching_options(False).set_display_name("record rejection")
 
     return doctune_pipeline
+
+
+def arguments(config: RunConfig) -> dict:
+    """The DAG's parameters besides config and parent_run_id: the stages the run config switches off."""
+    return {"cpt_enabled": config.cpt.enabled, "dpo_enabled": config.dpo.enabled, "retriever_enabled": config.retriever.enabled}
 
 
 # The DAG with the default cluster settings: what kfp.local runs and what pipelines/doctune_pipeline.yaml holds.

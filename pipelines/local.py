@@ -1,4 +1,4 @@
-"""Run the DAG on this machine with kfp.local: every component in a subprocess of this Python."""
+"""Run the run config's DAG (its `task`) on this machine with kfp.local: every component in a subprocess of this Python."""
 
 import os
 import shutil
@@ -16,7 +16,7 @@ from doctune.config import RunConfig
 from doctune.processes import end_children, owner_of_children, stop_on_signals, stopped_by
 from doctune.redact import redact
 from doctune.tracking import TAG, Tracker
-from doctune_kfp.pipelines.doctune_pipeline import build_pipeline
+from doctune_kfp.pipelines.dags import dag_for
 
 
 class LocalRunError(RuntimeError):
@@ -169,15 +169,10 @@ def close_interrupted(tracker: Tracker, parent: str, exc: BaseException) -> None
 
 def _run_pipeline(config: RunConfig, parent: str) -> None:
     init_local(config.project.workdir / "kfp")
+    dag = dag_for(config)
     # kfp.local honours retry policies: here a failed task fails the run at once (retries are for lost cluster nodes).
-    pipeline = build_pipeline(config.cluster.model_copy(update={"retries": 0}))
+    pipeline = dag.build_pipeline(config.cluster.model_copy(update={"retries": 0}))
     try:
-        pipeline(
-            config=config.to_yaml(),
-            parent_run_id=parent,
-            cpt_enabled=config.cpt.enabled,
-            dpo_enabled=config.dpo.enabled,
-            retriever_enabled=config.retriever.enabled,
-        )
+        pipeline(config=config.to_yaml(), parent_run_id=parent, **dag.arguments(config))
     except RuntimeError as exc:  # kfp.local reports a failed task this way; the exit handler closed the run
         raise LocalRunError(parent, str(exc)) from exc

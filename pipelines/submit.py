@@ -15,7 +15,7 @@ from pathlib import Path
 from doctune.cluster import for_cluster
 from doctune.config import RunConfig
 from doctune_kfp.pipelines.cluster import compile_for_cluster, compile_rerun
-from doctune_kfp.pipelines.doctune_pipeline import build_pipeline
+from doctune_kfp.pipelines.dags import dag_for
 
 TOKEN_ENV = "DOCTUNE_KFP_TOKEN"  # a bearer token (e.g. `kubectl create token`), for clusters behind auth
 
@@ -101,16 +101,16 @@ def _run_url(host: str, run_id: str) -> str:
 
 
 def pipeline_arguments(config: RunConfig) -> dict:
-    return {"config": config.to_yaml(), "parent_run_id": "", "cpt_enabled": config.cpt.enabled,
-            "dpo_enabled": config.dpo.enabled, "retriever_enabled": config.retriever.enabled}  # fmt: skip
+    return {"config": config.to_yaml(), "parent_run_id": "", **dag_for(config).arguments(config)}
 
 
 def _compiled(config: RunConfig, folder: str) -> Path:
-    return compile_for_cluster(build_pipeline(config.cluster), Path(folder) / "doctune.yaml", config.cluster)
+    """The DAG of the config's task, compiled with its cluster settings."""
+    return compile_for_cluster(dag_for(config).build_pipeline(config.cluster), Path(folder) / "doctune.yaml", config.cluster)
 
 
 def submit(config: RunConfig, host: str | None = None, run_name: str | None = None) -> Submitted:
-    """Compile the DAG with the config's cluster settings and start one run."""
+    """Compile the DAG of the config's task with its cluster settings and start one run."""
     config = for_cluster(config)
     client, host = connect(config, host)
     experiment_id = _experiment_id(client, config)

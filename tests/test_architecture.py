@@ -107,8 +107,9 @@ def test_an_edit_no_stage_uses_leaves_an_earlier_stage_result_reusable(make_conf
 
 def test_the_compiled_ir_declares_typed_artifact_outputs_for_every_stage():
     """Kubeflow sees datasets, models, metrics and the gate's HTML report, not only JSON strings."""
-    ir = next(yaml.safe_load_all((REPO / "pipelines" / "doctune_pipeline.yaml").read_text()))  # then platform specs
-    components = ir["components"]
+    components = {}
+    for dag in ("doctune_pipeline.yaml", "page_extraction_pipeline.yaml"):  # each stage is in one of the two DAGs
+        components |= next(yaml.safe_load_all((REPO / "pipelines" / dag).read_text()))["components"]  # then platform specs
     for name, spec in STAGES.items():
         component = components[f"comp-{name.replace('_', '-')}"]
         artifacts = component["outputDefinitions"]["artifacts"]

@@ -34,7 +34,7 @@ def test_unknown_key_names_its_path_and_the_allowed_keys():
 
 
 def test_unknown_section_is_rejected():
-    with pytest.raises(ConfigError, match=r"serving: unknown key; allowed keys: project, tracking, model, ingest"):
+    with pytest.raises(ConfigError, match=r"serving: unknown key; allowed keys: task, project, tracking, model, ingest"):
         build_config({"serving": {"port": 1}})
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from doctune import __version__
+from doctune.stages import STAGES
 from doctune_kfp.components.images import CPU_IMAGE, CUDA_STAGES, GPU_IMAGE, image_for, retag
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,8 +65,8 @@ def test_lock_file_pins_every_dependency_at_pyprojects_version():
 
 def test_components_name_the_image_of_their_stage_and_follow_registry_and_tag():
     assert CPU_IMAGE.endswith(f"/doctune-cpu:{__version__}") and GPU_IMAGE.endswith(f"/doctune-cuda:{__version__}")
-    assert {s for s in ("ingest", "synth", "cpt", "sft", "dpo", "merge", "quantize", "eval_gate") if image_for(s) == GPU_IMAGE} \
-        == set(CUDA_STAGES)  # fmt: skip
+    assert {s for s in STAGES if image_for(s) == GPU_IMAGE} == set(CUDA_STAGES)
+    assert set(CUDA_STAGES) == {"cpt", "sft", "dpo", "merge", "quantize", "page_sft", "page_merge", "page_quantize", "page_gate"}
     assert retag(GPU_IMAGE, "registry.local:5000/team/", "1.2.3") == "registry.local:5000/team/doctune-cuda:1.2.3"
     assert retag("python:3.11", "registry.local", "1") == "python:3.11"
 

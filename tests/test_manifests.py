@@ -5,6 +5,7 @@ deploy` sends (KServe's CRD, which kubernetes-validate has no schema for) is val
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -225,3 +226,17 @@ def test_the_predictors_service_account_is_installed_with_the_base():
     account = objects[("ServiceAccount", DeployConfig().service_account)]
     assert account["secrets"] == [{"name": "doctune-serving-storage"}]  # the storage initializer's credentials
     assert "InferenceService" not in {kind for kind, _ in objects}  # doctune deploy creates it, with the champion
+
+
+def test_the_page_extraction_serving_example_is_a_valid_pod_sized_like_the_training_pages():
+    from doctune.config import PagesConfig
+
+    isvc = yaml.safe_load((REPO / "manifests/examples/page-extraction-inferenceservice.yaml").read_text())
+    _validated(isvc)
+    (container,) = isvc["spec"]["predictor"]["containers"]
+    args = container["args"]
+    assert args[args.index("--model") + 1] == "/mnt/models" and args[args.index("--port") + 1] == "8080"
+    # The served images are capped where training rendered them, one page per request.
+    assert json.loads(args[args.index("--mm-processor-kwargs") + 1]) == {"max_pixels": PagesConfig().render.max_pixels}
+    assert json.loads(args[args.index("--limit-mm-per-prompt") + 1]) == {"image": 1}
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"

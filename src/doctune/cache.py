@@ -29,11 +29,13 @@ KINDS = (
     "train/cpt",  # training checkpoints (resume); removed when the stage finishes
     "train/sft",
     "train/dpo",
+    "train/page_sft",
+    "pages",  # rendered page images, by PDF digest, page and render settings
 )
 
 # Resume state of a stage that did not finish (teacher generation so far, training checkpoints): no finished run
 # names it, so prune keeps it unless asked not to.
-RESUME_KINDS = ("synth", "train/cpt", "train/sft", "train/dpo")
+RESUME_KINDS = ("synth", "train/cpt", "train/sft", "train/dpo", "train/page_sft")
 IN_USE_LOCK = ".in-use.lock"
 
 _used: set[str] = set()

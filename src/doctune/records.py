@@ -30,6 +30,10 @@ GATE_REPORT_FILE = "gate_report.json"
 RETRIEVER_REPORT_FILE = "retriever_report.json"  # retriever: report
 PRODUCTION_FILE = "production.jsonl"  # synth: golden (relabeled served failures, held out: the production eval set)
 # SFT record forms with no source chunk: general chats against forgetting, and what serving logged
+# The page track's dataset (pages stage): train/validation as above, plus these.
+PAGE_TEST_FILE = "test.jsonl"
+PAGE_SCHEMA_FILE = "schema.json"
+PAGE_INSTRUCTION_FILE = "instruction.txt"  # the user turn beside each page image; every page model carries it too
 UNSOURCED_FORMS = frozenset({"rehearsal", "flywheel", "flywheel_positive"})
 INDEX_FILE = "index.json"  # retriever: index (which retriever, its mode and chunk ids)
 EMBEDDINGS_FILE = "embeddings.npy"  # retriever: index (the chunks' vectors, row i for chunk i of index.json)

@@ -152,6 +152,45 @@ STAGES: dict[str, StageSpec] = {
         params={"model": "merge", "quantized": "quantize", "datasets": "synth", "documents": "ingest", "retriever": "retriever"},
         kfp_outputs={"gate_report": ("report", "html"), "gate_metrics": ("", "metrics")},
     ),
+    # The page-extraction track (task: page_extraction): its own DAG, pipelines/page_extraction_pipeline.py.
+    "pages": StageSpec(
+        name="pages",
+        module="doctune.pages.stage",
+        sections=("pages",),
+        kfp_outputs={"page_dataset": ("dataset", "dataset"), "pages_report": ("report", "markdown")},
+    ),
+    "page_sft": StageSpec(
+        name="page_sft",
+        module="doctune.page_sft.stage",
+        sections=("model", "pages", "page_sft"),
+        inputs={"pages": ("pages", "dataset")},
+        params={"pages": "pages"},
+        kfp_outputs={"tuned_model": ("model", "model"), "training_metrics": ("", "metrics")},
+    ),
+    "page_merge": StageSpec(
+        name="page_merge",
+        module="doctune.page_merge.stage",
+        sections=("model", "merge"),
+        inputs={"model": ("page_sft", "model"), "pages": ("pages", "dataset")},
+        params={"model": "page_sft", "pages": "pages"},
+        kfp_outputs={"merged_model": ("model", "model"), "merge_metrics": ("", "metrics")},
+    ),
+    "page_quantize": StageSpec(
+        name="page_quantize",
+        module="doctune.page_quantize.stage",
+        sections=("model", "page_quantize"),
+        inputs={"model": ("page_merge", "model"), "pages": ("pages", "dataset")},
+        params={"model": "page_merge", "pages": "pages"},
+        kfp_outputs={"quantize_report": ("report", "dataset"), "quantize_metrics": ("", "metrics")},
+    ),
+    "page_gate": StageSpec(
+        name="page_gate",
+        module="doctune.gate.page_stage",
+        sections=("model", "page_gate"),
+        inputs={"model": ("page_merge", "model"), "quantized": ("page_quantize", "report"), "pages": ("pages", "dataset")},
+        params={"model": "page_merge", "quantized": "page_quantize", "pages": "pages"},
+        kfp_outputs={"gate_report": ("report", "html"), "gate_metrics": ("", "metrics")},
+    ),
 }
 
 
@@ -464,12 +503,13 @@ def close_pipeline_run(config_yaml: str, parent_run_id: str, kfp_run_id: str, st
 
 
 def gate_component(
-    config_yaml: str, parent_run_id: str, kfp_outputs: dict | None = None, **upstream: str
+    config_yaml: str, parent_run_id: str, kfp_outputs: dict | None = None, stage: str = "eval_gate", **upstream: str
 ) -> tuple[str, str, str, str]:
-    """Run the gate; returns (refs JSON, decision, version, failed rules JSON) for the pipeline's If/Else."""
+    """Run a gate (`eval_gate`, or the page track's `page_gate`); returns (refs JSON, decision, version, failed rules
+    JSON) for the pipeline's If/Else."""
     from doctune.gate.stage import read_decision
 
-    refs = run_stage_component("eval_gate", config_yaml, parent_run_id, kfp_outputs, **upstream)
+    refs = run_stage_component(stage, config_yaml, parent_run_id, kfp_outputs, **upstream)
     decision = read_decision(refs, Tracker(config_from_yaml(config_yaml)).fetch)
     return refs, decision["decision"], decision["version"], json.dumps(decision["failed"])
 

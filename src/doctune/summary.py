@@ -1,12 +1,17 @@
 """What a finished pipeline run shows on the console: stage table, ingest, synth, training, quantize and gate
-summaries, where the artifacts are and what the registry holds."""
+summaries, where the artifacts are and what the registry holds. A page-extraction run (`task: page_extraction`) shows
+its stage table, training row, page gate decision and report, artifacts and registry."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+from doctune.gate.page_report import MARKDOWN_FILE
 from doctune.records import GATE_REPORT_FILE, INGEST_REPORT_FILE, QUANTIZE_REPORT_FILE, SYNTH_REPORT_FILE
 from doctune.tracking import TAG, Tracker
+
+PAGE_GATE_DETAILS = "## Accuracy per key"  # where its summary and rules end
 
 
 def table(header: list[str], rows: list[list[object]]) -> str:
@@ -107,13 +112,28 @@ def _gate_summary(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _page_gate_summary(folder: Path) -> str:
+    """The page gate's decision and its own report: the page track's scores are laid out there, not here."""
+    lines = []
+    if (folder / GATE_REPORT_FILE).is_file():
+        report = json.loads((folder / GATE_REPORT_FILE).read_text())
+        lines += [f"page gate: {str(report['decision']).upper()} candidate version {report['version']}",
+                  f"failed rules: {', '.join(report['failed']) or 'none'}"]  # fmt: skip
+    if (folder / MARKDOWN_FILE).is_file():  # its summary and rules; per-key scores and sample pages stay there
+        text = (folder / MARKDOWN_FILE).read_text()
+        lines += ["", text.split(PAGE_GATE_DETAILS, 1)[0].strip(), f"(per-key accuracy and sample pages: {MARKDOWN_FILE})"]
+    return "\n".join(lines)
+
+
 def _artifact_lines(tracker: Tracker, finished: dict) -> list[str]:
-    """Where the run's main artifacts are, and what the registry holds now."""
+    """Where the run's main artifacts are (of either track), and what the registry holds now."""
     from doctune.gate import registry
 
-    wanted = [("merge", "model", "merged model"), ("eval_gate", "report", "gate report")]
-    if "quantize" in finished:
-        wanted[1:1] = [("quantize", name, name) for name in tracker.outputs_of(finished["quantize"]) if name != "report"]
+    wanted = [("merge", "model", "merged model"), ("page_merge", "model", "merged model")]
+    for stage in ("quantize", "page_quantize"):
+        if stage in finished:
+            wanted += [(stage, name, name) for name in tracker.outputs_of(finished[stage]) if name != "report"]
+    wanted += [("eval_gate", "report", "gate report"), ("page_gate", "report", "gate report")]
     rows = []
     for stage, output, label in wanted:
         if stage in finished and output in (outputs := tracker.outputs_of(finished[stage])):
@@ -184,7 +204,7 @@ def summarize(tracker: Tracker, parent_run_id: str) -> str:
             "contamination": f"{report['contamination_rate']:.1%}",
         }
         out += ["", table(list(synth_row), [list(synth_row.values())])]
-    training = [_training_row(tracker, name, finished[name]) for name in ("cpt", "sft", "dpo") if name in finished]
+    training = [_training_row(tracker, name, finished[name]) for name in ("cpt", "sft", "dpo", "page_sft") if name in finished]
     if training:
         header = ["stage", "method", "steps", "loss first→last", "held-out loss before→after", "tokens/s", "padding"]
         out += ["", table(header, training)]
@@ -197,6 +217,8 @@ def summarize(tracker: Tracker, parent_run_id: str) -> str:
         out += ["", _quantize_table(json.loads((tracker.fetch(outputs["report"]) / QUANTIZE_REPORT_FILE).read_text()))]
     if "eval_gate" in finished and "report" in (outputs := tracker.outputs_of(finished["eval_gate"])):
         out += ["", _gate_summary(json.loads((tracker.fetch(outputs["report"]) / GATE_REPORT_FILE).read_text()))]
+    if "page_gate" in finished and "report" in (outputs := tracker.outputs_of(finished["page_gate"])):
+        out += ["", _page_gate_summary(tracker.fetch(outputs["report"]))]
     out += _artifact_lines(tracker, finished)
     out.append("")
     out.append(f"pipeline run: {parent_run_id}  (tracking: {tracker.uri}, experiment {tracker.config.experiment_name!r})")

@@ -5,6 +5,7 @@
 - ingest, synth: PDFs to chunks; training data, eval sets, retrieval, teachers, replay, dedup
 - training: CPT, SFT, DPO (and the further TRL arguments they pass on)
 - export: merge and quantize
+- pages: the page-extraction track (task: page_extraction): pages, page_sft, page_quantize, page_gate
 - gate: the eval gate and its rules
 - serve: `doctune serve`, the champion behind an endpoint; flywheel: its logs back into training
 - deploy: `doctune deploy`, the champion as a KServe InferenceService on a cluster
@@ -28,6 +29,7 @@ from doctune.config.export import MergeConfig, QuantizeConfig
 from doctune.config.gate import GateConfig, GateRules, JudgeConfig
 from doctune.config.ingest import ChunkingConfig, IngestConfig
 from doctune.config.model import ModelConfig
+from doctune.config.pages import PageGateConfig, PageQuantizeConfig, PagesConfig, PageSftConfig
 from doctune.config.project import ProjectConfig
 from doctune.config.retriever import RetrieverConfig
 from doctune.config.run import (
@@ -87,6 +89,10 @@ __all__ = [
     "LoraSettings",
     "MergeConfig",
     "ModelConfig",
+    "PageGateConfig",
+    "PageQuantizeConfig",
+    "PageSftConfig",
+    "PagesConfig",
     "ProjectConfig",
     "QuantizeConfig",
     "ReplayConfig",

@@ -32,11 +32,16 @@ class Toleration(Section):
     )
 
 
+# Training, merge, quantize (and the page gate, which runs three vision-language models) need a GPU on a cluster.
+GPU_STAGES = ("cpt", "sft", "dpo", "merge", "quantize", "page_sft", "page_merge", "page_quantize", "page_gate")
+
+
 class GpuPlacement(Section):
     """Where GPU components run: accelerator, count, and the GPU node pool's label and taint."""
 
     stages: list[str] = Field(
-        default_factory=lambda: ["cpt", "sft", "dpo", "merge", "quantize"], description="components placed on the GPU pool"
+        default_factory=lambda: list(GPU_STAGES),
+        description="components placed on the GPU pool",
     )
     accelerator_type: str = Field("nvidia.com/gpu", description="resource name; set_accelerator_type")
     count: int = Field(1, ge=1, le=16, description="GPUs per pod (and processes per node of a multi-node job)")
@@ -79,10 +84,12 @@ class TrainingJobSettings(Section):
 
 
 def _default_resources() -> dict[str, Resources]:
-    big = {"cpt", "sft", "dpo", "merge", "quantize", "eval_gate"}
+    big = {"cpt", "sft", "dpo", "merge", "quantize", "eval_gate", "page_sft", "page_merge", "page_quantize", "page_gate"}
+    documents = ("ingest", "synth", "retriever", "cpt", "sft", "dpo", "merge", "quantize", "eval_gate")
+    pages = ("pages", "page_sft", "page_merge", "page_quantize", "page_gate")  # the page-extraction DAG
     return {
         stage: Resources(cpu="8", memory="64Gi") if stage in big else Resources(cpu="4", memory="16Gi")
-        for stage in ("ingest", "synth", "retriever", "cpt", "sft", "dpo", "merge", "quantize", "eval_gate")
+        for stage in documents + pages
     }
 
 

@@ -21,8 +21,8 @@ from doctune.config.training import (
     FIXED_ARGUMENTS,
     OVERRIDABLE_ARGUMENTS,
     OWN_KEYS,
-    TRAINING_SECTIONS,
     TRL_ARGUMENT_CLASSES,
+    training_section,
 )
 
 DEFAULT_YAML = Path("configs/default.yaml")
@@ -103,7 +103,10 @@ def render_default_yaml() -> str:
         "# Relative paths resolve against the directory you run doctune from.",
     ]
     lines = list(head)
-    for name, _, section, value in _fields(RunConfig, data):
+    for name, field, section, value in _fields(RunConfig, data):
+        if section is None:  # a top-level key (task)
+            lines += ["", *_comment_lines(field.description or "", ""), f"{name}: {_flow(value)}"]
+            continue
         lines += ["", *_comment_lines(_doc(section), ""), f"{name}:", *_yaml_lines(section, value, 1)]
     return "\n".join(lines) + "\n"
 
@@ -149,9 +152,18 @@ def _anchor(heading: str) -> str:
     return "#" + heading.lower().replace(".", "").replace(" ", "-")
 
 
+def _row(name: str, field: FieldInfo, default: str) -> str:
+    kind = ", ".join([_type_name(field.annotation), *_constraints(field)])
+    return f"| `{name}` | {_cell(kind)} | {_cell(default)} | {_cell(field.description or '')} |"
+
+
+def _value_cell(field: FieldInfo, value: Any) -> str:
+    return "(required)" if field.is_required() else f"`{_flow(value)}`"
+
+
 def _tables(path: str, model: type[BaseModel], data: dict[str, Any], level: int) -> list[str]:
     out = [f"{'#' * level} {path}", "", _doc(model), ""]
-    if stage := next((s for s, cls in TRAINING_SECTIONS.items() if cls is model), None):
+    if stage := next((s for s in TRL_ARGUMENT_CLASSES if training_section(s) is model), None):
         out += [
             f"Any further key is an argument of `{TRL_ARGUMENT_CLASSES[stage]}` by its own name: see "
             f"[further trainer arguments]({_anchor('further trainer arguments')}).",
@@ -160,13 +172,12 @@ def _tables(path: str, model: type[BaseModel], data: dict[str, Any], level: int)
     out += ["| key | type | default | description |", "|---|---|---|---|"]
     nested = []
     for name, field, section, value in _fields(model, data):
-        kind = ", ".join([_type_name(field.annotation), *_constraints(field)])
         if section is not None:
             default = f"[{path}.{name}]({_anchor(f'{path}.{name}')})"
             nested.append((f"{path}.{name}", section, value))
         else:
-            default = "(required)" if field.is_required() else f"`{_flow(value)}`"
-        out.append(f"| `{name}` | {_cell(kind)} | {_cell(default)} | {_cell(field.description or '')} |")
+            default = _value_cell(field, value)
+        out.append(_row(name, field, default))
     out.append("")
     for sub_path, section, value in nested:
         out += _tables(sub_path, section, value, level + 1)
@@ -175,6 +186,7 @@ def _tables(path: str, model: type[BaseModel], data: dict[str, Any], level: int)
 
 def render_reference() -> str:
     data = RunConfig().model_dump(mode="json")
+    fields = list(_fields(RunConfig, data))
     lines = [
         "# Run config reference",
         "",
@@ -186,6 +198,8 @@ def render_reference() -> str:
         "",
         "- `configs/cpu-demo.yaml`: what `make run` runs, sized for a 2-core CPU and the bundled 135M model.",
         "- `configs/tiny.yaml` (`make run PROFILE=tiny`): `extends: cpu-demo.yaml`, a plumbing check in minutes.",
+        "- `configs/page-extraction.yaml` (`make run PROFILE=page-extraction`): `task: page_extraction`, the "
+        "page-extraction DAG on a tiny random vision-language model, a plumbing check.",
         "",
         "`extends: <file>` (relative to the config file) loads that config first; sections merge key by key, lists and "
         "values replace. `--set section.key=value` overrides any key on the command line (the value is YAML). "
@@ -213,13 +227,20 @@ def render_reference() -> str:
         *(f"| `{name}` | `{key}` |" for name, key in OWN_KEYS.items()),
         *(f"| `{name}` | {_cell(why)} |" for name, why in FIXED_ARGUMENTS.items()),
         "",
+        "## Top-level keys",
+        "",
+        "| key | type | default | description |",
+        "|---|---|---|---|",
+        *(_row(name, field, _value_cell(field, value)) for name, field, section, value in fields if section is None),
+        "",
         "## Sections",
         "",
-        *(f"- [{name}]({_anchor(name)}): {field.description}" for name, field in RunConfig.model_fields.items()),
+        *(f"- [{name}]({_anchor(name)}): {field.description}" for name, field, section, _ in fields if section is not None),
         "",
     ]
-    for name, _, section, value in _fields(RunConfig, data):
-        lines += _tables(name, section, value, 2)
+    for name, _, section, value in fields:
+        if section is not None:
+            lines += _tables(name, section, value, 2)
     return "\n".join(lines).rstrip("\n") + "\n"
 
 

@@ -25,6 +25,7 @@ from doctune.config.export import MergeConfig, QuantizeConfig
 from doctune.config.gate import GateConfig
 from doctune.config.ingest import IngestConfig
 from doctune.config.model import ModelConfig
+from doctune.config.pages import PageGateConfig, PageQuantizeConfig, PagesConfig, PageSftConfig, Task
 from doctune.config.project import ProjectConfig
 from doctune.config.retriever import RetrieverConfig
 from doctune.config.serve import FlywheelConfig, ServeConfig
@@ -47,6 +48,11 @@ RENAMED_KEYS = {
 class RunConfig(Section):
     """A whole run: every stage's settings."""
 
+    task: Task = Field(
+        "documents",
+        description="documents: PDFs to a tuned chat model (the doctune DAG); page_extraction: rendered pages to strict "
+        "JSON with a vision-language model (the page-extraction DAG)",
+    )
     project: ProjectConfig = Field(default_factory=ProjectConfig, description="name and local state")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking and registry")
     model: ModelConfig = Field(default_factory=ModelConfig, description="the base model")
@@ -65,6 +71,10 @@ class RunConfig(Section):
         default_factory=FlywheelConfig, description="served failures, relabeled, into the next run's training and eval data"
     )
     deploy: DeployConfig = Field(default_factory=DeployConfig, description="the champion as a KServe InferenceService")
+    pages: PagesConfig = Field(default_factory=PagesConfig, description="page track: page images and JSON labels")
+    page_sft: PageSftConfig = Field(default_factory=PageSftConfig, description="page track: VLM fine-tuning")
+    page_quantize: PageQuantizeConfig = Field(default_factory=PageQuantizeConfig, description="page track: quantized VLM")
+    page_gate: PageGateConfig = Field(default_factory=PageGateConfig, description="page track: the eval gate")
     cluster: ClusterConfig = Field(default_factory=ClusterConfig, description="Kubeflow placement; local runs ignore it")
 
     @property

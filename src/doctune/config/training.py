@@ -20,7 +20,12 @@ from pydantic_core import PydanticCustomError
 from doctune.config.base import Section
 
 # The config class each stage's trainer is built with (doctune.train.recipes), as "module.Class".
-TRL_ARGUMENT_CLASSES = {"cpt": "transformers.TrainingArguments", "sft": "trl.SFTConfig", "dpo": "trl.DPOConfig"}
+TRL_ARGUMENT_CLASSES = {
+    "cpt": "transformers.TrainingArguments",
+    "sft": "trl.SFTConfig",
+    "dpo": "trl.DPOConfig",
+    "page_sft": "trl.SFTConfig",
+}
 
 # Arguments doctune derives from its own keys (doctune.train.core.training_arguments and the recipes): the key
 # named here (in the same section unless dotted) is what to set instead.
@@ -222,7 +227,16 @@ class DpoConfig(TrainingConfig):
 TRAINING_SECTIONS: dict[str, type[TrainingConfig]] = {"cpt": CptConfig, "sft": SftConfig, "dpo": DpoConfig}
 
 
+def training_section(stage: str) -> type[TrainingConfig]:
+    """The config class of a training stage, the page track's included."""
+    if stage == "page_sft":
+        from doctune.config.pages import PageSftConfig
+
+        return PageSftConfig
+    return TRAINING_SECTIONS[stage]
+
+
 def trl_arguments(stage: str, settings: Mapping[str, Any]) -> dict[str, Any]:
     """The further TRL/transformers arguments in a training section's settings (its model_dump), by TRL name."""
-    fields = TRAINING_SECTIONS[stage].model_fields
+    fields = training_section(stage).model_fields
     return {key: value for key, value in settings.items() if key not in fields}

@@ -91,21 +91,32 @@ def merge_adapter(
     """Fold a LoRA adapter into full-precision base weights and save model + the adapter's tokenizer.
 
     `rope_scaling` ({type, factor}) is the base config change the adapter was trained with (long-context CPT).
-    `probes` (token id lists): the logits of adapter and merged model on them are compared; returns the gaps.
+    `probes` (token id lists, or for a vision-language model the processor's inputs of a page): the logits of adapter
+    and merged model on them are compared; returns the gaps.
     """
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from doctune import vision
     from doctune.train.core import scaled_rope_config
 
     kwargs = {"config": scaled_rope_config(str(base_folder), **rope_scaling)} if rope_scaling else {}
-    model = AutoModelForCausalLM.from_pretrained(base_folder, dtype=dtype or torch.float32, **kwargs)
+    is_vision = vision.is_vision_model(base_folder)
+    if is_vision:
+        model = vision.load_model(base_folder, dtype or torch.float32)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(base_folder, dtype=dtype or torch.float32, **kwargs)
     adapted = PeftModel.from_pretrained(model, adapter_folder).eval()
 
     @torch.no_grad()
     def logits(m) -> list:
-        return [m(input_ids=torch.tensor([ids], device=m.device)).logits[0].float() for ids in probes or []]
+        return [
+            m(**probe.to(m.device)).logits[0].float()
+            if not isinstance(probe, list)
+            else m(input_ids=torch.tensor([probe], device=m.device)).logits[0].float()
+            for probe in probes or []
+        ]
 
     before = logits(adapted)
     merged = adapted.merge_and_unload()
@@ -115,10 +126,10 @@ def merge_adapter(
         check = {
             "max_logit_diff": max(g.max().item() for g in gaps),
             "mean_logit_diff": sum(g.mean().item() for g in gaps) / len(gaps),
-            "probe_tokens": sum(len(ids) for ids in probes),
+            "probe_tokens": sum(int(g.shape[0]) for g in gaps),
         }
     merged.save_pretrained(target)
-    AutoTokenizer.from_pretrained(adapter_folder).save_pretrained(target)
+    (vision.load_processor if is_vision else AutoTokenizer.from_pretrained)(adapter_folder).save_pretrained(target)
     copy_generation_config(adapter_folder, target)
     return check
 

@@ -21,6 +21,8 @@ DEFAULT_LEARNING_RATES = {
     ("sft", "full"): 2e-5,
     ("dpo", "adapter"): 5e-6,
     ("dpo", "full"): 5e-7,
+    ("page_sft", "adapter"): 2e-4,
+    ("page_sft", "full"): 2e-5,
 }
 RESULT_FILE = "train_result.json"
 # Evaluation metrics measured before training as well as after, per stage.
@@ -140,6 +142,12 @@ def load_model(job: TrainJob, prec: str, vocab_size: int):
         )  # fmt: skip
     if rope := job.extra.get("rope_scaling"):
         kwargs["config"] = scaled_rope_config(job.model_dir, **rope)
+    if job.extra.get("vision"):
+        if method == "qlora":  # the language model only, see doctune.vision.nf4_config
+            from doctune.vision import nf4_config
+
+            kwargs["quantization_config"] = nf4_config(kwargs["quantization_config"].bnb_4bit_compute_dtype)
+        return load_vision_model(job, kwargs)
     model = AutoModelForCausalLM.from_pretrained(job.model_dir, **kwargs)
     if vocab_size > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(vocab_size)
@@ -156,6 +164,37 @@ def load_model(job: TrainJob, prec: str, vocab_size: int):
     peft_config = LoraConfig(
         r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], target_modules=targets,
         task_type="CAUSAL_LM", bias="none",
+    )  # fmt: skip
+    return model, peft_config
+
+
+def load_vision_model(job: TrainJob, kwargs: dict):
+    """A vision-language model for page SFT: LoRA on the language model's projections only (the vision encoder
+    frozen), the projector optionally trained in full; method full freezes the vision encoder."""
+    from doctune import vision
+
+    settings, lora = job.settings, job.settings["lora"]
+    try:
+        model = vision.load_model(job.model_dir, kwargs["dtype"], kwargs.get("quantization_config"))
+    except vision.VisionModelError as exc:
+        raise TrainingError(str(exc)) from None
+    if settings["gradient_checkpointing"]:
+        model.config.use_cache = False
+    if settings["method"] == "full":
+        vision.freeze_vision_encoder(model, lora["train_projector"])
+        return model, None
+    from peft import LoraConfig, prepare_model_for_kbit_training
+
+    try:
+        targets = vision.language_lora_targets(model, lora["target_modules"], lora["include_mlp"])
+        save = [vision.projector_module(model)] if lora["train_projector"] else None
+    except vision.VisionModelError as exc:
+        raise TrainingError(str(exc)) from None
+    if settings["method"] == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=settings["gradient_checkpointing"])
+    peft_config = LoraConfig(
+        r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], target_modules=targets,
+        modules_to_save=save, task_type="CAUSAL_LM", bias="none",
     )  # fmt: skip
     return model, peft_config
 

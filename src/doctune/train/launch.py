@@ -47,8 +47,14 @@ def run_job(job: TrainJob, callbacks: list | None = None) -> dict:
 
     set_seed(job.settings["seed"])
     prec = precision(job.settings["precision"], job.settings["method"])
-    tokenizer = AutoTokenizer.from_pretrained(job.tokenizer_dir)
-    model, peft_config = load_model(job, prec, len(tokenizer))
+    if job.extra.get("vision"):  # the processor (image processor + tokenizer) travels where the tokenizer does
+        from doctune.vision import load_processor
+
+        tokenizer = load_processor(job.tokenizer_dir)
+        model, peft_config = load_model(job, prec, len(tokenizer.tokenizer))
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(job.tokenizer_dir)
+        model, peft_config = load_model(job, prec, len(tokenizer))
     data = Path(job.data_dir)
     train = load_from_disk(str(data / "train"))
     evaluation = load_from_disk(str(data / "eval")) if (data / "eval").is_dir() else None

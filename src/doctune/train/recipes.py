@@ -19,7 +19,10 @@ class CountingCollator:
 
     def __call__(self, examples):
         batch = self.inner(examples)
-        self.real += sum(self.tokens(example) for example in examples)
+        if "attention_mask" in batch and not any(k in examples[0] for k in ("input_ids", "prompt_ids")):
+            self.real += int(batch["attention_mask"].sum())  # raw page records: the processor tokenizes in the collator
+        else:
+            self.real += sum(self.tokens(example) for example in examples)
         self.total += batch["input_ids"].numel()
         return batch
 
@@ -164,4 +167,18 @@ def dpo_trainer(job: TrainJob, prec: str, model, peft_config, tokenizer, train, 
     return trainer
 
 
-TRAINERS = {"cpt": cpt_trainer, "sft": sft_trainer, "dpo": dpo_trainer}
+def page_sft_trainer(job: TrainJob, prec: str, model, peft_config, processor, train, evaluation):
+    """TRL's SFTTrainer on page images with the model's processor: prompt-completion records (the instruction with its
+    image, the JSON reply), loss on the reply only. Pages longer than max_length were left out when the data was
+    prepared, so the collator never truncates (truncation would cut image tokens)."""
+    from trl import SFTConfig, SFTTrainer
+
+    model = with_adapter(model, peft_config)
+    extra = {"max_length": None, "completion_only_loss": True, "dataset_num_proc": None, "remove_unused_columns": False}
+    args = training_arguments(job, prec, SFTConfig, **extra)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation, processing_class=processor)
+    trainer.counting_collator = trainer.data_collator = CountingCollator(trainer.data_collator)
+    return trainer
+
+
+TRAINERS = {"cpt": cpt_trainer, "sft": sft_trainer, "dpo": dpo_trainer, "page_sft": page_sft_trainer}

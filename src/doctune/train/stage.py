@@ -30,6 +30,7 @@ from doctune.train.artifacts import (
 )
 from doctune.train.core import RESULT_FILE, TrainingError, TrainJob, check_qlora, default_learning_rate, process_count
 from doctune.train.launch import launch
+from doctune.vision import is_vision_model
 
 
 def prepare_tokenizer(model_dir: Path):
@@ -47,6 +48,18 @@ def prepare_tokenizer(model_dir: Path):
         tokenizer.pad_token = tokenizer.unk_token if distinct_unk else tokenizer.eos_token
     tokenizer.padding_side = "right"
     return tokenizer
+
+
+def vision_processor(model_dir: Path):
+    """A vision-language model's processor, right-padded like the text tokenizer."""
+    from doctune.vision import VisionModelError, load_processor
+
+    try:
+        processor = load_processor(model_dir)
+    except VisionModelError as exc:
+        raise TrainingError(str(exc)) from None
+    processor.tokenizer.padding_side = "right"
+    return processor
 
 
 def train_file(dataset_dir: Path, what: str) -> Path:
@@ -118,7 +131,8 @@ def train_stage(
         shared.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f"doctune-{stage}-", dir=shared) as tmp:
         work = Path(tmp)
-        tokenizer = prepare_tokenizer(model_dir)
+        vision = is_vision_model(model_dir)
+        tokenizer = vision_processor(model_dir) if vision else prepare_tokenizer(model_dir)
         tokenizer.save_pretrained(work / "tokenizer")
         data_summary = prepare_data(tokenizer, work / "data")
         tracker.log_metrics({f"data.{k}": v for k, v in data_summary.items() if isinstance(v, (int, float))})
@@ -137,13 +151,13 @@ def train_stage(
             processes=processes,
             nodes=settings.nodes,
             cluster=config.cluster.model_dump(mode="json") if settings.nodes > 1 else {},
-            extra=data_summary.get("job_extra", {}),
+            extra=data_summary.get("job_extra", {}) | ({"vision": True} if vision else {}),
         )
         tracker.set_tags({f"doctune.{stage}.learning_rate": job.learning_rate, f"doctune.{stage}.processes": processes})
         result = launch(job, work)
         out = work / "model"
         copy_generation_config(model_dir, out)
-        end_of_turn_generation_config(out, tokenizer)
+        end_of_turn_generation_config(out, tokenizer.tokenizer if vision else tokenizer)
         (out / RESULT_FILE).write_text(json.dumps(result, indent=1))
         for name, text in (extra_files or {}).items():
             (out / name).write_text(text)

@@ -1,0 +1,1 @@
+"""Page quantize: quantized variants of the merged page model, checked on validation pages."""

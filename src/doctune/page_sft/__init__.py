@@ -1,0 +1,1 @@
+"""Page SFT: a vision-language model fine-tuned to turn a rendered page into its JSON fields."""
