@@ -89,6 +89,12 @@ def test_sft_merge_quantize_and_gate_register_a_scored_page_model(pages, tmp_pat
     assert str(version.version) == result["version"] and version.tags["doctune.gate_decision"] == "reject"
     assert json.loads(version.tags[registry.VARIANTS_TAG]).keys() == {"nf4"}
 
+    # Promoted by hand, the page champion is never read as the documents track's: the error names the fix.
+    registry.promote(tracker, result["version"], "test")
+    assert registry.champion(tracker)[0] == result["version"]
+    with pytest.raises(registry.RegistryError, match=r"is a page_extraction model.*project.name"):
+        registry.champion(Tracker(config.model_copy(update={"task": "documents"})))
+
 
 def _killed_after_first_checkpoint(config_yaml: str, parent: str, inputs_json: str) -> None:
     """Child process: page SFT that dies hard (no cleanup) right after its first checkpoint is written."""

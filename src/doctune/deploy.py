@@ -118,6 +118,11 @@ def deploy(
 ) -> Deployed:
     """Point the InferenceService at the champion (or `version`): create it, or patch it in place, and wait until the
     new revision is ready. Raises DeployError, ConfigError or kube.KubernetesError, each one line."""
+    if config.task != "documents":
+        raise DeployError(
+            f"doctune deploy serves the documents track's chat models, not task {config.task}: serve the page-extraction "
+            "champion as in manifests/examples/page-extraction-inferenceservice.yaml"
+        )
     settings = config.deploy
     # The doctune predictor's config, checked before anything is read or sent: the pods must reach MLflow and log on
     # the cache volume.

@@ -287,6 +287,11 @@ class Server:
     """The front server: forwards to the current backend, logs, takes feedback and follows the alias."""
 
     def __init__(self, config: RunConfig):
+        if config.task != "documents":
+            raise ServeError(
+                f"doctune serve serves the documents track's chat models, not task {config.task}: the page-extraction "
+                "model is served as in manifests/examples/page-extraction-inferenceservice.yaml (vLLM, schema-constrained)"
+            )
         self.config = config
         self.serve = config.serve
         self.tracker = Tracker(config)

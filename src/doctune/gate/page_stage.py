@@ -110,7 +110,6 @@ def run(config: RunConfig, inputs: dict[str, ArtifactRef], tracker: StageRun) ->
     tags = {
         f"{TAG}pipeline_run": parent,
         f"{TAG}gate_run": tracker.run_id,
-        f"{TAG}task": "page_extraction",
         f"{TAG}base_model": base_spec,
         registry.GATED_AGAINST_TAG: current[1].digest if current else "none",
         f"{TAG}gate_decision": decision,

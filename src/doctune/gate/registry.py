@@ -23,6 +23,7 @@ ABSTENTION_SENTENCE_TAG = f"{TAG}abstention_sentence"  # the reply the abstentio
 ABSTENTION_THRESHOLD_TAG = f"{TAG}abstention_threshold"  # + ".<variant>": the gate's threshold for that variant
 RETRIEVAL_TAG = f"{TAG}retrieval_refs"  # {chunks, index, model}: what `doctune serve` retrieves with
 GATED_AGAINST_TAG = f"{TAG}gated_against"  # the champion's model digest when the version was judged ("none")
+TASK_TAG = f"{TAG}task"  # documents or page_extraction (the run config's task); untagged versions are documents
 
 
 class RegistryError(RuntimeError):
@@ -53,10 +54,19 @@ def version_by_alias(tracker: Tracker, alias: str):
 
 
 def champion(tracker: Tracker) -> tuple[str, ArtifactRef] | None:
-    """(version, merged model reference) of the current champion, or None before the first promotion."""
+    """(version, merged model reference) of the current champion, or None before the first promotion. A champion of
+    the other track (a chat model where the run extracts pages, or the reverse) is an error naming the fix: the two
+    tracks' models cannot be compared, and one must not replace the other in serving."""
     version = version_by_alias(tracker, CHAMPION)
     if version is None:
         return None
+    task = version.tags.get(TASK_TAG, "documents")
+    if task != tracker.config.task:
+        raise RegistryError(
+            f"registered model {model_name(tracker)!r}: its champion, version {version.version}, is a {task} model, and "
+            f"this run's task is {tracker.config.task}; give each track a registered model of its own with project.name "
+            "(the page-extraction profile uses doctune-pages)"
+        )
     return str(version.version), ArtifactRef.from_dict(json.loads(version.tags[MODEL_TAG]))
 
 
@@ -76,6 +86,7 @@ def register_candidate(tracker: Tracker, model: ArtifactRef, variants: dict[str,
         run_id=model.run_id,
         tags={
             MODEL_TAG: json.dumps(model.to_dict()),
+            TASK_TAG: tracker.config.task,
             VARIANTS_TAG: json.dumps({k: v.to_dict() for k, v in variants.items()}),
             **tags,
         },
