@@ -67,10 +67,21 @@ BENCHMARKS = {
     "gpu_train": ("GPU training", "gpu_train_bench.py",
                   "LoRA and full fine-tuning tokens/s and model FLOPs utilisation (MFU, against the GPU's dense bf16 "
                   "peak) of a 1B-class Llama built from its config, in bf16, with plain PyTorch steps."),
+    "vlm_train": ("VLM training (GPU)", "vlm_train_bench.py",
+                  "page SFT tokens/s (image tokens included) and peak GPU memory of a Qwen3-VL-8B-shaped model built "
+                  "from its config (random weights) with LoRA in bf16 and QLoRA (NF4 language model), as doctune's page "
+                  "SFT adapts it (LoRA r 16 on the language model's q/k/v/o), with and without gradient checkpointing, "
+                  "one page at `pages.render.max_pixels` with a 512-token reply per step, against the guide's memory for "
+                  "an 8B model (LoRA bf16 24-48 GB, QLoRA 16-24 GB)."),
     "pipeline": ("Orchestration overhead", "pipeline_bench.py",
                  "wall time of a whole local (`kfp.local`) pipeline run minus the stages' own time, as a share of the "
                  "wall time: a fresh tiny-profile run, and the last full run found in the work directory."),
 }  # fmt: skip
+# What a section says while its benchmark has no results.
+NO_RESULTS = {
+    "vlm_train": "No results yet: it needs a CUDA GPU and has not run on one (`python bench/vlm_train_bench.py` on a GPU "
+    "machine; `--device cpu --shape tiny` runs its code path on CPU).",
+}
 
 
 def load(name: str) -> dict | None:
@@ -132,6 +143,15 @@ def rows() -> list[dict]:
         for run in (lora, full):
             add(f"{run['method']} SFT model FLOPs utilisation ({where}; {run['tokens_per_s']} tokens/s)", run["mfu"], "",
                 None, "gpu_train_bench.py")  # fmt: skip
+    if (vlm := load("vlm_train")) and vlm["shape"] == "qwen3-vl-8b":
+        for run in vlm["runs"]:
+            if "error" in run or run["peak_memory_gb"] is None:
+                continue
+            name = {"lora": "LoRA bf16", "qlora": "QLoRA NF4"}[run["method"]]
+            low, high = vlm["guide_gb_8b"][run["method"]]
+            add(f"Qwen3-VL-8B page SFT peak GPU memory, GB, {name}, checkpointing {'on' if run['checkpointing'] else 'off'} "
+                f"({vlm['device']}; {run['tokens_per_s']:.0f} tokens/s; {run['vs_guide']} the guide's {low}-{high})",
+                run["peak_memory_gb"], f"<= {high}", run["peak_memory_gb"] <= high, "vlm_train_bench.py")  # fmt: skip
     if pipeline := load("pipeline"):
         for name, label in (("tiny", "tiny profile"), ("default_last_run", "default profile, last full run")):
             if row := pipeline.get(name):
@@ -159,7 +179,8 @@ def readme(summary_lines: list[str]) -> str:
         parts.append(f"## {title} (`bench/{script}`)\n")
         parts.append(textwrap.fill(f"Measures {describe(name, measures)}", width=115) + "\n")
         table = RESULTS / f"{name}.md"
-        parts.append(table.read_text().strip() + "\n" if table.is_file() else "No results yet: run `make bench`.\n")
+        missing = NO_RESULTS.get(name, "No results yet: run `make bench`.")
+        parts.append(table.read_text().strip() + "\n" if table.is_file() else textwrap.fill(missing, width=115) + "\n")
     return "\n".join(parts)
 
 

@@ -1,10 +1,12 @@
 """The benchmarks' own arithmetic, on CPU: the GPU training benchmark's model FLOPs (its MFU numerator) against
-PyTorch's own count, the serving load test's measured windows, and the retriever benchmark's rates and verdict."""
+PyTorch's own count, the VLM training benchmark's code path on a tiny shape, the serving load test's measured
+windows, and the retriever benchmark's rates and verdict."""
 
 import importlib.util
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 
@@ -40,6 +42,51 @@ def test_the_gpu_benchmark_says_it_needs_cuda_and_writes_nothing_without_it(tmp_
     monkeypatch.setattr("sys.argv", ["gpu_train_bench.py", "--out", str(tmp_path)])
     bench.main()
     assert "no CUDA device" in capsys.readouterr().out and not list(tmp_path.iterdir())
+
+
+def load_vlm_bench():
+    path = Path(__file__).resolve().parents[1] / "bench" / "vlm_train_bench.py"
+    spec = importlib.util.spec_from_file_location("vlm_train_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_vlm_benchmark_trains_lora_and_qlora_steps_of_the_tiny_shape_on_cpu(tmp_path, monkeypatch):
+    """The GPU benchmark's code path on a tiny Qwen3-VL: one page (128 x 128: 64 patches, 16 image tokens), NF4 on
+    CPU; one row per method with its tokens/s, no memory figure and no verdict off the GPU."""
+    bench = load_vlm_bench()
+    monkeypatch.setattr("sys.argv", [
+        "vlm_train_bench.py", "--device", "cpu", "--shape", "tiny", "--checkpointing", "off", "--pixels", "16384",
+        "--text-tokens", "20", "--reply-tokens", "16", "--steps", "2", "--warmup", "1", "--out", str(tmp_path),
+    ])  # fmt: skip
+    bench.main()
+    result = json.loads((tmp_path / "vlm_train.json").read_text())
+    assert result["page"] == {"side_pixels": 128, "grid": [1, 8, 8], "patches": 64, "image_tokens": 16, "text_tokens": 20,
+                              "reply_tokens": 16, "seq_len": 52}  # fmt: skip
+    runs = result["runs"]
+    assert [(r["method"], r["checkpointing"]) for r in runs] == [("lora", False), ("qlora", False)]
+    assert all("error" not in r and r["tokens_per_s"] > 0 and r["reply_tokens_per_s"] > 0 for r in runs)
+    assert all(r["peak_memory_gb"] is None and r["vs_guide"] == "n/a" for r in runs)
+    # LoRA r 16 on q/k/v/o of both layers (hidden 128; q 256 wide, k/v 128): the same adapter whatever the base.
+    assert runs[0]["trainable"] == runs[1]["trainable"] == 2 * 16 * ((128 + 256) * 2 + (128 + 128) * 2)
+    rows = [line for line in (tmp_path / "vlm_train.md").read_text().splitlines() if line.startswith("| ")][1:]
+    assert [row.split(" | ")[0:2] for row in rows] == [["| LoRA bf16", "off"], ["| QLoRA NF4", "off"]]
+
+
+def test_the_vlm_benchmark_judges_the_8b_peak_against_the_guide_and_needs_cuda_without_device_cpu(tmp_path, monkeypatch, capsys):
+    bench = load_vlm_bench()
+    assert bench.page_grid(1003520, 16, 2) == (992, 62)  # pages.render.max_pixels: 961 image tokens after the merge
+    assert [bench.versus_guide("qwen3-vl-8b", "lora", gb) for gb in (20.0, 30.0, 50.0)] == ["below", "within", "above"]
+    assert bench.versus_guide("qwen3-vl-8b", "qlora", 23.9) == "within" and bench.versus_guide("tiny", "qlora", 1) == "n/a"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr("sys.argv", ["vlm_train_bench.py", "--out", str(tmp_path)])
+    bench.main()
+    assert "no CUDA device" in capsys.readouterr().out and not list(tmp_path.iterdir())
+    monkeypatch.setattr("sys.argv", ["vlm_train_bench.py", "--device", "cpu", "--out", str(tmp_path)])  # the 8B shape
+    with pytest.raises(SystemExit):
+        bench.main()
+    assert "only --shape tiny" in capsys.readouterr().err and not list(tmp_path.iterdir())
 
 
 def test_the_serve_benchmark_measures_each_phase_from_when_every_client_has_a_reply(monkeypatch):
