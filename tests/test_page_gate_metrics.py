@@ -217,3 +217,54 @@ def test_the_report_shows_the_decision_and_escapes_the_model_output(tmp_path):
     write_report(tmp_path / "out", result)
     text = (tmp_path / "out" / MARKDOWN_FILE).read_text()
     assert "Page gate: REJECT" in text and "Failed rules: json_validity" in text and "Not compared" in text
+
+
+# -- odd replies, small test sets ----------------------------------------------------------------------------------------
+
+
+def test_a_degenerate_deeply_nested_reply_is_invalid_not_a_crash():
+    for reply in (
+        "[" * 5000 + "]" * 5000,
+        '{"title": ' + "[" * 900 + "]" * 900 + "}",
+        "Sure: " + '{"a":' * 3000 + "1" + "}" * 3000,
+    ):
+        record = page(reply, "deep")
+        assert not record["valid_json"] and record["normalized"] == 0 and record["reply"] == reply
+        assert "nested deeper than" in record["error"] or "prose" in record["error"]
+
+
+@pytest.mark.parametrize("around", ["\ufeff{}", "{}\u2028", "{}\u00a0"])
+def test_characters_that_are_not_json_whitespace_around_the_object_are_named(around):
+    reply = around.replace("{}", GOOD)
+    parsed, why = parse_reply(reply)
+    assert parsed is None and "not JSON whitespace" in why and "U+" in why
+    assert parse_reply(GOOD + "\r\n")[0] == REFERENCE  # a trailing newline is JSON whitespace
+
+
+def test_an_optional_key_both_leave_out_is_a_match_and_a_leading_dot_number_is_not_a_whole_one():
+    schema = {"type": "object", "properties": {"total": {"type": "number"}, "note": {"type": "string"}}}
+    scores = field_scores({"total": 12}, {"total": 12}, schema)
+    assert scores["keys"]["note"] == {"exact": 1, "normalized": 1} and scores["normalized"] == 1.0
+    assert field_scores({}, {"total": 12}, schema)["keys"]["total"] == {"exact": 0, "normalized": 0}
+    assert normalize_value(".5") != normalize_value("5")
+
+
+def test_a_one_page_test_set_has_no_interval_and_says_the_rule_cannot_pass(tmp_path):
+    candidate, base = [page(GOOD, "p1")], [page("{}", "p1")]
+    summary = summarize(candidate)
+    assert summary["field_accuracy_normalized"]["mean"] == 1.0 and np.isnan(summary["field_accuracy_normalized"]["ci_low"])
+    comparison = compare(candidate, base, permutations=500)
+    assert np.isnan(comparison["difference"]["ci_low"]) and comparison["min_p"] == 0.5
+    rules, failed = decide(summary, comparison, PageGateConfig(), "base")
+    assert failed == ["beat_champion"] and "cannot pass: more test pages are needed" in rules[1]["why"]
+    result = {"decision": "reject", "version": 1, "models": {"candidate": "c", "champion": None, "base": "b"},
+              "reference": "base", "summaries": {"candidate": summary, "base": summarize(base)}, "latency_goal_ms": 1000,
+              "rules": rules, "failed": failed, "comparison": comparison, "samples": candidate}  # fmt: skip
+    write_report(tmp_path, result)
+    text = (tmp_path / MARKDOWN_FILE).read_text()
+    assert "1.000 (no interval from 1 page)" in text and "+1.000 (no interval from one page)" in text and "nan" not in text
+
+
+def test_a_violation_quoting_a_huge_value_is_cut():
+    record = page(json.dumps(REFERENCE | {"title": ["x" * 100_000]}), "long")
+    assert record["valid_json"] and not record["conforms"] and all(len(v) <= 300 for v in record["violations"])

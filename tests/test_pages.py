@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import unicodedata
 from pathlib import Path
 
 import pymupdf
 import pytest
 
 from doctune.config import build_config
-from doctune.page_schema import SELF_SUPERVISED_SCHEMA, violations
+from doctune.page_schema import SELF_SUPERVISED_SCHEMA, SchemaError, load_schema, violations
 from doctune.pages import render, split
+from doctune.pages.labels import read_labels, resolve_document
 from doctune.pages.selfsup import DocumentFurniture, clean, page_fields
 from doctune.pages.stage import PagesError, external_digests
 from doctune.stages import execute_stage
@@ -240,3 +244,113 @@ def test_reuse_key_follows_the_content_of_pdfs_labels_and_schema(tmp_path, small
     (small_corpus / "sample-plain.pdf").write_bytes((small_corpus / "sample-plain.pdf").read_bytes() + b"\n")
     after = external_digests(config, {})
     assert all(before[key] != after[key] for key in ("pdfs", "labels", "schema"))
+
+
+def test_labels_as_windows_tools_and_real_folders_give_them_are_used(tmp_path, corpus):
+    """A BOM and CRLF line ends, an absolute path, a page written 1.0, a label naming a copy of a PDF, a PDF whose
+    name is not UTF-8 on disk, and half an emoji in a value: the stage runs, uses what it can, names what it skips."""
+    folder = tmp_path / "pdfs"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "sub" / "sample-plain.pdf").write_bytes((corpus / "sample-plain.pdf").read_bytes())
+    camlidl = (corpus / "camlidl-1.04.doc.pdf").read_bytes()
+    (folder / "camlidl.pdf").write_bytes(camlidl)
+    (folder / "copy of camlidl.pdf").write_bytes(camlidl)  # the same file twice: used once
+    with pymupdf.open(corpus / "sample-plain.pdf") as doc:
+        doc.select([0])
+        doc.save(folder / "latin1.pdf")
+    os.rename(os.fsencode(folder / "latin1.pdf"), os.fsencode(folder) + b"/r\xe9sum\xe9.pdf")  # a Windows archive's name
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"title": {"type": "string"}}}))
+    lines = [
+        {"pdf": str(folder / "sub" / "sample-plain.pdf"), "page": 1.0, "fields": {"title": "SAMPLE TEST"}},
+        {"pdf": "copy of camlidl.pdf", "page": 1, "fields": {"title": "Camlidl user’s manual 📘"}},
+        {"pdf": "sub/sample-plain.pdf", "page": 2, "fields": {"title": "cut \ud83d"}},
+    ]
+    labels = tmp_path / "labels.jsonl"
+    labels.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(json.dumps(line) for line in lines).encode() + b"\r\n")
+    config = _config(tmp_path / "work", folder, **{"pages.labels": labels, "pages.schema_file": schema})
+    tracker, result = _run(config)
+    records = _records(tracker.fetch(result.outputs["dataset"]))
+    used = {r["id"]: r["fields"] for rows in records.values() for r in rows if not r["augmentation"]}
+    assert used == {"sub/sample-plain.pdf#p1": {"title": "SAMPLE TEST"}, "camlidl.pdf#p1": {"title": "Camlidl user’s manual 📘"}}
+    report = json.loads((tracker.fetch(result.outputs["report"]) / "pages_report.json").read_text())
+    bad = [item for item in report["skipped"] if item["line"] is not None]
+    assert [(item["line"], item["key"]) for item in bad] == [(3, "fields.title")]
+    assert "half a UTF-16 surrogate pair" in bad[0]["reason"]
+    assert {row["document"]: row["pages"] for row in report["documents"]}["r\\xe9sum\\xe9.pdf"] == 1
+
+
+def test_labels_match_names_however_written_and_utf16_files_are_read(tmp_path):
+    names = ["résumé.pdf", "2023/report.pdf", "2024/report.pdf"]
+    decomposed = unicodedata.normalize("NFD", "résumé.pdf")  # as macOS writes file names
+    assert resolve_document(decomposed, names) == ("résumé.pdf", "")
+    assert resolve_document("/home/me/pdfs/2024/report.pdf", names) == ("2024/report.pdf", "")
+    assert resolve_document("C:\\pdfs\\2023\\report.pdf", names) == ("2023/report.pdf", "")
+    assert "ambiguous" in resolve_document("report.pdf", names)[1]
+    labels = tmp_path / "labels.jsonl"  # PowerShell 5's `>` writes UTF-16 with a BOM
+    labels.write_bytes(("\ufeff" + json.dumps({"pdf": "résumé.pdf", "page": 2, "fields": {}}) + "\r\n").encode("utf-16-le"))
+    skipped: list[dict] = []
+    read = read_labels(labels, {"résumé.pdf": 3, "2023/report.pdf": 1, "2024/report.pdf": 1}, {"type": "object"}, skipped)
+    assert [(label.document, label.page) for label in read] == [("résumé.pdf", 2)] and skipped == []
+
+
+@pytest.mark.parametrize(
+    ("schema", "message"),
+    [
+        ({"type": "object", "properties": {"a": {}}, "required": ["a", "b"]}, "required key(s) 'b' not in properties"),
+        ({"type": "object", "properties": {"a": {"$ref": "https://example.com/a.json"}}}, "$ref 'https://example.com/a.json'"),
+        ({"type": "object", "properties": {"a": {"$ref": "#/$defs/none"}}}, "cannot be resolved"),
+        ([{"type": "object"}], "must describe an object"),
+    ],
+)
+def test_a_schema_that_cannot_be_used_is_one_line_naming_the_file(tmp_path, schema, message):
+    path = tmp_path / "schema.json"
+    path.write_text(json.dumps(schema))
+    with pytest.raises(SchemaError, match=re.escape(message)) as caught:
+        load_schema(path)
+    assert str(caught.value).startswith(str(path)) and "\n" not in str(caught.value)
+    with pytest.raises(SchemaError, match="cannot be read"):
+        load_schema(tmp_path)  # a folder
+
+
+def test_a_schema_with_a_bom_refs_and_a_type_list_is_used(tmp_path):
+    schema = {"type": ["object"], "$defs": {"money": {"type": "number"}}, "properties": {"total": {"$ref": "#/$defs/money"}}}
+    path = tmp_path / "schema.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(schema).encode())
+    loaded = load_schema(path)
+    assert violations({"total": 12.5}, loaded) == [] and violations({"total": "12"}, loaded) == [
+        "total: '12' is not of type 'number'"
+    ]
+
+
+def test_a_landscape_page_stored_rotated_gets_the_labels_of_the_page_as_shown():
+    """A page with /Rotate 90 (how landscape table pages are stored): header, page number and title as on the image."""
+    landscape = pymupdf.open()
+    for number in range(1, 5):
+        page = landscape.new_page(width=842, height=595)
+        page.insert_text((40, 30), "Annual Report 2024", fontsize=9)
+        page.insert_text((40, 80), "4.2 Quarterly revenue by region", fontsize=18)
+        page.insert_text((40, 110), "This table gives the revenue of each region for the four quarters, in euros.", fontsize=10)
+        page.insert_text((410, 580), str(number), fontsize=9)
+    stored = pymupdf.open()
+    for number in range(4):
+        page = stored.new_page(width=595, height=842)
+        page.show_pdf_page(page.rect, landscape, number, rotate=90)
+        page.set_rotation(90)
+    stored = pymupdf.open("pdf", stored.tobytes())
+    assert stored[1].rotation == 90
+    fields, _ = page_fields(stored[1], DocumentFurniture.of(stored))
+    assert fields == page_fields(landscape[1], DocumentFurniture.of(landscape))[0]
+    assert fields["running_header"] == "Annual Report 2024" and fields["page_number"] == "2"
+    assert fields["title"] == "4.2 Quarterly revenue by region"
+
+
+def test_a_label_key_the_schema_does_not_name_is_a_named_bad_line(tmp_path):
+    """A typo ("titel") that a schema without additionalProperties lets through would be trained on and never scored."""
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text(json.dumps({"pdf": "a.pdf", "page": 1, "fields": {"titel": "Intro"}}) + "\n")
+    schema = {"type": "object", "properties": {"title": {"type": "string"}}}
+    skipped: list[dict] = []
+    assert read_labels(labels, {"a.pdf": 2}, schema, skipped) == []
+    assert skipped[0]["line"] == 1 and skipped[0]["key"] == "fields.titel" and "not a key of the schema" in skipped[0]["reason"]
+    assert read_labels(labels, {"a.pdf": 2}, schema | {"additionalProperties": True}, []) != []  # extra keys allowed

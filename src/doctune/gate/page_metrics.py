@@ -5,7 +5,8 @@ models on the same pages, and the rules the decision rests on. Pure functions: n
 A page record (`score_page`) is what the gate keeps per page and model:
 
     {"id": str, "reply": str, "first_reply": str | None, "retried": bool, "first_try_valid": bool, "valid_json": bool,
-     "error": str | None, "conforms": bool, "violations": [str, ...up to 3], "exact": float, "normalized": float,
+     "error": str | None, "conforms": bool, "violations": [str, ...up to 3, each cut to 300 characters], "exact": float,
+     "normalized": float,
      "keys": {key: {"exact": 0|1, "normalized": 0|1}}, "seconds": float, "reference": dict}
 """
 
@@ -24,10 +25,11 @@ from doctune.gate.metrics import interval, paired_difference, paired_randomizati
 from doctune.page_schema import keys_of, parse_reply, violations
 
 MAX_VIOLATIONS = 3  # per page record; the first ones name the keys well enough
+MAX_VIOLATION_CHARS = 300  # a violation quotes the value: a 100 kB reply would be quoted whole
 
 # -- field accuracy --------------------------------------------------------------------------------------------------
 
-_NUMBER = re.compile(r"[+-]?\d+(\.\d+)?")  # as text: plain decimals only ("1e3" stays text)
+_NUMBER = re.compile(r"[+-]?(\d+(\.\d+)?|\.\d+)")  # as text: plain decimals only ("1e3" stays text; ".5" is not 5)
 
 
 def _canonical_number(text: str) -> str:
@@ -105,16 +107,18 @@ def _same_json(a, b) -> bool:
 
 def field_scores(prediction: dict | None, reference: dict, schema: dict) -> dict:
     """Per field of the schema (the reference's keys where the schema names none): exact (the JSON values equal) and
-    normalised (`normalize_value` equal), 0 or 1. A key missing from the prediction scores 0 on that key; an invalid
-    reply (None) scores 0 on every key. A reference without a key compares as null. With no keys at all, any object
-    scores 1. Returns {"exact": mean, "normalized": mean, "keys": {key: {"exact", "normalized"}}}."""
+    normalised (`normalize_value` equal), 0 or 1. A key the reference has (null included) scores 0 when the prediction
+    leaves it out; a key both leave out (an optional key of the user's schema the page has no value for) scores 1. A
+    reference without a key the prediction gives compares as null. An invalid reply (None) scores 0 on every key. With
+    no keys at all, any object scores 1. Returns {"exact": mean, "normalized": mean, "keys": {key: {"exact",
+    "normalized"}}}."""
     keys = keys_of(schema) or list(reference)
     per_key = {}
     for key in keys:
-        if prediction is None or key not in prediction:
+        if prediction is None or (key not in prediction and key in reference):
             per_key[key] = {"exact": 0, "normalized": 0}
             continue
-        predicted, expected = prediction[key], reference.get(key)
+        predicted, expected = prediction.get(key), reference.get(key)
         per_key[key] = {
             "exact": int(_same_json(predicted, expected)),
             "normalized": int(normalize_value(predicted) == normalize_value(expected)),
@@ -151,13 +155,17 @@ def score_page(
         "valid_json": parsed is not None,
         "error": error,
         "conforms": parsed is not None and not problems,
-        "violations": problems[:MAX_VIOLATIONS],
+        "violations": [_cut(problem) for problem in problems[:MAX_VIOLATIONS]],
         "exact": scores["exact"],
         "normalized": scores["normalized"],
         "keys": scores["keys"],
         "seconds": float(seconds),
         "reference": reference,
     }
+
+
+def _cut(text: str, limit: int = MAX_VIOLATION_CHARS) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 # -- over pages --------------------------------------------------------------------------------------------------------
@@ -172,10 +180,10 @@ SUMMARY_RATES = {  # summary name -> page-record field
 
 
 def summarize(pages: list[dict], resamples: int = 2000, seed: int = 0) -> dict:
-    """One model over its pages: each rate of SUMMARY_RATES as `interval` gives it (mean, 95% bootstrap interval, n),
-    per-key accuracy ({key: {"exact", "normalized", "n"}}, keys in the order first seen), latency in ms (p50, p95,
-    mean), the number of pages retried, and n."""
-    out: dict = {name: interval([float(p[field]) for p in pages], resamples, seed) for name, field in SUMMARY_RATES.items()}
+    """One model over its pages: each rate of SUMMARY_RATES as `interval` gives it (mean, 95% bootstrap interval, n;
+    no interval, NaN, from fewer than two pages), per-key accuracy ({key: {"exact", "normalized", "n"}}, keys in the
+    order first seen), latency in ms (p50, p95, mean), the number of pages retried, and n."""
+    out: dict = {name: _interval([float(p[field]) for p in pages], resamples, seed) for name, field in SUMMARY_RATES.items()}
     per_key: dict[str, dict] = {}
     for page in pages:
         for key, score in page["keys"].items():
@@ -196,11 +204,21 @@ def summarize(pages: list[dict], resamples: int = 2000, seed: int = 0) -> dict:
     return out
 
 
+def _interval(values: list[float], resamples: int, seed: int) -> dict:
+    """`interval`, without the interval from fewer than two pages: resampling one page always draws that page, which
+    is no interval at all."""
+    result = interval(values, resamples, seed)
+    if len(values) < 2:
+        result |= {"ci_low": math.nan, "ci_high": math.nan}
+    return result
+
+
 def compare(candidate_pages: list[dict], reference_pages: list[dict], permutations: int, seed: int = 0) -> dict:
     """The candidate against a reference model on the same pages (matched by id): per-page normalised field accuracy.
 
     Returns {"metric": "field_accuracy_normalized", "n", "candidate_mean", "reference_mean", "difference" (mean
-    candidate - reference with its 95% paired bootstrap interval, `paired_difference`), "p", "p_worse", "wins",
+    candidate - reference with its 95% paired bootstrap interval, `paired_difference`; NaN from one page), "p",
+    "p_worse", "min_p" (the smallest p a sign-flip test of n pages can give: 2^-n, or 1 with no page), "wins",
     "losses", "ties"}. `p` is the one-sided paired randomization p-value (sign flips of the per-page differences)
     of the candidate being better than the reference: small p, the candidate is significantly better (it is
     `paired_randomization_p` with the two models swapped, since that function tests for "worse"). `p_worse` is the
@@ -222,9 +240,10 @@ def compare(candidate_pages: list[dict], reference_pages: list[dict], permutatio
         "n": len(ids),
         "candidate_mean": float(np.mean(c)) if ids else math.nan,
         "reference_mean": float(np.mean(r)) if ids else math.nan,
-        "difference": paired_difference(c, r, seed=seed),
+        "difference": paired_difference(c, r, seed=seed) | ({"ci_low": math.nan, "ci_high": math.nan} if len(ids) < 2 else {}),
         "p": paired_randomization_p(r, c, permutations, seed),
         "p_worse": paired_randomization_p(c, r, permutations, seed),
+        "min_p": 0.5 ** len(ids),
         "wins": sum(x > y for x, y in zip(c, r)),
         "losses": sum(x < y for x, y in zip(c, r)),
         "ties": sum(x == y for x, y in zip(c, r)),
@@ -278,12 +297,18 @@ def _beat_rule(comparison: dict | None, config: PageGateConfig, reference_name: 
     if not comparison or not comparison["n"]:
         return {"rule": "beat_champion", "value": math.nan, "threshold": config.significance, "passed": False,
                 "why": f"no pages scored by both the candidate and the {reference_name}"}  # fmt: skip
-    diff, p = comparison["difference"], comparison["p"]
+    diff, p, n = comparison["difference"], comparison["p"], comparison["n"]
     passed = diff["mean"] > 0 and p < config.significance
+    ci = "" if math.isnan(diff["ci_low"]) else f" [{diff['ci_low']:+.3f}, {diff['ci_high']:+.3f}]"
     why = (
         f"per-page field accuracy (normalised) {comparison['candidate_mean']:.3f} vs {reference_name} "
-        f"{comparison['reference_mean']:.3f} on {comparison['n']} pages, difference {diff['mean']:+.3f} "
-        f"[{diff['ci_low']:+.3f}, {diff['ci_high']:+.3f}]; one-sided paired randomization p (candidate better) = "
-        f"{p:.4f} {'<' if p < config.significance else '>='} {config.significance:g}"
+        f"{comparison['reference_mean']:.3f} on {n} pages, difference {diff['mean']:+.3f}{ci}; one-sided paired "
+        f"randomization p (candidate better) = {p:.4f} {'<' if p < config.significance else '>='} {config.significance:g}"
     )
+    floor = comparison.get("min_p", 0.5**n)
+    if floor >= config.significance:
+        why += (
+            f"; with {n} test page(s) no p below 2^-{n} = {floor:.3g} is possible, so this rule cannot pass: more test "
+            "pages are needed (more documents, or a larger test share)"
+        )
     return {"rule": "beat_champion", "value": p, "threshold": config.significance, "passed": passed, "why": why}

@@ -70,8 +70,17 @@ def _ci(value: dict) -> str:
     if math.isnan(value["mean"]):
         return "n/a"
     if math.isnan(value["ci_low"]):
-        return f"{value['mean']:.3f}"
+        return f"{value['mean']:.3f} (no interval from {value.get('n', 0)} page)"
     return f"{value['mean']:.3f} [{value['ci_low']:.3f}, {value['ci_high']:.3f}]"
+
+
+def _signed_ci(value: dict) -> str:
+    """A difference with its 95% interval: "+0.120 [+0.050, +0.190]"; the difference alone without an interval."""
+    if math.isnan(value["mean"]):
+        return "n/a"
+    if math.isnan(value["ci_low"]):
+        return f"{value['mean']:+.3f} (no interval from one page)"
+    return f"{value['mean']:+.3f} [{value['ci_low']:+.3f}, {value['ci_high']:+.3f}]"
 
 
 def _num(value, digits: int = 4) -> str:
@@ -152,11 +161,13 @@ def _comparison_blocks(comparison: dict | None, reference: str) -> list[tuple]:
         ["pages", str(comparison["n"])],
         ["candidate mean", _num(comparison["candidate_mean"], 3)],
         [f"{reference} mean", _num(comparison["reference_mean"], 3)],
-        ["difference [95% paired bootstrap]", f"{d['mean']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"],
+        ["difference [95% paired bootstrap]", _signed_ci(d)],
         ["pages better / worse / tied", f"{comparison['wins']} / {comparison['losses']} / {comparison['ties']}"],
         ["p (candidate better, one-sided)", _num(comparison["p"])],
         ["p (candidate worse, one-sided)", _num(comparison["p_worse"])],
     ]
+    if "min_p" in comparison:
+        rows.append([f"smallest p {comparison['n']} pages allow (2^-n)", _num(float(comparison["min_p"]))])
     return [
         *blocks,
         ("p", "Per-page field accuracy (normalised), pages matched by id; p: paired sign-flip randomization test."),

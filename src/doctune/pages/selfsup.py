@@ -123,6 +123,25 @@ def _pieces(blocks: list[dict]) -> list[tuple[dict, int]]:
     return pieces
 
 
+def text_blocks(page: pymupdf.Page, clip: pymupdf.Rect | None = None, sort: bool = False) -> list[dict]:
+    """pymupdf's text blocks ("dict") in the coordinates of the page as it is shown and rendered (`page.rect`, clip
+    too). pymupdf gives them on the unrotated page: on a page with /Rotate (a landscape table page) they are turned
+    here, so that top, bottom, rows and reading order are those of the page image."""
+    if not page.rotation:
+        return page.get_text("dict", flags=FLAGS, clip=clip, sort=sort)["blocks"]
+    unrotated = None if clip is None else pymupdf.Rect(clip) * page.derotation_matrix
+    blocks = page.get_text("dict", flags=FLAGS, clip=unrotated)["blocks"]
+    matrix = page.rotation_matrix
+    for block in blocks:
+        block["bbox"] = tuple(pymupdf.Rect(block["bbox"]) * matrix)
+        for line in block.get("lines", []):
+            line["bbox"] = tuple(pymupdf.Rect(line["bbox"]) * matrix)
+            for span in line["spans"]:
+                span["bbox"] = tuple(pymupdf.Rect(span["bbox"]) * matrix)
+                span["origin"] = tuple(pymupdf.Point(span["origin"]) * matrix)
+    return sorted(blocks, key=lambda block: (block["bbox"][1], block["bbox"][0])) if sort else blocks
+
+
 def _baseline(line: dict) -> float:
     """Where the line's text sits: the baseline of its longest span (a superscript or a tall bracket does not move it)."""
     return max(line["spans"], key=lambda span: len(span["text"].strip()))["origin"][1]
@@ -211,7 +230,7 @@ def margin_keys(page: pymupdf.Page) -> tuple[set[str], set[str]]:
     keys = []
     for clip in (pymupdf.Rect(rect.x0, rect.y0, rect.x1, rect.y0 + TOP_MARGIN * rect.height),
                  pymupdf.Rect(rect.x0, rect.y0 + BOTTOM_MARGIN * rect.height, rect.x1, rect.y1)):  # fmt: skip
-        rows = rows_of(_pieces(page.get_text("dict", flags=FLAGS, clip=clip)["blocks"]))
+        rows = rows_of(_pieces(text_blocks(page, clip)))
         row = (rows[0] if clip.y0 == rect.y0 else rows[-1]) if rows else None
         found = set()
         for segment in row.lines if row else []:
@@ -421,7 +440,7 @@ def page_fields(page: pymupdf.Page, furniture: DocumentFurniture) -> tuple[dict 
     """The page's self-supervised fields, or (None, why not)."""
     if not page.get_text("text", flags=FLAGS).strip():
         return None, NO_TEXT_LAYER
-    rows = rows_of(_pieces(page.get_text("dict", flags=FLAGS, sort=True)["blocks"]))
+    rows = rows_of(_pieces(text_blocks(page, sort=True)))
     if not rows:
         return None, NO_TEXT_LAYER
     body = _body_size(rows)

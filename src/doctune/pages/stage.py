@@ -75,17 +75,25 @@ class Outcome:
     found: int = 0  # PDF files found
     rendered: int = 0  # pages rendered now (not from the cache)
     left_out: int = 0  # labeled pages beyond max_pages_per_document
+    duplicates: dict[str, str] = field(default_factory=dict)  # a copy's name -> the name of the document it copies
 
 
 def pdf_source(config: RunConfig) -> Path:
     return Path(config.pages.pdfs or config.ingest.pdfs)
 
 
+def shown(name: str | os.PathLike) -> str:
+    """A file name as it can be printed and stored (reports, JSONL, MLflow): bytes that are not UTF-8 on disk (a name
+    from a Windows archive, caf\\xe9.pdf) become backslash escapes instead of unencodable surrogates."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
 def list_pdfs(source: Path) -> list[tuple[str, Path]]:
-    """(name, path) of every *.pdf (any case) under a folder, links followed once, or the one file given."""
+    """(name, path) of every *.pdf (any case) under a folder, links followed once, or the one file given; the name is
+    the path relative to the folder, '/'-separated, as `shown` writes it."""
     source = Path(source)
     if source.is_file():
-        return [(source.name, source)]
+        return [(shown(source.name), source)]
     if not source.is_dir():
         raise PagesError(f"PDF source {source} does not exist (set pages.pdfs, or ingest.pdfs)")
     found, walked = [], set()
@@ -99,10 +107,19 @@ def list_pdfs(source: Path) -> list[tuple[str, Path]]:
         for name in sorted(files):
             if name.lower().endswith(".pdf"):
                 path = Path(root) / name
-                found.append((path.relative_to(source).as_posix(), path))
+                found.append((shown(path.relative_to(source).as_posix()), path))
     if not found:
         raise PagesError(f"no *.pdf files under {source}")
     return sorted(found)
+
+
+def open_pdf(path: Path) -> pymupdf.Document:
+    """The PDF, by name; one whose name is not UTF-8 on disk (which pymupdf cannot open by name) from its bytes."""
+    try:
+        os.fsdecode(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return pymupdf.open(stream=Path(path).read_bytes(), filetype="pdf")
+    return pymupdf.open(path)
 
 
 def _problem(exc: OSError) -> str:
@@ -138,9 +155,10 @@ def _skip(skipped: list[dict], file: str, reason: str, kind: str, page: int | No
     skipped.append({"file": file, "page": page, "line": None, "key": "", "reason": reason, "kind": kind})
 
 
-def open_documents(source: Path, skipped: list[dict]) -> tuple[list[Document], int]:
+def open_documents(source: Path, skipped: list[dict], duplicates: dict[str, str] | None = None) -> tuple[list[Document], int]:
     """The PDFs that can be used (readable, not encrypted, with pages, not a copy of an earlier one), and how many
-    files were found; the others are reported."""
+    files were found; the others are reported. A copy's name and the name of the document it copies go in
+    `duplicates` (a label may name either)."""
     documents, first_seen = [], {}
     found = list_pdfs(source)
     for name, path in found:
@@ -152,9 +170,11 @@ def open_documents(source: Path, skipped: list[dict]) -> tuple[list[Document], i
             continue
         if document.sha256 in first_seen:
             _skip(skipped, name, f"same content as {first_seen[document.sha256]}: used once", "duplicate_pdf")
+            if duplicates is not None:
+                duplicates[name] = first_seen[document.sha256]
             continue
         try:
-            with pymupdf.open(path) as doc:
+            with open_pdf(path) as doc:
                 if doc.needs_pass:
                     _skip(skipped, name, "encrypted: it needs a password", "encrypted_pdf")
                     continue
@@ -237,21 +257,25 @@ def collect(config: RunConfig, schema: dict, progress: bool = True) -> Outcome:
     """Every usable page of the source, labeled and rendered; everything left out is in `skipped`."""
     settings = config.pages
     outcome = Outcome()
-    outcome.documents, outcome.found = open_documents(pdf_source(config), outcome.skipped)
+    outcome.documents, outcome.found = open_documents(pdf_source(config), outcome.skipped, outcome.duplicates)
     cache = Cache(config.project.workdir / "cache")
     labels_by_document: dict[str, list[Label]] = {}
     if settings.labels is not None:
         if not Path(settings.labels).is_file():
             raise PagesError(f"pages.labels: {settings.labels} does not exist or is not a file")
         counts = {d.name: d.pages for d in outcome.documents}
-        unusable = {item["file"]: item["reason"] for item in outcome.skipped}
-        for label in read_labels(settings.labels, counts, schema, outcome.skipped, unusable):
+        unusable = {item["file"]: item["reason"] for item in outcome.skipped if item["file"] not in outcome.duplicates}
+        try:
+            labels = read_labels(settings.labels, counts, schema, outcome.skipped, unusable, outcome.duplicates)
+        except OSError as exc:
+            raise PagesError(f"pages.labels: {settings.labels} cannot be read ({exc.strerror or type(exc).__name__})") from None
+        for label in labels:
             labels_by_document.setdefault(label.document, []).append(label)
     for document in tqdm(outcome.documents, unit="pdf", desc="pages", disable=not progress, file=sys.stderr):
         if settings.labels is not None and document.name not in labels_by_document:
             continue
         try:
-            with pymupdf.open(document.path) as doc:
+            with open_pdf(document.path) as doc:
                 if settings.labels is not None:
                     _labeled(doc, document, labels_by_document[document.name], config, cache, outcome)
                 else:
