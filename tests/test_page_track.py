@@ -129,3 +129,17 @@ def test_a_preempted_page_sft_resumes_from_its_checkpoint(pages):
     resumed = execute_stage("page_sft", config, tracker, parent, inputs)
     metrics = tracker.client.get_run(resumed.run_id).data.metrics
     assert metrics["page_sft.resumed_from_step"] == 2 and metrics["page_sft.global_step"] == 4
+
+
+def test_test_pages_a_model_could_only_answer_cut_off_are_left_out_and_listed(tiny_vlm_dir, tmp_path):
+    from PIL import Image
+
+    from doctune.gate.page_stage import answerable
+    from doctune.page_schema import SELF_SUPERVISED_SCHEMA
+
+    Image.new("RGB", (300, 400), "white").save(tmp_path / "page.png")
+    pages = [{"id": "short", "image": "page.png", "fields": {"title": "Installation"}},
+             {"id": "long", "image": "page.png", "fields": {"title": "word " * 400}}]  # fmt: skip
+    kept, skipped = answerable(pages, tmp_path, SELF_SUPERVISED_SCHEMA, "Extract.", tiny_vlm_dir, max_new=64)
+    assert [page["id"] for page in kept] == ["short"]
+    assert [item["id"] for item in skipped] == ["long"] and "> page_sft.max_output_tokens" in skipped[0]["reason"]

@@ -187,7 +187,9 @@ def test_user_labels_bad_lines_are_named_and_the_rest_used(tmp_path, small_corpu
     assert bad[6]["key"] == "fields.title" and "fields.title: 12 is not of type 'string'" in bad[6]["reason"]
     assert "duplicate" in bad[7]["reason"] and "line 1" in bad[7]["reason"]
     markdown = (tracker.fetch(result.outputs["report"]) / "pages_report.md").read_text()
-    assert "| labels.jsonl |  | 6 | fields.title: 12 is not of type" in markdown
+    # A line whose PDF and page are known names them beside the labels file's line and the key.
+    assert bad[6]["document"] == "sample-plain.pdf" and bad[6]["page"] == 2
+    assert "| labels.jsonl | sample-plain.pdf p2 | 6 | fields.title: 12 is not of type" in markdown
     assert report["split_mode"] == "page" and "by page" in report["split_note"]  # two documents: split by page
 
 
@@ -354,3 +356,18 @@ def test_a_label_key_the_schema_does_not_name_is_a_named_bad_line(tmp_path):
     assert read_labels(labels, {"a.pdf": 2}, schema, skipped) == []
     assert skipped[0]["line"] == 1 and skipped[0]["key"] == "fields.titel" and "not a key of the schema" in skipped[0]["reason"]
     assert read_labels(labels, {"a.pdf": 2}, schema | {"additionalProperties": True}, []) != []  # extra keys allowed
+
+
+def test_a_table_the_finder_misreads_is_labeled_as_none_not_taught(corpus):
+    """The live manual's contents page reads as a table of spaced-out letters ("Ab out"): not what the page shows."""
+    import pymupdf
+
+    from doctune.pages.selfsup import _table_rows, as_printed, clean
+
+    with pymupdf.open(corpus / "live-manual.portrait.en.a4.pdf") as doc:
+        rows, boxes = _table_rows(doc[2])
+        assert rows == [] and boxes  # the table's area still keeps it out of the first paragraph
+    with pymupdf.open(corpus / "sample-plain.pdf") as doc:
+        page = next(p for p in doc if p.find_tables().tables)
+        rows, _ = _table_rows(page)
+        assert rows and as_printed(rows, clean(page.get_text()))

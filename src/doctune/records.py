@@ -52,7 +52,7 @@ def read_jsonl(path: Path, skipped: list[dict]) -> list[dict]:
             if not raw.strip():
                 continue
             try:
-                record = json.loads(raw.decode("utf-8"))
+                record = json.loads(raw.decode("utf-8-sig" if number == 1 else "utf-8"))  # a BOM Windows editors write
             except UnicodeDecodeError:
                 skipped.append({"file": Path(path).name, "line": number, "reason": "not UTF-8 text"})
                 continue

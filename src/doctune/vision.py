@@ -173,7 +173,8 @@ def extract(model, processor, image, instruction: str, max_new_tokens: int, temp
     ids = [int(t) for t in out[0, inputs["input_ids"].shape[1] :]]
     if tokenizer.eos_token_id in ids:
         ids = ids[: ids.index(tokenizer.eos_token_id)]
-    return PageReply(tokenizer.decode(ids, skip_special_tokens=True).strip(), seconds, len(ids))
+    # Only JSON's own whitespace is trimmed: the gate judges the reply as written.
+    return PageReply(tokenizer.decode(ids, skip_special_tokens=True).strip(" \t\n\r"), seconds, len(ids))
 
 
 def page_logits(model, processor, image, instruction: str, reply: str):

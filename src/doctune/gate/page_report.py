@@ -113,6 +113,12 @@ def report_blocks(result: dict) -> list[tuple]:
     blocks += _per_key_blocks(summaries, reference)
     blocks += _comparison_blocks(result.get("comparison"), reference)
     blocks += _sample_blocks(result.get("samples") or [])
+    skipped = result.get("skipped") or []
+    if skipped:
+        blocks += [
+            ("h", 2, f"Test pages left out ({len(skipped)})"),
+            ("table", ["page", "reason"], [[item["id"], item["reason"]] for item in skipped]),
+        ]
     return blocks
 
 

@@ -19,10 +19,11 @@ from doctune.config import RunConfig
 from doctune.devices import precision, torch_dtype
 from doctune.gate import page_metrics, page_report, registry
 from doctune.models import resolve_model
+from doctune.page_schema import canonical_json
 from doctune.records import GATE_REPORT_FILE, PAGE_INSTRUCTION_FILE, PAGE_SCHEMA_FILE, PAGE_TEST_FILE, read_jsonl
 from doctune.tracking import TAG, StageRun
 from doctune.train.artifacts import read_meta
-from doctune.vision import extract, load_model, load_processor, open_image
+from doctune.vision import extract, load_model, load_processor, open_image, prompt_inputs
 
 RETRY_TEMPERATURE = 0.7  # a greedy retry would repeat the first reply word for word
 
@@ -57,6 +58,27 @@ def test_pages(dataset_dir: Path, max_pages: int) -> tuple[list[dict], dict, str
     return pages, schema, (dataset_dir / PAGE_INSTRUCTION_FILE).read_text()
 
 
+def answerable(pages: list[dict], dataset_dir: Path, schema: dict, instruction: str, folder: Path, max_new: int):
+    """(pages every model can be asked, skipped pages with the reason): a page whose reference reply needs more than
+    `max_new` tokens could only be answered cut off, and one whose image the processor refuses cannot be asked."""
+    processor = load_processor(folder)
+    kept, skipped = [], []
+    for page in pages:
+        reply = len(processor.tokenizer(canonical_json(page["fields"], schema), add_special_tokens=False)["input_ids"]) + 1
+        if reply > max_new:
+            skipped.append({"id": page["id"], "reason": f"reference reply of {reply} tokens > page_sft.max_output_tokens"})
+            continue
+        image = open_image(dataset_dir / page["image"])
+        try:
+            prompt_inputs(processor, image, instruction)
+        except Exception as exc:  # e.g. Qwen-VL's resize refuses aspect ratios above 200
+            reason = f"the processor cannot take this page image ({image.width}x{image.height}): {type(exc).__name__}: {exc}"
+            skipped.append({"id": page["id"], "reason": reason[:300]})
+            continue
+        kept.append(page)
+    return kept, skipped
+
+
 def score_model(
     folder: Path, dataset_dir: Path, pages: list[dict], schema: dict, instruction: str, config: RunConfig
 ) -> list[dict]:
@@ -88,6 +110,9 @@ def run(config: RunConfig, inputs: dict[str, ArtifactRef], tracker: StageRun) ->
     dataset_dir = tracker.fetch(inputs["pages"])
     pages, schema, instruction = test_pages(dataset_dir, g.max_pages)
     merged = tracker.fetch(inputs["model"])
+    pages, skipped = answerable(pages, dataset_dir, schema, instruction, merged, config.page_sft.max_output_tokens)
+    if not pages:
+        raise PageGateError(f"no test page can be scored: {[item['reason'] for item in skipped][:3]}")
     base_spec = read_meta(merged).get("base_model", config.model.base_model)
     current = registry.champion(tracker.tracker)
 
@@ -136,12 +161,14 @@ def run(config: RunConfig, inputs: dict[str, ArtifactRef], tracker: StageRun) ->
         "comparison": comparison,
         "samples": page_report.pick_samples(scored["candidate"]),
         "pages": {name: records for name, records in scored.items()},
+        "skipped": skipped,
     }
     metrics = {f"page_gate.{name}.{key}": float(summary[key]["mean"]) for name, summary in summaries.items()
                for key in ("json_validity", "first_try_validity", "schema_conformance", "field_accuracy_exact",
                            "field_accuracy_normalized")}  # fmt: skip
     metrics |= {f"page_gate.{name}.latency_p95_ms": float(s["latency_ms"]["p95"]) for name, s in summaries.items()}
-    tracker.log_metrics(metrics | {"page_gate.promote": float(decision == "promote"), "page_gate.p": float(comparison["p"])})
+    metrics |= {"page_gate.promote": float(decision == "promote"), "page_gate.p": float(comparison["p"])}
+    tracker.log_metrics(metrics | {"page_gate.skipped_pages": float(len(skipped))})
     tracker.set_tags({f"{TAG}gate.decision": decision, f"{TAG}gate.version": version})
     with tempfile.TemporaryDirectory(prefix="doctune-page-gate-") as tmp:
         out = Path(tmp) / "report"

@@ -48,7 +48,12 @@ def page_records(processor, dataset_dir: Path, path: Path, settings, schema: dic
         except (KeyError, TypeError, OSError) as exc:
             skipped.append(where | {"reason": f"unusable record ({type(exc).__name__}: {exc})"})
             continue
-        total, reply_tokens = measure(processor, image, instruction, reply)
+        try:
+            total, reply_tokens = measure(processor, image, instruction, reply)
+        except Exception as exc:  # e.g. Qwen-VL's resize refuses aspect ratios above 200
+            reason = f"the processor cannot take this page image ({image.width}x{image.height}): {type(exc).__name__}: {exc}"
+            skipped.append(where | {"reason": reason[:300]})
+            continue
         if reply_tokens > settings.max_output_tokens:
             skipped.append(where | {"reason": f"reply of {reply_tokens} tokens > page_sft.max_output_tokens"})
             continue

@@ -150,8 +150,11 @@ def read_labels(
     path = Path(path)
     shown = path.name
 
-    def bad(line: int, key: str, reason: str) -> None:
-        skipped.append({"file": shown, "line": line, "page": None, "key": key, "reason": reason, "kind": "bad_label"})
+    def bad(line: int, key: str, reason: str, labeled: tuple[str, int] | None = None) -> None:
+        """`labeled`: the (PDF, page) the line labels, once known, so the report names it beside the line."""
+        document, page = labeled or (None, None)
+        skipped.append({"file": shown, "line": line, "page": page, "document": document, "key": key, "reason": reason,
+                        "kind": "bad_label"})  # fmt: skip
 
     problems: list[dict] = []
     records = read_records(path, problems)
@@ -189,22 +192,24 @@ def read_labels(
             continue
         fields = record["fields"]
         if not isinstance(fields, dict):
-            bad(line, "fields", f"fields: expected a JSON object, got {type(fields).__name__}")
+            bad(line, "fields", f"fields: expected a JSON object, got {type(fields).__name__}", (document, page))
             continue
         not_text = _text_problem(fields, "fields")
         if not_text:
-            bad(line, not_text.split(":", 1)[0], not_text)
+            bad(line, not_text.split(":", 1)[0], not_text, (document, page))
             continue
         problems_ = [_under_fields(problem) for problem in violations(fields, schema)]
         if problems_:
-            bad(line, problems_[0].split(":", 1)[0], "; ".join(problems_))
+            bad(line, problems_[0].split(":", 1)[0], "; ".join(problems_), (document, page))
             continue
         unknown = [key for key in fields if key not in keys] if keys is not None else []
         if unknown:  # a typo ("titel") the schema lets through would be trained on and never scored
-            bad(line, f"fields.{unknown[0]}", f"fields.{unknown[0]}: not a key of the schema (its keys: {', '.join(keys)})")
+            why = f"fields.{unknown[0]}: not a key of the schema (its keys: {', '.join(keys)})"
+            bad(line, f"fields.{unknown[0]}", why, (document, page))
             continue
         if (document, page) in seen:
-            bad(line, "page", f"duplicate label for {document} page {page} (first on line {seen[(document, page)]})")
+            why = f"duplicate label for {document} page {page} (first on line {seen[(document, page)]})"
+            bad(line, "page", why, (document, page))
             continue
         seen[(document, page)] = line
         labels.append(Label(document, page, fields, line))

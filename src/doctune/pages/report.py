@@ -149,9 +149,11 @@ def markdown(summary: dict) -> str:
         lines.append("Nothing was skipped.")
     else:
         lines.append(", ".join(f"{kind}: {n}" for kind, n in s["skipped_by_kind"].items()))
-        lines += ["", "| file | page | line | reason |", "|---|---:|---:|---|"]
+        lines += ["", "| file | page | line | reason |", "|---|---|---:|---|"]
         for item in s["skipped"]:
             page = item["page"] if item["page"] is not None else ""
+            if item.get("document"):  # a label line: the page it labels is in its PDF, not in the labels file
+                page = f"{item['document']} p{page}"
             line = item["line"] if item["line"] is not None else ""
             lines.append(f"| {_cell(item['file'])} | {page} | {line} | {_cell(item['reason'], 300)} |")
     return "\n".join(lines) + "\n"
@@ -165,6 +167,8 @@ def write(folder: Path, summary: dict) -> None:
 
 def where(item: dict) -> str:
     """A skipped item's place: the file, then its page or line."""
+    if item.get("document"):
+        return f"{item['file']} line {item['line']} ({item['document']} page {item['page']})"
     return item["file"] + (f" page {item['page']}" if item["page"] else "") + (f" line {item['line']}" if item["line"] else "")
 
 

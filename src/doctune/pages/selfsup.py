@@ -352,16 +352,25 @@ def _table_rows(page: pymupdf.Page) -> tuple[list[list[str]], list[tuple[float, 
         tables = page.find_tables().tables
     except Exception:  # pymupdf's table finder failing on an odd page costs that field only
         return [], []
-    first: list[list[str]] = []
+    first: list[list[str]] | None = None  # the first table with text decides, kept or not
     boxes = []
+    printed = clean(page.get_text())
     for table in tables:
         boxes.append(tuple(table.bbox))
-        if first:
+        if first is not None:
             continue
         rows = [[clean(cell or "") for cell in row] for row in table.extract()]
         if any(cell for row in rows for cell in row):
-            first = rows[:TABLE_ROWS]
-    return first, boxes
+            first = rows[:TABLE_ROWS] if as_printed(rows, printed) else []
+    return first or [], boxes
+
+
+def as_printed(rows: list[list[str]], page_text: str, share: float = 0.9) -> bool:
+    """Whether the table finder read the cells as the page prints them: at least `share` of the non-empty cells occur
+    in the page's own text. Spaced-out letters ("Ab out" for "About", from glyphs drawn apart) or cells cut
+    mid-word would teach the model text the image does not show: such a table is labeled as none."""
+    cells = [cell for row in rows for cell in row if cell]
+    return sum(cell in page_text for cell in cells) >= share * len(cells)
 
 
 def _inside(segment: Segment, boxes: list[tuple[float, float, float, float]]) -> bool:
