@@ -111,3 +111,10 @@ def test_a_qwen_vl_processor_that_cannot_load_names_torchvision(tmp_path, tiny_v
     }))  # fmt: skip
     with pytest.raises(vision.VisionModelError, match="torchvision"):
         vision.load_processor(tmp_path)
+
+
+def test_page_sft_learning_rates_follow_the_guide_per_method():
+    from doctune.train.core import default_learning_rate
+
+    assert [default_learning_rate("page_sft", m) for m in ("lora", "qlora", "full")] == [2e-4, 1.5e-4, 2e-5]
+    assert default_learning_rate("sft", "qlora") == default_learning_rate("sft", "lora")  # the text track's stay as they were

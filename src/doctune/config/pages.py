@@ -103,6 +103,9 @@ class PageSftConfig(TrainingConfig):
     stage: ClassVar[str] = "page_sft"
 
     lora: PageLoraSettings = Field(default_factory=PageLoraSettings, description="the adapter of methods lora and qlora")
+    learning_rate: float | None = Field(
+        None, gt=0, description="null: the guide's: 2e-4 for lora, 1.5e-4 for qlora, 2e-5 for full"
+    )
     batch_size: int = Field(1, ge=1, description="pages per device per step")
     gradient_accumulation_steps: int = Field(32, ge=1, description="effective batch = batch_size x this x processes")
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="share of the steps the learning rate warms up over")

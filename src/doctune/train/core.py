@@ -24,6 +24,8 @@ DEFAULT_LEARNING_RATES = {
     ("page_sft", "adapter"): 2e-4,
     ("page_sft", "full"): 2e-5,
 }
+# Where a method's rate differs from its family's: the page guide's QLoRA range (1e-4 to 1.5e-4) sits below LoRA's.
+METHOD_LEARNING_RATES = {("page_sft", "qlora"): 1.5e-4}
 RESULT_FILE = "train_result.json"
 # Evaluation metrics measured before training as well as after, per stage.
 BEFORE_METRICS = {"cpt": ("eval_loss",), "dpo": ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins")}
@@ -40,6 +42,8 @@ DEEPSPEED_CONFIG_ENV = "DOCTUNE_DEEPSPEED_CONFIG"
 def default_learning_rate(stage: str, method: str, model_dir: str | Path | None = None) -> float:
     """The standard learning rate of a stage and method family (a run config's learning_rate: null).
     `model_dir` is accepted for callers that pass it; the rate does not depend on the model."""
+    if (stage, method) in METHOD_LEARNING_RATES:
+        return METHOD_LEARNING_RATES[(stage, method)]
     return DEFAULT_LEARNING_RATES[(stage, "full" if method == "full" else "adapter")]
 
 
