@@ -36,11 +36,7 @@ def external_digests(config: RunConfig, inputs: dict[str, ArtifactRef]) -> dict[
     """The champion is an input too: a gate result is reused only against the same champion."""
     from doctune.tracking import Tracker
 
-    tracker = Tracker(config)
-    current = registry.champion(tracker)
-    if current is not None and current[1].digest == inputs["model"].digest:
-        return {"champion": registry.gated_against(tracker, current[0])}
-    return {"champion": current[1].digest if current else "none"}
+    return {"champion": registry.champion_key(Tracker(config), inputs["model"])}
 
 
 def test_pages(dataset_dir: Path, max_pages: int) -> tuple[list[dict], dict, str]:

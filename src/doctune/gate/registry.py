@@ -70,6 +70,16 @@ def champion(tracker: Tracker) -> tuple[str, ArtifactRef] | None:
     return str(version.version), ArtifactRef.from_dict(json.loads(version.tags[MODEL_TAG]))
 
 
+def champion_key(tracker: Tracker, candidate: ArtifactRef) -> str:
+    """What a gate result depends on besides its inputs: the champion it was judged against. When the candidate is
+    the champion already (a rerun of the run that promoted it), the key is the one it was judged under, so the rerun
+    reuses that result."""
+    current = champion(tracker)
+    if current is not None and current[1].digest == candidate.digest:
+        return gated_against(tracker, current[0])
+    return current[1].digest if current else "none"
+
+
 def gated_against(tracker: Tracker, version: str) -> str:
     return tracker.client.get_model_version(model_name(tracker), version).tags.get(GATED_AGAINST_TAG, "unknown")
 

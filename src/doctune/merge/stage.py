@@ -19,6 +19,7 @@ from doctune.devices import precision, torch_dtype
 from doctune.records import SYSTEM_PROMPT_FILE, read_text_file
 from doctune.tracking import StageRun
 from doctune.train.artifacts import (
+    MERGE_TOLERANCE,
     ModelArtifactError,
     base_folder_of,
     end_of_turn_generation_config,
@@ -30,7 +31,6 @@ from doctune.train.artifacts import (
 )
 
 CARD_FILE = "README.md"
-DEFAULT_TOLERANCE = {"fp32": 1e-3, "bf16": 0.5}
 # What a merged folder keeps of its input: weights are rewritten; training leftovers stay behind.
 CARRIED_FILES = (SYSTEM_PROMPT_FILE,)
 
@@ -114,7 +114,7 @@ def merge_model(config: RunConfig, model_input: ArtifactRef, fetch, target: Path
         rope_scaling=meta.get("rope_scaling"),
         probes=probe_ids(tokenizer, system, config.merge.verify_prompts),
     )  # fmt: skip
-    tolerance = config.merge.max_logit_diff or DEFAULT_TOLERANCE[prec]
+    tolerance = config.merge.max_logit_diff or MERGE_TOLERANCE[prec]
     check |= {"precision": prec, "tolerance": tolerance, "adapter": True}
     if check["max_logit_diff"] > tolerance:
         raise MergeError(

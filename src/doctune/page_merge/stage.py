@@ -19,6 +19,7 @@ from doctune.page_schema import canonical_json
 from doctune.records import PAGE_INSTRUCTION_FILE, PAGE_SCHEMA_FILE, TRAIN_FILE, VALIDATION_FILE, read_jsonl
 from doctune.tracking import StageRun
 from doctune.train.artifacts import (
+    MERGE_TOLERANCE,
     base_folder_of,
     end_of_turn_generation_config,
     lineage,
@@ -30,7 +31,6 @@ from doctune.train.artifacts import (
 from doctune.vision import load_processor, open_image, page_messages
 
 CARD_FILE = "README.md"
-DEFAULT_TOLERANCE = {"fp32": 1e-3, "bf16": 0.5}
 PROBE_PAGES = 2
 CARRIED_FILES = (PAGE_SCHEMA_FILE, PAGE_INSTRUCTION_FILE)
 
@@ -93,7 +93,7 @@ def merge_page_model(config: RunConfig, model_input: ArtifactRef, dataset_dir: P
         raise PageMergeError(f"pages dataset {dataset_dir.name} has no page to check the merge on")
     probes = probe_inputs(processor, dataset_dir, records, schema, (folder / PAGE_INSTRUCTION_FILE).read_text())
     check = merge_adapter(base_folder_of(meta, config, fetch), folder, target, dtype=torch_dtype(prec), probes=probes)
-    tolerance = config.merge.max_logit_diff or DEFAULT_TOLERANCE[prec]
+    tolerance = config.merge.max_logit_diff or MERGE_TOLERANCE[prec]
     check |= {"precision": prec, "tolerance": tolerance, "adapter": True, "probe_pages": len(records)}
     if check["max_logit_diff"] > tolerance:
         raise PageMergeError(

@@ -85,6 +85,11 @@ def base_folder_of(meta: dict, config: RunConfig, fetch) -> Path:
     return materialize(ArtifactRef.from_dict(base["ref"]), config, fetch)
 
 
+# Largest |logit| gap allowed between an adapter model and its merged weights, by merge precision (merge.max_logit_diff
+# replaces it).
+MERGE_TOLERANCE = {"fp32": 1e-3, "bf16": 0.5}
+
+
 def merge_adapter(
     base_folder: Path, adapter_folder: Path, target: Path, dtype=None, rope_scaling: dict | None = None, probes=None
 ) -> dict:
