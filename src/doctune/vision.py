@@ -64,12 +64,22 @@ def load_processor(model_dir: Path):
     return processor
 
 
-def load_model(model_dir: Path, dtype=None, quantization_config=None):
+def inference_device() -> str | None:
+    """Where a model answers pages: the GPU when there is one (None: where transformers loads it, the CPU)."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else None
+
+
+def load_model(model_dir: Path, dtype=None, quantization_config=None, device: str | None = None):
+    """The model in `model_dir`; on `device` when given (bitsandbytes quantizes there as it loads)."""
     from transformers import AutoModelForImageTextToText
 
     kwargs = {"dtype": dtype} if dtype is not None else {}
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
+    if device is not None:
+        kwargs["device_map"] = {"": device}
     try:
         return AutoModelForImageTextToText.from_pretrained(model_dir, **kwargs)
     except ValueError as exc:

@@ -23,7 +23,7 @@ from doctune.page_schema import canonical_json
 from doctune.records import GATE_REPORT_FILE, PAGE_INSTRUCTION_FILE, PAGE_SCHEMA_FILE, PAGE_TEST_FILE, read_jsonl
 from doctune.tracking import TAG, StageRun
 from doctune.train.artifacts import read_meta
-from doctune.vision import extract, load_model, load_processor, open_image, prompt_inputs
+from doctune.vision import extract, inference_device, load_model, load_processor, open_image, prompt_inputs
 
 RETRY_TEMPERATURE = 0.7  # a greedy retry would repeat the first reply word for word
 
@@ -82,9 +82,7 @@ def score_model(
     import torch
 
     prec = precision("auto", "inference")
-    model = load_model(folder, torch_dtype(prec)).eval()
-    if torch.cuda.is_available():
-        model = model.to("cuda")
+    model = load_model(folder, torch_dtype(prec), device=inference_device()).eval()
     processor = load_processor(folder)
     max_new = config.page_sft.max_output_tokens
     records = []

@@ -20,7 +20,7 @@ from doctune.config import RunConfig
 from doctune.page_schema import parse_reply
 from doctune.records import PAGE_INSTRUCTION_FILE, PAGE_SCHEMA_FILE, TRAIN_FILE, VALIDATION_FILE, read_jsonl
 from doctune.tracking import StageRun
-from doctune.vision import extract, load_model, load_processor, nf4_config, open_image
+from doctune.vision import extract, inference_device, load_model, load_processor, nf4_config, open_image
 
 REPORT_FILE = "quantize_report.json"
 BASELINE = "merged"
@@ -46,7 +46,7 @@ def folder_size(path: Path) -> int:
 
 
 def make_nf4(merged: Path, target: Path) -> None:
-    model = load_model(merged, quantization_config=nf4_config())
+    model = load_model(merged, quantization_config=nf4_config(), device=inference_device())
     model.save_pretrained(target)
     load_processor(merged).save_pretrained(target)
     for name in CARRIED_FILES:
@@ -69,7 +69,7 @@ def produce(variant: str, merged: Path, target: Path) -> dict:
 
 def measure(folder: Path, dataset_dir: Path, pages: list[dict], instruction: str, max_new_tokens: int) -> dict:
     started = time.perf_counter()
-    model, processor = load_model(folder).eval(), load_processor(folder)
+    model, processor = load_model(folder, device=inference_device()).eval(), load_processor(folder)
     load_s = time.perf_counter() - started
     replies = [extract(model, processor, open_image(dataset_dir / p["image"]), instruction, max_new_tokens) for p in pages]
     return {
