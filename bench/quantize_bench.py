@@ -17,9 +17,8 @@ from results_io import write_results
 from train_bench import datasets
 
 from doctune.config import load_config
-from doctune.cpt.stage import held_out_blocks
 from doctune.models import resolve_model
-from doctune.quantize.stage import BASELINE, quantize_variants
+from doctune.quantize.stage import BASELINE, heldout_blocks, quantize_variants
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pdfs", type=Path, default=REPO.parent / "shared" / "corpus")
-    parser.add_argument("--variants", default="[gguf-f16, gguf-q8_0, gguf-q4_0, nf4]")
+    parser.add_argument("--variants", default="[gguf-f16, gguf-q8_0, gguf-q4_k_m, gguf-q4_0, nf4]")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -42,8 +41,8 @@ def main() -> None:
 
     model_dir = resolve_model(config.model.base_model, config.project.workdir / "cache")
     q = config.quantize
-    blocks = held_out_blocks(
-        config, tracker.fetch(outputs["cpt"]), AutoTokenizer.from_pretrained(model_dir), q.block_size, q.eval_blocks
+    blocks = heldout_blocks(
+        tracker.fetch(outputs["heldout"]), AutoTokenizer.from_pretrained(model_dir), q.block_size, q.eval_blocks
     )
     with tempfile.TemporaryDirectory(prefix="bench-quantize-") as tmp:
         report = quantize_variants(config, model_dir, config.model.base_model, blocks, Path(tmp))

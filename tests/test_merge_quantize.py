@@ -80,17 +80,26 @@ def test_quantize_writes_checked_variants_and_reports_the_ones_it_cannot(sft_mod
     config, tracker, parent, data, model_ref = sft_model
     merged = execute_stage("merge", config, tracker, parent, {"model": model_ref}).outputs["model"]
     config = config.model_copy(
-        update={"quantize": config.quantize.model_copy(update={"variants": ["gguf-f16", "gguf-q4_k", "gguf-q8_0", "nf4"]})}
+        update={
+            "quantize": config.quantize.model_copy(
+                update={"variants": ["gguf-f16", "gguf-q4_k", "gguf-q4_k_m", "gguf-q8_0", "nf4"]}
+            )
+        }
     )
     result = execute_stage("quantize", config, tracker, parent, {"model": merged, "heldout": data["heldout"]})
-    assert set(result.outputs) == {"gguf-f16", "gguf-q8_0", "nf4", "report"}
+    assert set(result.outputs) == {"gguf-f16", "gguf-q4_k_m", "gguf-q8_0", "nf4", "report"}
     report = json.loads((tracker.fetch(result.outputs["report"]) / REPORT_FILE).read_text())
     assert "GGUF type q4_k for LlamaForCausalLM: cannot be written by the gguf package" in report["failed"]["gguf-q4_k"]
+    assert "through llama.cpp's quantizer: q4_k_m" in report["failed"]["gguf-q4_k"]
+    # A K-quant comes from llama.cpp's own quantizer, with what each tensor became (fallbacks where rows are short).
+    k_quant = report["variants"]["gguf-q4_k_m"]
+    assert k_quant["quantizer"].startswith("llama.cpp") and sum(k_quant["tensor_types"].values()) > 0
+    assert (tracker.fetch(result.outputs["gguf-q4_k_m"]) / "model-q4_k_m.gguf").is_file()
     f16 = report["variants"]["gguf-f16"]
     assert f16["perplexity_ratio"] == pytest.approx(1.0, abs=2e-3)
     for row in report["variants"].values():
         assert row["size_bytes"] > 0 and row["tokens_per_s"] > 0 and row["generated_tokens"] >= 1
-    assert report["variants"]["gguf-q8_0"]["size_bytes"] < f16["size_bytes"]
+    assert report["variants"]["gguf-q4_k_m"]["size_bytes"] < report["variants"]["gguf-q8_0"]["size_bytes"] < f16["size_bytes"]
     metrics = tracker.client.get_run(result.run_id).data.metrics
     assert metrics["quantize.gguf-q8_0.perplexity_ratio"] == report["variants"]["gguf-q8_0"]["perplexity_ratio"]
 

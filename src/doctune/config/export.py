@@ -36,7 +36,8 @@ class QuantizeConfig(Section):
     variants: list[str] = Field(
         default_factory=lambda: ["gguf-f16", "gguf-q8_0", "gguf-q4_0", "nf4"],
         min_length=1,
-        description="gguf-<ggml type> (f16, bf16, q8_0, q5_0, q4_0, ...) for llama.cpp/Ollama; nf4 (bitsandbytes) for GPUs",
+        description="gguf-<type> for llama.cpp/Ollama: f16, bf16, q8_0, q5_0, q4_0 (doctune's writer) or the K-quants "
+        "q4_k_m, q5_k_m, q6_k, ... (llama.cpp's quantizer, from f16); nf4 (bitsandbytes) for GPUs",
     )
     eval_blocks: int = Field(64, ge=1, description="held-out domain blocks scored by every variant")
     block_size: int = Field(256, ge=16, description="tokens per perplexity block")

@@ -44,6 +44,14 @@ def writable(qtype) -> bool:
     return True
 
 
+def writable_name(name: str) -> bool:
+    """Whether the gguf package writes GGUF type `name` itself (else llama.cpp's quantizer may: `requantize`)."""
+    import gguf
+
+    qtype = getattr(gguf.GGMLQuantizationType, name.upper(), None)
+    return qtype is not None and writable(qtype)
+
+
 def ggml_type(name: str, architecture: str):
     import gguf
 
@@ -53,7 +61,10 @@ def ggml_type(name: str, architecture: str):
             t.name.lower() for t in gguf.GGMLQuantizationType if hasattr(gguf.LlamaFileType, f"MOSTLY_{t.name}") and writable(t)
         ]
         reason = "is not a ggml type" if qtype is None else "cannot be written by the gguf package"
-        raise GgufExportError(f"GGUF type {name} for {architecture}: {reason} (writable: {', '.join(usable)})")
+        raise GgufExportError(
+            f"GGUF type {name} for {architecture}: {reason} (writable: {', '.join(usable)}; through llama.cpp's quantizer: "
+            "q4_k_m, q4_k_s, q5_k_m, q5_k_s, q6_k, q3_k_m, q2_k, iq4_nl and the other LLAMA_FTYPE_MOSTLY_* names)"
+        )
     return qtype
 
 
@@ -206,6 +217,39 @@ def write_gguf(model_dir: Path, target: Path, type_name: str, pre_tokenizer: str
         "tensor_types": counts,
         "pre_tokenizer": pre_tokenizer or arch.pre_tokenizer,
     }
+
+
+def llama_cpp_file_type(type_name: str) -> int | None:
+    """llama.cpp's file type for `type_name` (q4_k_m, q5_k_m, q6_k, iq4_nl, ...), or None when it has none."""
+    try:
+        import llama_cpp
+    except ImportError:  # the serve extra is not installed
+        return None
+    return getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{type_name.upper()}", None)
+
+
+def requantize(source: Path, target: Path, type_name: str, threads: int) -> dict:
+    """A GGUF of `type_name` made from the f16 GGUF `source` by llama.cpp's own quantizer (the K-quants, which the gguf
+    package cannot write). Tensors whose rows do not split into 256-value K blocks fall back to another type, as
+    llama.cpp's quantizer decides (it logs which)."""
+    import ctypes
+
+    import llama_cpp
+
+    file_type = llama_cpp_file_type(type_name)
+    if file_type is None:
+        raise GgufExportError(f"GGUF type {type_name}: llama.cpp has no file type of that name")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.nthread = file_type, threads
+    code = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params))
+    if code != 0 or not target.is_file():
+        raise GgufExportError(f"GGUF type {type_name}: llama.cpp's quantizer failed (code {code}) on {source.name}")
+    import gguf
+
+    counts: dict[str, int] = {}
+    for tensor in gguf.GGUFReader(str(target)).tensors:  # what each tensor became, fallbacks included
+        counts[tensor.tensor_type.name.lower()] = counts.get(tensor.tensor_type.name.lower(), 0) + 1
+    return {"type": type_name, "tensor_types": counts, "quantizer": f"llama.cpp (llama-cpp-python {llama_cpp.__version__})"}
 
 
 def pre_tokenizer_of_gguf(path: Path) -> str | None:

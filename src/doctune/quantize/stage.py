@@ -1,6 +1,7 @@
 """Quantize: deployable variants of the merged model, each loaded and run in the runtime that serves it.
 
-GGUF files (llama.cpp, Ollama) are checked with llama-cpp-python; bitsandbytes NF4 checkpoints by reloading them
+GGUF files (llama.cpp, Ollama) are written by doctune's GGUF writer, or for the K-quants (q4_k_m, q5_k_m, q6_k, ...)
+by llama.cpp's own quantizer from an f16 file, and checked with llama-cpp-python; bitsandbytes NF4 checkpoints by reloading them
 with transformers. Every variant, and the merged fp32 model as baseline, gets the same measurements: size on disk,
 load time, greedy tokens/s on a chat prompt, perplexity on held-out domain text and its ratio to the merged model.
 A variant that cannot be produced is recorded with its error; the others are still made.
@@ -16,8 +17,16 @@ from pathlib import Path
 from doctune.artifacts import GGUF_KIND, NF4_KIND, ArtifactRef
 from doctune.chat import conversation
 from doctune.config import RunConfig
+from doctune.devices import usable_cpus
 from doctune.models import BUNDLED_PREFIX, bundled_gguf
-from doctune.quantize.gguf_export import GgufExportError, pre_tokenizer_of_gguf, write_gguf
+from doctune.quantize.gguf_export import (
+    GgufExportError,
+    llama_cpp_file_type,
+    pre_tokenizer_of_gguf,
+    requantize,
+    writable_name,
+    write_gguf,
+)
 from doctune.records import HELDOUT_FILE, QUANTIZE_REPORT_FILE, SYSTEM_PROMPT_FILE, read_jsonl, read_text_file
 from doctune.runtimes import open_runtime
 from doctune.textblocks import perplexity_blocks
@@ -98,7 +107,15 @@ def produce(variant: str, merged: Path, target: Path, base_spec: str) -> dict:
         make_nf4(merged, target)
         return {"format": "bitsandbytes nf4, double quant"}
     type_name = variant.removeprefix("gguf-")
-    return write_gguf(merged, target / f"model-{type_name}.gguf", type_name, pre_tokenizer=gguf_pre_tokenizer(base_spec))
+    pre_tokenizer = gguf_pre_tokenizer(base_spec)
+    if writable_name(type_name) or llama_cpp_file_type(type_name) is None:
+        return write_gguf(merged, target / f"model-{type_name}.gguf", type_name, pre_tokenizer=pre_tokenizer)
+    # K-quants and the like: llama.cpp's own quantizer, from an f16 file that does not stay in the variant.
+    with tempfile.TemporaryDirectory(prefix="doctune-f16-") as scratch:
+        f16 = Path(scratch) / "model-f16.gguf"
+        written = write_gguf(merged, f16, "f16", pre_tokenizer=pre_tokenizer)
+        done = requantize(f16, target / f"model-{type_name}.gguf", type_name, usable_cpus())
+    return {**written, **done}
 
 
 def quantize_variants(config: RunConfig, merged: Path, base_spec: str, blocks: list[list[int]], root: Path) -> dict:
