@@ -66,6 +66,17 @@ def read_jsonl(path: Path, skipped: list[dict]) -> list[dict]:
     return records
 
 
+def page_check_records(dataset_dir: Path, count: int) -> list[dict]:
+    """Up to `count` pages of a pages dataset to check a page model on: validation pages, then training pages, never
+    an augmented copy and never a test page (the page gate keeps those for itself)."""
+    records: list[dict] = []
+    for name in (VALIDATION_FILE, TRAIN_FILE):
+        path = Path(dataset_dir) / name
+        if path.is_file():
+            records += [r for r in read_jsonl(path, []) if not r.get("augmentation")]
+    return records[:count]
+
+
 def write_jsonl(path: Path, records: list[dict]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ from doctune.artifacts import MODEL_KIND, ArtifactRef
 from doctune.config import RunConfig
 from doctune.devices import precision, torch_dtype
 from doctune.page_schema import canonical_json
-from doctune.records import PAGE_INSTRUCTION_FILE, PAGE_SCHEMA_FILE, TRAIN_FILE, VALIDATION_FILE, read_jsonl
+from doctune.records import PAGE_INSTRUCTION_FILE, PAGE_SCHEMA_FILE, page_check_records
 from doctune.tracking import StageRun
 from doctune.train.artifacts import (
     MERGE_TOLERANCE,
@@ -37,16 +37,6 @@ CARRIED_FILES = (PAGE_SCHEMA_FILE, PAGE_INSTRUCTION_FILE)
 
 class PageMergeError(RuntimeError):
     """The merged page model does not behave like the adapter model it came from."""
-
-
-def probe_pages(dataset_dir: Path, count: int) -> list[dict]:
-    """The first validation pages (training pages when there is no validation split)."""
-    for name in (VALIDATION_FILE, TRAIN_FILE):
-        path = dataset_dir / name
-        records = read_jsonl(path, []) if path.is_file() else []
-        if records:
-            return records[:count]
-    return []
 
 
 def probe_inputs(processor, dataset_dir: Path, records: list[dict], schema: dict, instruction: str) -> list:
@@ -88,7 +78,7 @@ def merge_page_model(config: RunConfig, model_input: ArtifactRef, dataset_dir: P
     prec = precision(config.merge.precision, "merge")
     processor = load_processor(folder)
     schema = json.loads((folder / PAGE_SCHEMA_FILE).read_text())
-    records = probe_pages(dataset_dir, PROBE_PAGES)
+    records = page_check_records(dataset_dir, PROBE_PAGES)
     if not records:
         raise PageMergeError(f"pages dataset {dataset_dir.name} has no page to check the merge on")
     probes = probe_inputs(processor, dataset_dir, records, schema, (folder / PAGE_INSTRUCTION_FILE).read_text())

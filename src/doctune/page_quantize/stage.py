@@ -18,7 +18,7 @@ from pathlib import Path
 from doctune.artifacts import NF4_KIND, ArtifactRef
 from doctune.config import RunConfig
 from doctune.page_schema import parse_reply
-from doctune.records import PAGE_INSTRUCTION_FILE, PAGE_SCHEMA_FILE, TRAIN_FILE, VALIDATION_FILE, read_jsonl
+from doctune.records import PAGE_INSTRUCTION_FILE, PAGE_SCHEMA_FILE, page_check_records
 from doctune.tracking import StageRun
 from doctune.vision import extract, inference_device, load_model, load_processor, nf4_config, open_image
 
@@ -29,16 +29,6 @@ CARRIED_FILES = ("generation_config.json", PAGE_SCHEMA_FILE, PAGE_INSTRUCTION_FI
 
 class PageQuantizeError(RuntimeError):
     """No quantized variant of the page model could be produced."""
-
-
-def check_pages(dataset_dir: Path, count: int) -> list[dict]:
-    """Validation pages (then training pages; never test pages, which the gate keeps for itself)."""
-    records: list[dict] = []
-    for name in (VALIDATION_FILE, TRAIN_FILE):
-        path = dataset_dir / name
-        if path.is_file():
-            records += [r for r in read_jsonl(path, []) if not r.get("augmentation")]
-    return records[:count]
 
 
 def folder_size(path: Path) -> int:
@@ -81,7 +71,7 @@ def measure(folder: Path, dataset_dir: Path, pages: list[dict], instruction: str
 
 
 def quantize_variants(config: RunConfig, merged: Path, dataset_dir: Path, root: Path) -> dict:
-    pages = check_pages(dataset_dir, config.page_quantize.check_pages)
+    pages = page_check_records(dataset_dir, config.page_quantize.check_pages)
     if not pages:
         raise PageQuantizeError(f"pages dataset {dataset_dir.name} has no validation or training page to check variants on")
     instruction = (merged / PAGE_INSTRUCTION_FILE).read_text()
