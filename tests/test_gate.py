@@ -64,7 +64,8 @@ def test_paired_randomization_flags_a_consistently_worse_candidate():
 def scores(f1: float, abstention: float = 0.8, n: int = 400, **extra) -> dict:
     """A model's scores as evaluate_model returns them: `n` items per set, enough to detect the default margins."""
     metrics = {"golden_f1": f1, "abstention_accuracy": abstention, "false_abstention_rate": 0.05, "format_compliance": 1.0,
-               "capability_accuracy": 0.6, "general_perplexity": 20.0, "domain_perplexity": 10.0} | extra  # fmt: skip
+               "capability_accuracy": 0.6, "citation_precision": 0.9, "general_perplexity": 20.0,
+               "domain_perplexity": 10.0} | extra  # fmt: skip
     declined = round(abstention * n)
     spread = [f1 + 0.1, f1 - 0.1] * (n // 2)  # items vary, as real ones do: a constant list has no measurable power
     return {"metrics": metrics, "per_example": {"golden_f1": spread, "abstained": [1.0] * declined + [0.0] * (n - declined)}}

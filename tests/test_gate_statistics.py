@@ -28,7 +28,7 @@ Z_95, Z_80 = 1.6448536269514722, 0.8416212335729143  # one-sided alpha 0.05, pow
 def model(f1, abstained, **metrics) -> dict:
     """Scores of one model as evaluate_model returns them, from its per-item lists."""
     defaults = {"golden_f1": float(np.mean(f1)), "abstention_accuracy": float(np.mean(abstained)),
-                "false_abstention_rate": 0.05, "format_compliance": 1.0, "capability_accuracy": 0.6,
+                "false_abstention_rate": 0.05, "format_compliance": 1.0, "capability_accuracy": 0.6, "citation_precision": 0.9,
                 "general_perplexity": 20.0, "domain_perplexity": 10.0}  # fmt: skip
     return {"metrics": defaults | metrics, "per_example": {"golden_f1": list(f1), "abstained": list(abstained)}}
 
@@ -198,7 +198,7 @@ def test_stratified_selection_gives_every_document_and_question_type_a_fair_shar
     # One manual with many definition questions would fill a set taken in record order.
     write_records(path, {("manual-a", "definition"): 40, ("manual-a", "procedure"): 5, ("manual-b", "definition"): 5,
                          ("manual-c", "numeric"): 2})  # fmt: skip
-    items = eval_items(path, {"c1": "text"}, 12, [])
+    items = eval_items(path, {"c1": {"chunk_id": "c1", "text": "text"}}, 12, [])
     assert len(items) == 12
     counts = {}
     for item in items:
@@ -209,13 +209,13 @@ def test_stratified_selection_gives_every_document_and_question_type_a_fair_shar
     assert {(i["doc_id"], i["qtype"]) for i in items[:4]} == set(counts)
     # Record order within a group, and the same selection every time.
     assert [i["question"] for i in items if i["qtype"] == "procedure"] == [f"manual-a procedure {i}?" for i in range(3)]
-    assert eval_items(path, {"c1": "text"}, 12, []) == items
+    assert eval_items(path, {"c1": {"chunk_id": "c1", "text": "text"}}, 12, []) == items
 
 
 def test_labels_default_to_unknown_and_a_small_set_is_kept_whole(tmp_path):
     path = tmp_path / "golden.jsonl"
     path.write_text(json.dumps({"question": "q?", "answer": "a", "chunk_ids": ["c1"], "meta": {"qtype": "llm"}}) + "\n")
-    (item,) = eval_items(path, {"c1": "text"}, 5, [])
+    (item,) = eval_items(path, {"c1": {"chunk_id": "c1", "text": "text"}}, 5, [])
     assert (item["qtype"], item["doc_id"], item["lang"]) == ("llm", "unknown", "unknown")
     assert stratified([{"qtype": "x", "doc_id": "d"}] * 3, 10) == [{"qtype": "x", "doc_id": "d"}] * 3
 

@@ -54,7 +54,7 @@ def retrieval_outputs(run, work: Path) -> dict:
     chunks, index, model = work / "chunks", work / "index", work / "embedder"
     for folder in (chunks, index, model):
         folder.mkdir()
-    rows = [{"chunk_id": f"doc-{n:04d}", "doc_id": "doc", "page_start": n + 1, "page_end": n + 1, "char_start": 100 * n,
+    rows = [{"chunk_id": f"doc-{n:04d}", "doc_id": "doc", "title": "Installer Guide", "page_start": n + 1, "page_end": n + 1, "char_start": 100 * n,
              "char_end": 100 * n + len(text), "n_tokens": 12, "section": f"Section {n}", "text": text}
             for n, text in enumerate(CHUNKS)]  # fmt: skip
     pq.write_table(pa.Table.from_pylist(rows), chunks / CHUNKS_FILE)
@@ -285,9 +285,12 @@ def test_a_question_without_context_gets_the_indexed_passages_and_their_citation
         best = max(citations, key=lambda c: c["score"])
         assert best["chunk_id"] == "doc-0001" and best["label"] == 1  # the best passage comes first in the prompt
         assert (best["page_start"], best["char_start"], best["char_end"]) == (2, 100, 100 + len(CHUNKS[1]))
+        assert best["source"] == "Installer Guide, p. 2" and best["title"] == "Installer Guide"
+        text = reply["choices"][0]["message"]["content"]
+        assert [c["cited"] for c in citations] == [f"[{c['label']}]" in text for c in citations]
         record = json.loads((config.project.workdir / "serving" / "requests.jsonl").read_text().splitlines()[-1])
         sent = record["messages"][-1]["content"]
-        assert sent.startswith("Context:\n[1] " + CHUNKS[1]) and sent.endswith(f"Question: {question}")
+        assert sent.startswith("Context:\n[1] Installer Guide, p. 2\n" + CHUNKS[1]) and sent.endswith(f"Question: {question}")
         assert record["retrieved"] == [c["chunk_id"] for c in citations]
         # A client that sends its own context is answered on it: nothing retrieved, nothing cited.
         own = {"messages": [{"role": "user", "content": "Context:\n[1] Nothing here.\n\nQuestion: Why?"}], "max_tokens": 4}

@@ -16,7 +16,8 @@ the threshold was calibrated on RAG prompts only.
 
 Retrieval (`serve.retrieve`): where the version was gated with the retriever stage's index, a question sent
 without context gets the `retrieval.top_k` best passages of that index, in the RAG prompt the model was trained
-on, and the reply names them as citations (chunk, document, pages, character span) beside the text.
+on, and the reply names them as citations (chunk, document title, pages, character span, whether the reply cites it)
+beside the text.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from mlflow.exceptions import MlflowException
 
 from doctune.artifacts import ArtifactRef
 from doctune.chat import ABSTENTION, carries_context, edge_order, rag_user_message, reply_sequences
+from doctune.citations import chunk_label, chunk_passage, cited_numbers
 from doctune.config import RunConfig
 from doctune.flywheel import SELF_CONSISTENCY
 from doctune.gate import registry
@@ -49,7 +51,7 @@ from doctune.tracking import Tracker
 
 SYSTEM_PROMPT_FILE = "system_prompt.txt"
 MAX_BODY = 8 * 2**20  # a request body larger than this is refused
-CITED_FIELDS = ("chunk_id", "doc_id", "section", "page_start", "page_end", "char_start", "char_end")
+CITED_FIELDS = ("chunk_id", "doc_id", "title", "section", "page_start", "page_end", "char_start", "char_end")
 
 
 class ServeError(RuntimeError):
@@ -156,10 +158,10 @@ class Retriever:
         ranked = [(self.chunks[int(i)], float(score)) for i, score in zip(top[0], scores[0])]
         ordered = edge_order(ranked)
         citations = [
-            {"label": n, "score": round(score, 6), **{k: chunk.get(k) for k in CITED_FIELDS}}
+            {"label": n, "source": chunk_label(chunk), "score": round(score, 6), **{k: chunk.get(k) for k in CITED_FIELDS}}
             for n, (chunk, score) in enumerate(ordered, start=1)
         ]  # fmt: skip
-        return rag_user_message(question, [chunk["text"] for chunk, _ in ordered]), citations
+        return rag_user_message(question, [chunk_passage(chunk) for chunk, _ in ordered]), citations
 
 
 class Decliner:
@@ -410,9 +412,12 @@ class Server:
         finally:
             self.release(backend)
         latency = time.perf_counter() - started
+        choices = reply.get("choices") or [{}]
+        if citations is not None:  # which of the passages the reply cites, by the numbers the prompt gave them
+            numbers = cited_numbers(str((choices[0].get("message") or {}).get("content") or ""), len(citations))
+            citations = [{**c, "cited": c["label"] in numbers} for c in citations]
         cited = {"citations": citations, "retriever": backend.retriever.name} if citations is not None else {}
         reply = {**reply, "doctune": {"request_id": request_id, "model_version": deployment.version, **verdict, **cited}}
-        choices = reply.get("choices") or [{}]
         if _purpose(body) == SELF_CONSISTENCY:  # the flywheel's own samples: not a user's request, not to be mined
             return status, reply, request_id
         self.requests.write({

@@ -131,6 +131,11 @@ class SynthConfig(Section):
     )  # fmt: skip
     abstention_share: float = Field(0.175, ge=0.15, le=0.2, description="share of SFT examples that abstain")
     rag_share: float = Field(0.8, ge=0, le=1, description="share of answerable SFT examples with retrieved context")
+    citations: bool = Field(
+        True,
+        description="answers with retrieved context end with the numbers of the passages that hold their evidence "
+        "(`... 40 psi. [2]`); abstentions and closed-book answers cite nothing",
+    )  # fmt: skip
     unanswerable_share: float = Field(
         0.65, gt=0, lt=1,
         description="share of held-out questions drawn to be asked without their answer in context; an open question "

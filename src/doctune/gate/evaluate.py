@@ -16,6 +16,7 @@ from doctune.chat import (
     reply_sequences,
     with_user_cut,
 )
+from doctune.citations import chunk_passage, cited_numbers, strip_citations, supporting_passages
 from doctune.gate.metrics import OPTIONAL_METRICS, PER_ITEM_METRICS, abstains, exact_match, probe_passes, rouge_l, token_f1
 from doctune.records import EvalItem, SkipRecord, eval_item, read_jsonl, skip
 from doctune.runtimes import open_runtime
@@ -28,7 +29,9 @@ class EvalSets:
 
     system_prompt: str
     abstention: str
-    golden: list[dict]  # {question, answer, context: [passage...] in the order the prompt shows them, qtype, doc_id, lang}
+    # {question, answer, context: [labelled passage...] in the order the prompt shows them, supporting: the numbers
+    # of the passages that hold the answer, qtype, doc_id, lang, document}
+    golden: list[dict]
     unanswerable: list[dict]
     probes: list[dict]
     heldout_texts: list[str]  # domain text no training stage saw: packed with each model's own tokenizer
@@ -88,7 +91,7 @@ def production_items(path: Path, limit: int, skipped: list[dict]) -> list[dict]:
     return items[:limit]
 
 
-def eval_items(path: Path, chunk_text: dict[str, str], limit: int, skipped: list[dict]) -> list[dict]:
+def eval_items(path: Path, chunks: dict[str, dict], limit: int, skipped: list[dict]) -> list[dict]:
     """Golden/unanswerable records with their recorded context passages and labels, at most `limit` of them in
     stratified order; unusable records are listed, not fatal."""
     items = []
@@ -98,16 +101,20 @@ def eval_items(path: Path, chunk_text: dict[str, str], limit: int, skipped: list
         except SkipRecord as exc:
             skip(skipped, path, record, f"not an eval record: {exc}")
             continue
-        missing = [i for i in item.context_ids if i not in chunk_text]
+        missing = [i for i in item.context_ids if i not in chunks]
         if missing:
             skip(skipped, path, record, f"context chunks {missing} are not in the chunks")
             continue
         meta = record.get("meta") if isinstance(record.get("meta"), dict) else {}
         labels = {k: str(meta[k]) if meta.get(k) not in (None, "") else "unknown" for k in LABELS}
         labels["document"] = str(meta.get("source") or labels["doc_id"])  # the file name where synth recorded it
+        shown = [chunks[i] for i in item.context_ids]
+        evidence = meta.get("evidence") if isinstance(meta.get("evidence"), str) else ""
+        supporting = supporting_passages(item.context_ids, [c["text"] for c in shown], item.source_ids, evidence)
         items.append(
-            {"question": item.question, "answer": item.answer, "context": [chunk_text[i] for i in item.context_ids], **labels}
-        )
+            {"question": item.question, "answer": item.answer, "context": [chunk_passage(c) for c in shown],
+             "supporting": supporting, **labels}
+        )  # fmt: skip
     return stratified(items, limit)
 
 
@@ -173,14 +180,19 @@ def evaluate_model(
     finally:
         runtime.close()
     passed = {p["id"]: probe_passes(r.text, p["check"]) for r, p in zip(probes, sets.probes)}
+    # Answer overlap is scored without citation markers (a cited answer is not a longer one); citations on their own.
+    golden_text = [strip_citations(r.text) for r in golden]
     categories = sorted({p["category"] for p in sets.probes})
     abstained = [float(abstains(r.text, sets.abstention)) for r in unanswerable]
     per_example = {
-        "golden_f1": [token_f1(r.text, i["answer"]) for r, i in zip(golden, sets.golden)],
-        "closed_book_f1": [token_f1(r.text, i["answer"]) for r, i in zip(closed_book, sets.golden)],
-        "production_f1": [token_f1(r.text, i["answer"]) for r, i in zip(production, sets.production)],
-        "golden_exact_match": [exact_match(r.text, i["answer"]) for r, i in zip(golden, sets.golden)],
-        "golden_rouge_l": [rouge_l(r.text, i["answer"]) for r, i in zip(golden, sets.golden)],
+        "golden_f1": [token_f1(t, strip_citations(i["answer"])) for t, i in zip(golden_text, sets.golden)],
+        "closed_book_f1": [token_f1(strip_citations(r.text), i["answer"]) for r, i in zip(closed_book, sets.golden)],
+        "production_f1": [
+            token_f1(strip_citations(r.text), strip_citations(i["answer"])) for r, i in zip(production, sets.production)
+        ],
+        "golden_exact_match": [exact_match(t, strip_citations(i["answer"])) for t, i in zip(golden_text, sets.golden)],
+        "golden_rouge_l": [rouge_l(t, strip_citations(i["answer"])) for t, i in zip(golden_text, sets.golden)],
+        **citation_scores([r.text for r in golden], sets.golden),
         "golden_abstained": [float(abstains(r.text, sets.abstention)) for r in golden],
         "abstained": abstained,
         "hallucinated": [1.0 - a for a in abstained],
@@ -195,6 +207,7 @@ def evaluate_model(
             # closed-book and production F1 only where measured: a 0 would read as a model that knows nothing
             **{m: _mean(per_example[k]) for m, k in PER_ITEM_METRICS.items() if per_example[k] or m not in OPTIONAL_METRICS},
             **{f"probes_{c}": _mean([passed[p["id"]] for p in sets.probes if p["category"] == c]) for c in categories},
+            "citation_precision": citation_precision(per_example),
             "domain_perplexity": domain_ppl,
             "general_perplexity": general_ppl,
             "tokens_per_s": tokens / seconds if seconds else 0.0,
@@ -207,6 +220,24 @@ def evaluate_model(
             "production": [r.text for r in production],
         },
     }
+
+
+def citation_scores(replies: list[str], items: list[dict]) -> dict[str, list[float]]:
+    """Per golden item: passages cited, cited passages that hold the answer, and whether one such was cited."""
+    cited = [cited_numbers(reply, len(item["context"])) for reply, item in zip(replies, items)]
+    supported = [len(numbers & set(item["supporting"])) for numbers, item in zip(cited, items)]
+    return {
+        "citations_made": [float(len(numbers)) for numbers in cited],
+        "citations_supported": [float(n) for n in supported],
+        "source_cited": [float(n > 0) for n in supported],
+    }
+
+
+def citation_precision(per_example: dict[str, list]) -> float:
+    """Cited passages that hold the answer, over all passages cited on the golden set; 0 where nothing was cited
+    (no citation gives a reader nothing to check)."""
+    made = sum(per_example["citations_made"])
+    return sum(per_example["citations_supported"]) / made if made else 0.0
 
 
 def _mean(values: list) -> float:

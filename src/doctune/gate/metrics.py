@@ -120,6 +120,7 @@ PER_ITEM_METRICS = {
     "production_f1": "production_f1",
     "golden_exact_match": "golden_exact_match",
     "golden_rouge_l": "golden_rouge_l",
+    "citation_recall": "source_cited",  # answers that cite a passage holding their answer
     "false_abstention_rate": "golden_abstained",
     "abstention_accuracy": "abstained",
     "hallucination_rate": "hallucinated",

@@ -197,6 +197,25 @@ def judge_lines(result: dict) -> list[str]:
     return lines
 
 
+def citation_lines(result: dict) -> list[str]:
+    """Per model: how many passages it cited on the golden set, how many of them hold the answer, and how many
+    answers cite a passage that does."""
+    models = {n: m for n, m in result["models"].items() if "citations_made" in m.get("per_example", {})}
+    if not models:
+        return []
+    lines = ["", "## Citations (golden set, checked against the passages that hold the answer; no judge)", "",
+             "Precision: cited passages that hold the answer span, over all passages cited. Recall: answers that cite "
+             "a passage holding their answer [95% bootstrap interval].", "",
+             "| model | answers | passages cited | holding the answer | precision | recall |",
+             "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for name, m in models.items():
+        pe, recall = m["per_example"], m.get("intervals", {}).get("citation_recall")
+        lines.append(f"| {name} | {len(pe['citations_made'])} | {sum(pe['citations_made']):.0f} | "
+                     f"{sum(pe['citations_supported']):.0f} | {m['metrics']['citation_precision']:.3f} | "
+                     f"{_ci(m['metrics']['citation_recall'], recall)} |")  # fmt: skip
+    return lines
+
+
 def production_lines(result: dict) -> list[str]:
     n = (result.get("items") or {}).get("production", 0)
     if not n:
@@ -212,6 +231,7 @@ def markdown(result: dict) -> str:
         *evidence_lines(result),
         *metric_table(result["models"]),
         *closed_book_lines(result),
+        *citation_lines(result),
         *production_lines(result),
         *judge_lines(result),
         *abstention_bound_lines(result),

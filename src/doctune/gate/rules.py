@@ -63,6 +63,12 @@ def decide(
              cand["domain_perplexity"], rules.max_domain_ppl_vs_base * base["domain_perplexity"],
              f"<= {rules.max_domain_ppl_vs_base} x base {base['domain_perplexity']:.4f}"),
     ]  # fmt: skip
+    if rules.min_citation_precision_vs_champion > 0:
+        floor = rules.min_citation_precision_vs_champion * champ["citation_precision"]
+        checks.append(Rule("citation_precision_vs_champion", cand["citation_precision"] >= floor,
+                           cand["citation_precision"], floor,
+                           f">= {rules.min_citation_precision_vs_champion} x champion {champ['citation_precision']:.4f} "
+                           "(cited passages that hold the answer)"))  # fmt: skip
     if rules.beat_base:
         # Significantly better, not merely higher: p that the base is not worse than the candidate.
         p = paired_randomization_p(

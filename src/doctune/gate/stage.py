@@ -73,11 +73,11 @@ def external_digests(config: RunConfig, inputs: dict[str, ArtifactRef]) -> dict[
 def build_sets(config: RunConfig, inputs: dict[str, ArtifactRef], tracker: StageRun) -> EvalSets:
     g = config.gate
     chunks = read_parquet(tracker.fetch(inputs["chunks"]) / CHUNKS_FILE)
-    chunk_text = {c["chunk_id"]: c["text"] for c in chunks}
+    by_id = {c["chunk_id"]: c for c in chunks}
     golden_dir, unanswerable_dir = tracker.fetch(inputs["golden"]), tracker.fetch(inputs["unanswerable"])
     skipped: list[dict] = []
-    golden = eval_items(golden_dir / GOLDEN_FILE, chunk_text, g.max_golden, skipped)
-    unanswerable = eval_items(unanswerable_dir / UNANSWERABLE_FILE, chunk_text, g.max_unanswerable, skipped)
+    golden = eval_items(golden_dir / GOLDEN_FILE, by_id, g.max_golden, skipped)
+    unanswerable = eval_items(unanswerable_dir / UNANSWERABLE_FILE, by_id, g.max_unanswerable, skipped)
     if not golden or not unanswerable:
         raise GateError(f"no usable golden ({len(golden)}) or unanswerable ({len(unanswerable)}) items; skipped: {skipped[:5]}")
     production = production_items(golden_dir / PRODUCTION_FILE, g.max_golden, skipped)

@@ -6,6 +6,7 @@ import itertools
 from dataclasses import dataclass, field
 from functools import cache
 
+from doctune.citations import document_title
 from doctune.config import IngestConfig
 from doctune.ingest.chunking import chunk_document
 from doctune.ingest.clean import Heading, clean_pages, document_text, find_headings
@@ -25,6 +26,7 @@ class DocumentResult:
     text: str = ""  # the cleaned document text chunk offsets index
     spans: list[tuple[int, int, int]] = field(default_factory=list)
     headings: list[Heading] = field(default_factory=list)
+    title: str = ""  # what citations name the document by
 
 
 def page_tasks(probe: FileProbe) -> list[tuple[int, int]]:
@@ -89,6 +91,7 @@ def clean_document(probe: FileProbe, raw: list[RawPage], config: IngestConfig) -
     return DocumentResult(
         doc_id=doc_id, pages=page_rows, chunks=[], lang=lang, flag_counts=flag_counts,
         text=text, spans=spans, headings=find_headings(text, spans, probe.toc) if text else [],
+        title=document_title(probe.title, probe.source),
     )  # fmt: skip
 
 
@@ -114,5 +117,6 @@ def tokenize_segment(tokenizer_file: str, text: str, start: int) -> list[tuple[i
 
 
 def chunk_clean_document(doc: DocumentResult, offsets: list[tuple[int, int]], config: IngestConfig) -> DocumentResult:
-    doc.chunks = chunk_document(doc.doc_id, doc.text, offsets, doc.spans, doc.headings, config.chunking) if doc.text else []
+    chunks = chunk_document(doc.doc_id, doc.text, offsets, doc.spans, doc.headings, config.chunking) if doc.text else []
+    doc.chunks = [{**chunk, "title": doc.title} for chunk in chunks]
     return doc

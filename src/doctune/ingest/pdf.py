@@ -28,6 +28,7 @@ class FileProbe:
     reason: str = ""
     page_count: int = 0
     toc: list[tuple[int, str, int]] = field(default_factory=list)  # (level, title, 1-based page)
+    title: str = ""  # the document's own title (PDF metadata), empty where it states none
 
 
 @dataclass
@@ -73,6 +74,7 @@ def probe(path: Path, source: str) -> FileProbe:
             result.reason = "no readable pages (damaged or truncated)"
             return result
         result.page_count = doc.page_count
+        result.title = str((doc.metadata or {}).get("title") or "")
         try:
             result.toc = [(level, title, page) for level, title, page, *_ in doc.get_toc(simple=True)]
         except Exception:

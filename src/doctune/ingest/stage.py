@@ -321,6 +321,7 @@ PAGE_FEATURES = {
 CHUNK_FEATURES = {
     "chunk_id": "string",
     "doc_id": "string",
+    "title": "string",
     "page_start": "int32",
     "page_end": "int32",
     "char_start": "int64",

@@ -16,6 +16,7 @@ from itertools import zip_longest
 import numpy as np
 
 from doctune.chat import ABSTENTION, SYSTEM_PROMPT, conversation, edge_order, rag_user_message
+from doctune.citations import chunk_passage, citation_suffix, cite, supporting_passages
 from doctune.config import SynthConfig
 from doctune.flywheel import Examples
 from doctune.retrieval import ChunkIndex
@@ -181,7 +182,14 @@ class Builder:
         return kept
 
     def passages(self, ids: list[int]) -> list[str]:
-        return [self.chunks[i]["text"] for i in ids]
+        return [chunk_passage(self.chunks[i]) for i in ids]
+
+    def citations(self, qa: QA, shown: list[int]) -> list[int]:
+        """The numbers of the shown passages (prompt order) an answer cites; none with synth.citations off."""
+        if not self.config.citations:
+            return []
+        chunks = [self.chunks[i] for i in shown]
+        return supporting_passages([c["chunk_id"] for c in chunks], [c["text"] for c in chunks], [qa.chunk_id], qa.evidence)
 
     # -- SFT -------------------------------------------------------------
 
@@ -203,13 +211,15 @@ class Builder:
             base = {"chunk_id": qa.chunk_id, "qtype": qa.qtype, "question": qa.question, "evidence": qa.evidence}
             gold = self.by_id[qa.chunk_id]
             if unit_fraction(cfg.seed, f"rag|{qa.question}|{qa.chunk_id}") < cfg.rag_share:
-                ranked = self.with_gold(ranked, gold, f"{qa.question}|{qa.chunk_id}")
-                ids = [self.chunks[i]["chunk_id"] for i in ranked]
-                user = rag_user_message(qa.question, edge_order(self.passages(ranked)))
-                answerable.append(self.chat(user, qa.answer, {**base, "form": "rag", "context_chunk_ids": edge_order(ids)}))
+                shown = edge_order(self.with_gold(ranked, gold, f"{qa.question}|{qa.chunk_id}"))
+                ids = [self.chunks[i]["chunk_id"] for i in shown]
+                user = rag_user_message(qa.question, self.passages(shown))
+                cited = self.citations(qa, shown)
+                meta = {**base, "form": "rag", "context_chunk_ids": ids, "cited": cited}
+                answerable.append(self.chat(user, cite(qa.answer, cited), meta))
             else:
                 answerable.append(self.chat(qa.question, qa.answer, {**base, "form": "closed_book"}))
-            if distractors and subject_named(qa, self.passages(distractors)):
+            if distractors and subject_named(qa, [self.chunks[i]["text"] for i in distractors]):
                 self.counts["sft_abstention_subject_in_context"] += 1
             elif distractors and not held & set(distractors):
                 ids = [self.chunks[i]["chunk_id"] for i in distractors]
@@ -237,6 +247,8 @@ class Builder:
             meta = record["meta"]
             prompt, chosen = record["messages"][:2], record["messages"][2]["content"]
             key = f"{meta['question']}|{meta['chunk_id']}"
+            # A wrong answer cites as the right one does: the pair differs in what it says, not in whether it cites.
+            suffix = citation_suffix(meta.get("cited", []))
             if meta["form"] == "abstention":
                 strategy, rejected = "unsupported_answer", meta["withheld_answer"]
             elif meta["form"] == "rag" and unit_fraction(self.config.seed, f"over|{key}") < over_abstention:
@@ -244,7 +256,8 @@ class Builder:
                 # answer in context this time, so preference training teaches when to abstain, not only how.
                 strategy, rejected = "needless_abstention", ABSTENTION
             else:
-                strategy, rejected = self._rejected(chosen, meta, by_chunk, by_type, capitals, key)
+                strategy, rejected = self._rejected(chosen.removesuffix(suffix), meta, by_chunk, by_type, capitals, key)
+                rejected = None if rejected is None else cite(rejected, meta.get("cited", []))
             if rejected is None or fold(rejected) == fold(chosen):
                 strategies["no_rejected_found"] += 1
                 continue
@@ -292,7 +305,7 @@ class Builder:
             meta = {"qtype": qa.qtype, "evidence": qa.evidence, "doc_id": chunk["doc_id"], "lang": chunk.get("lang", "und")}
             meta["source"] = chunk.get("source", "")
             drawn = unit_fraction(self.config.seed, f"unanswerable|{qa.question}|{qa.chunk_id}") < self.config.unanswerable_share
-            if drawn and distractors and subject_named(qa, self.passages(distractors)):
+            if drawn and distractors and subject_named(qa, [self.chunks[i]["text"] for i in distractors]):
                 self.counts["unanswerable_subject_in_context"] += 1  # answerable after all: golden
             elif drawn:
                 if distractors:

@@ -1,0 +1,78 @@
+"""Citations as every stage writes and reads them.
+
+A RAG prompt numbers its passages and labels each with where a reader finds it (`[2] Pump manual, p. 12`); a
+cited answer ends with the numbers of the passages it rests on (`... 40 psi. [2]`). Synth writes the training
+answers so, the gate scores what a model cites against the passages that hold the answer, serving returns the
+cited passages as data.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import PurePath
+
+MARKER = re.compile(r"\[(\d{1,3})\]")
+_STRIP = re.compile(r"\s*\[\d{1,3}\]")
+MIN_SUPPORT_CHARS = 24  # an evidence span shorter than this ("Yes", "40") is found by chance in unrelated text
+
+
+def document_title(metadata_title: str, source: str) -> str:
+    """The title a reader knows a document by: its own (PDF metadata) where it states one, else its file name."""
+    title = " ".join((metadata_title or "").split())
+    generated = title.lower().startswith(("microsoft word -", "untitled")) or title.lower().endswith((".doc", ".docx"))
+    if title and not generated and len(title) <= 160:
+        return title
+    return PurePath(source).stem.replace("_", " ") or source
+
+
+def source_label(title: str, page_start: int | None, page_end: int | None) -> str:
+    """`Title, p. 12` or `Title, pp. 12–13`; the title alone where the pages are unknown."""
+    if not page_start:
+        return title
+    pages = f"p. {page_start}" if not page_end or page_end == page_start else f"pp. {page_start}–{page_end}"
+    return f"{title}, {pages}" if title else pages
+
+
+def chunk_label(chunk: dict) -> str:
+    """A chunk's source label; chunks ingested before titles existed fall back to their file name or doc id."""
+    title = chunk.get("title") or (PurePath(chunk["source"]).stem if chunk.get("source") else chunk.get("doc_id", ""))
+    return source_label(title, chunk.get("page_start"), chunk.get("page_end"))
+
+
+def chunk_passage(chunk: dict) -> str:
+    """A chunk as a RAG prompt shows it: its label on the first line, then its text."""
+    label = chunk_label(chunk)
+    return f"{label}\n{chunk['text']}" if label else chunk["text"]
+
+
+def citation_suffix(numbers: list[int]) -> str:
+    """What a cited answer ends with: ` [2]`, ` [1][4]`; nothing for no citation."""
+    return (" " + "".join(f"[{n}]" for n in sorted(set(numbers)))) if numbers else ""
+
+
+def cite(answer: str, numbers: list[int]) -> str:
+    return answer.rstrip() + citation_suffix(numbers)
+
+
+def cited_numbers(reply: str, passages: int) -> set[int]:
+    """The passage numbers a reply cites, among the `passages` its prompt carried (other brackets are text)."""
+    return {n for n in (int(m) for m in MARKER.findall(reply)) if 1 <= n <= passages}
+
+
+def strip_citations(text: str) -> str:
+    """The answer without its citation markers: what answer overlap (F1, exact match, ROUGE) is scored on."""
+    return _STRIP.sub("", text).strip()
+
+
+def supports(passage_text: str, evidence: str) -> bool:
+    """Whether a passage holds an answer's evidence span (whitespace- and case-insensitive); spans too short to
+    identify a passage never count."""
+    span = " ".join(evidence.split()).lower()
+    return len(span) >= MIN_SUPPORT_CHARS and span in " ".join(passage_text.split()).lower()
+
+
+def supporting_passages(context_ids: list[str], texts: list[str], source_ids: list[str], evidence: str) -> list[int]:
+    """1-based numbers of the passages that hold the answer: its source chunk(s), and any other passage that
+    carries the same evidence (a duplicated paragraph)."""
+    sources = set(source_ids)
+    return [n for n, (cid, text) in enumerate(zip(context_ids, texts), start=1) if cid in sources or supports(text, evidence)]
