@@ -54,8 +54,9 @@ def retrieval_outputs(run, work: Path) -> dict:
     chunks, index, model = work / "chunks", work / "index", work / "embedder"
     for folder in (chunks, index, model):
         folder.mkdir()
-    rows = [{"chunk_id": f"doc-{n:04d}", "doc_id": "doc", "title": "Installer Guide", "page_start": n + 1, "page_end": n + 1, "char_start": 100 * n,
-             "char_end": 100 * n + len(text), "n_tokens": 12, "section": f"Section {n}", "text": text}
+    rows = [{"chunk_id": f"doc-{n:04d}", "doc_id": "doc", "title": "Installer Guide", "page_start": n + 1,
+             "page_end": n + 1, "char_start": 100 * n, "char_end": 100 * n + len(text), "n_tokens": 12,
+             "section": f"Section {n}", "text": text}
             for n, text in enumerate(CHUNKS)]  # fmt: skip
     pq.write_table(pa.Table.from_pylist(rows), chunks / CHUNKS_FILE)
     refs = {"chunks": run.log_output("retriever_chunks", chunks, kind="chunks")}
