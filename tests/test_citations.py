@@ -91,4 +91,3 @@ def test_training_answers_cite_the_passages_that_hold_their_evidence_and_abstent
     builder.config = SynthConfig(rag_share=1.0, seed=3, citations=False)
     (plain,), _ = builder.sft_records([qa])
     assert plain["messages"][2]["content"] == "At 40 psi."
-
