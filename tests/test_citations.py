@@ -24,16 +24,22 @@ def test_passages_carry_the_document_title_and_pages():
     chunk = {"chunk_id": "d-0001", "doc_id": "d", "title": "Pump Manual", "page_start": 12, "page_end": 13, "text": "x"}
     assert chunk_passage(chunk) == "Pump Manual, pp. 12–13\nx"
     assert chunk_passage({**chunk, "page_end": 12}) == "Pump Manual, p. 12\nx"
-    # Chunks ingested before titles existed: the file name, else the doc id.
-    assert chunk_passage({**chunk, "title": None, "source": "manuals/pump_v2.pdf", "page_end": 12}).startswith("pump_v2, p. 12")
-    assert document_title("Microsoft Word - draft7.docx", "sub/field_guide.pdf") == "field guide"
+    # Chunks ingested before titles existed: the file name where known, else no label (a digest tells nobody).
+    assert chunk_passage({**chunk, "title": None, "source": "manuals/pump_v2.pdf", "page_end": 12}).startswith("pump v2, p. 12")
+    assert chunk_passage({**chunk, "title": None}) == "x"
+    for generated in ("Microsoft Word - draft7.docx", "Microsoft PowerPoint - deck", "Document1", "untitled", "a.pdf"):
+        assert document_title(generated, "sub/field_guide.pdf") == "field guide"
     assert document_title("  La FAQ  Debian ", "x.pdf") == "La FAQ Debian"
+    assert document_title("Untitled Goose Game Manual", "x.pdf") == "Untitled Goose Game Manual"
 
 
-def test_citation_markers_are_read_within_the_prompts_passages_and_stripped_before_overlap():
-    reply = "It opens at 40 psi. [2][7] See [x] and [3]."
-    assert cited_numbers(reply, 5) == {2, 3}  # [7]: no such passage, [x]: text
-    assert strip_citations(cite("It opens at 40 psi.", [2])) == "It opens at 40 psi."
+def test_only_the_markers_an_answer_ends_with_are_citations():
+    assert cited_numbers("It opens at 40 psi. [2][7]", 5) == {2}  # [7]: no such passage
+    assert cited_numbers("It opens at 40 psi [1][3].", 5) == {1, 3}
+    # The documents' own brackets are text: a reference, an index.
+    assert cited_numbers(cite("Limits are given in [1] and x[2].", [3]), 3) == {3}
+    assert strip_citations(cite("Limits are given in [1].", [2])) == "Limits are given in [1]."
+    assert strip_citations("40 psi [1][3].") == "40 psi."
     assert token_f1(strip_citations("40 psi [1]"), "40 psi") == 1.0
 
 

@@ -68,7 +68,15 @@ def scores(f1: float, abstention: float = 0.8, n: int = 400, **extra) -> dict:
                "domain_perplexity": 10.0} | extra  # fmt: skip
     declined = round(abstention * n)
     spread = [f1 + 0.1, f1 - 0.1] * (n // 2)  # items vary, as real ones do: a constant list has no measurable power
-    return {"metrics": metrics, "per_example": {"golden_f1": spread, "abstained": [1.0] * declined + [0.0] * (n - declined)}}
+    return {"metrics": metrics, "per_example": {"golden_f1": spread, "abstained": [1.0] * declined + [0.0] * (n - declined),
+                                                **citing(metrics["citation_precision"], n)}}  # fmt: skip
+
+
+def citing(precision: float, n: int) -> dict:
+    """Per-item citation lists of a model that cites one passage per answer, `precision` of them holding it."""
+    right = round(precision * n)
+    return {"citations_made": [1.0] * n, "citations_supported": [1.0] * right + [0.0] * (n - right),
+            "source_cited": [1.0] * right + [0.0] * (n - right)}  # fmt: skip
 
 
 def test_rules_name_every_failure(make_config):
@@ -99,6 +107,20 @@ def test_beating_the_base_takes_a_significant_margin(make_config):
     assert steady["decision"] == "promote"
     (rule,) = [r for r in steady["rules"] if r["name"] == "golden_f1_beats_base"]
     assert rule["value"] < rules.alpha
+
+
+def test_citation_precision_is_held_to_the_champions_within_its_uncertainty(make_config):
+    rules = make_config().gate.rules
+    base = scores(0.3, citation_precision=0.0)  # a base model that cites nothing: no floor before a first promotion
+    first = decide({"candidate": scores(0.5, citation_precision=0.5), "champion": base, "base": base}, {}, rules)
+    assert first["decision"] == "promote"
+    worse = decide({"candidate": scores(0.5, citation_precision=0.6), "champion": scores(0.4), "base": base}, {}, rules)
+    assert {"citation_precision_vs_champion", "not_significantly_worse:source_cited"} <= set(worse["failed"])
+    # A champion right on its only citation is no ground to reject a candidate right on 85% of 400.
+    lucky = scores(0.4, citation_precision=1.0)
+    lucky["per_example"] |= {k: [1.0] + [0.0] * 399 for k in ("citations_made", "citations_supported", "source_cited")}
+    fair = decide({"candidate": scores(0.5, citation_precision=0.85), "champion": lucky, "base": base}, {}, rules)
+    assert fair["decision"] == "promote"
 
 
 def test_structured_output_bar_is_the_base_models_share_where_that_is_lower(make_config):

@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+from test_gate import citing
 
 from doctune.config import GateRules
 from doctune.gate.evaluate import eval_items, stratified
@@ -30,7 +31,12 @@ def model(f1, abstained, **metrics) -> dict:
     defaults = {"golden_f1": float(np.mean(f1)), "abstention_accuracy": float(np.mean(abstained)),
                 "false_abstention_rate": 0.05, "format_compliance": 1.0, "capability_accuracy": 0.6, "citation_precision": 0.9,
                 "general_perplexity": 20.0, "domain_perplexity": 10.0}  # fmt: skip
-    return {"metrics": defaults | metrics, "per_example": {"golden_f1": list(f1), "abstained": list(abstained)}}
+    per_example = {
+        "golden_f1": list(f1),
+        "abstained": list(abstained),
+        **citing((defaults | metrics)["citation_precision"], len(f1)),
+    }
+    return {"metrics": defaults | metrics, "per_example": per_example}
 
 
 def clearly_better(n: int, seed: int = 0) -> tuple[dict, dict]:

@@ -105,6 +105,7 @@ def register(
     if retrieval:
         refs_ = retrieval_outputs(run, work)
         tags[registry.RETRIEVAL_TAG] = json.dumps({name: ref.to_dict() for name, ref in refs_.items()})
+        tags[registry.PASSAGE_LABELS_TAG] = "true"
     run.finish(refs)
     return registry.register_candidate(tracker, refs["model"], {"gguf-q8_0": refs["gguf-q8_0"]}, tags)
 

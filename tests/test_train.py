@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from doctune.chat import CUT_MARK
+from doctune.records import SkipRecord
 from doctune.sft.stage import tokenize_example
 from doctune.stages import execute_stage
 from doctune.tracking import Tracker
@@ -116,6 +117,16 @@ def test_long_prompts_are_cut_in_the_middle_of_the_user_turn_never_in_the_reply(
     text = tokenizer.decode(ids)
     assert CUT_MARK.strip() in text and "FIRST PASSAGE" in text and "Question: what does camlidl generate?" in text
     assert tokenizer.decode([t for t in labels if t != -100]).startswith("Stub code for OCaml.<|im_end|>")
+
+
+def test_a_record_whose_cut_prompt_loses_the_passage_its_answer_cites_is_skipped(tiny_model_dir, corpus):
+    tokenizer = prepare_tokenizer(tiny_model_dir)
+    first, second = corpus_texts(corpus, 4)[:2], corpus_texts(corpus, 4)[2:]
+    user = f"Context:\n[1] Guide, p. 1\n{' '.join(first)}\n\n[2] Guide, p. 2\n{' '.join(second)}\n\nQuestion: what?"
+    ids, _, cut = tokenize_example(tokenizer, chat(user, "Stub code. [1]")["messages"], max_length=256)
+    assert cut and "[1] Guide, p. 1" in tokenizer.decode(ids)  # the passage it cites is still shown
+    with pytest.raises(SkipRecord, match=r"removed passage\(s\) \[2\] the answer cites"):
+        tokenize_example(tokenizer, chat(user, "Stub code. [2]")["messages"], max_length=256)
 
 
 def test_a_packed_row_attends_within_each_example_only(tiny_model_dir):

@@ -11,17 +11,27 @@ from __future__ import annotations
 import re
 from pathlib import PurePath
 
-MARKER = re.compile(r"\[(\d{1,3})\]")
-_STRIP = re.compile(r"\s*\[\d{1,3}\]")
+# The run of markers an answer ends with, before a final stop if any: `... 40 psi. [2]`, `... 40 psi [1][3].`.
+# Brackets elsewhere are the documents' own text (`x[1]`, a reference list) and stay.
+_TRAILING = re.compile(r"((?:\s*\[[0-9]{1,3}\])+)(\s*[.!?。]?\s*)$")
+_NUMBER = re.compile(r"\[([0-9]{1,3})\]")
 MIN_SUPPORT_CHARS = 24  # an evidence span shorter than this ("Yes", "40") is found by chance in unrelated text
+_GENERATED_TITLES = re.compile(
+    r"^(microsoft (word|powerpoint|excel) -|untitled( document)?$|document\d*$|presentation\d*$|"
+    r"powerpoint presentation$|slide \d+$)|\.(docx?|pptx?|xlsx?|rtf|odt|pdf|tex|dvi)$",
+    re.IGNORECASE,
+)
 
 
 def document_title(metadata_title: str, source: str) -> str:
     """The title a reader knows a document by: its own (PDF metadata) where it states one, else its file name."""
     title = " ".join((metadata_title or "").split())
-    generated = title.lower().startswith(("microsoft word -", "untitled")) or title.lower().endswith((".doc", ".docx"))
-    if title and not generated and len(title) <= 160:
+    if title and not _GENERATED_TITLES.search(title) and len(title) <= 160:
         return title
+    return file_title(source)
+
+
+def file_title(source: str) -> str:
     return PurePath(source).stem.replace("_", " ") or source
 
 
@@ -34,9 +44,10 @@ def source_label(title: str, page_start: int | None, page_end: int | None) -> st
 
 
 def chunk_label(chunk: dict) -> str:
-    """A chunk's source label; chunks ingested before titles existed fall back to their file name or doc id."""
-    title = chunk.get("title") or (PurePath(chunk["source"]).stem if chunk.get("source") else chunk.get("doc_id", ""))
-    return source_label(title, chunk.get("page_start"), chunk.get("page_end"))
+    """A chunk's source label; chunks ingested before titles existed fall back to their file name where known, else
+    no label (a document digest would tell a reader nothing)."""
+    title = chunk.get("title") or (file_title(chunk["source"]) if chunk.get("source") else "")
+    return source_label(title, chunk.get("page_start"), chunk.get("page_end")) if title else ""
 
 
 def chunk_passage(chunk: dict) -> str:
@@ -55,13 +66,24 @@ def cite(answer: str, numbers: list[int]) -> str:
 
 
 def cited_numbers(reply: str, passages: int) -> set[int]:
-    """The passage numbers a reply cites, among the `passages` its prompt carried (other brackets are text)."""
-    return {n for n in (int(m) for m in MARKER.findall(reply)) if 1 <= n <= passages}
+    """The passage numbers a reply cites in the markers it ends with, among the `passages` its prompt carried."""
+    found = _TRAILING.search(reply)
+    numbers = (int(n) for n in _NUMBER.findall(found.group(1))) if found else ()
+    return {n for n in numbers if 1 <= n <= passages}
 
 
 def strip_citations(text: str) -> str:
-    """The answer without its citation markers: what answer overlap (F1, exact match, ROUGE) is scored on."""
-    return _STRIP.sub("", text).strip()
+    """The answer without the citation markers it ends with: what answer overlap (F1, exact match, ROUGE) is scored
+    on, and what the flywheel compares."""
+    return _TRAILING.sub(r"\2", text).strip()
+
+
+def cited_but_not_shown(messages: list[dict], replies: list[str]) -> list[int]:
+    """Passage numbers the replies cite whose `[n] ` label the last user turn does not show (a prompt cut to fit
+    max_length can lose one: an answer citing it would teach citing what is not there)."""
+    user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+    cited = set().union(*(cited_numbers(reply, 999) for reply in replies))
+    return sorted(n for n in cited if not re.search(rf"(?m)^\[{n}\] ", user))
 
 
 def supports(passage_text: str, evidence: str) -> bool:

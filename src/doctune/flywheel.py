@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from doctune.chat import ABSTENTION, CONTEXT_HEADER, InvalidMessages, carries_context, check_messages
+from doctune.citations import strip_citations
 from doctune.config import RunConfig
 from doctune.endpoint import ChatClient, EndpointError
 from doctune.records import SkipRecord, dpo_pair, read_jsonl, sft_messages, skip
@@ -144,8 +145,9 @@ def content_words(text: str) -> list[str]:
 
 
 def grounding(answer: str, context: str) -> float | None:
-    """Share of the answer's content words found in the passages (None: nothing to check)."""
-    words = content_words(answer)
+    """Share of the answer's content words found in the passages (None: nothing to check); its citation markers
+    are no words of it."""
+    words = content_words(strip_citations(answer))
     if not words or not context:
         return None
     known = set(content_words(context))
@@ -222,7 +224,8 @@ def read_interactions(directory: Path, skipped: list[dict], counts: Counter, pii
 
 
 def _same(a: str, b: str) -> bool:
-    return " ".join(a.split()) == " ".join(b.split())
+    """The same answer, whatever its citation markers (a person's correction rarely carries them)."""
+    return " ".join(strip_citations(a).split()) == " ".join(strip_citations(b).split())
 
 
 def mine(interaction: Interaction, label: dict | None, min_grounding: float, min_agreement: float) -> list[str]:
@@ -477,8 +480,10 @@ def examples(fly: Flywheel, config: RunConfig, seed: int) -> Examples:
         trained += 1
         out.sft += [record] * cfg.upsample
         if not _same(answer, failure.response):
-            pair = {"prompt": _prompt(failure), "chosen": [{"role": "assistant", "content": answer}],
-                    "rejected": [{"role": "assistant", "content": failure.response}], "meta": meta}  # fmt: skip
+            # Both without markers: a pair that differs in whether it cites would teach the model to stop citing.
+            pair = {"prompt": _prompt(failure), "chosen": [{"role": "assistant", "content": strip_citations(answer)}],
+                    "rejected": [{"role": "assistant", "content": strip_citations(failure.response)}],
+                    "meta": meta}  # fmt: skip
             if _trainable(pair, dpo_pair, out.counts, "dpo"):
                 out.dpo.append(pair)
     wanted = round(cfg.positive_share / (1 - cfg.positive_share) * len(out.sft)) if cfg.positive_share > 0 else 0

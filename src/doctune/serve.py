@@ -70,6 +70,7 @@ class Deployment:
     abstention: str  # the sentence the threshold was scored on, and the reply of a declined request
     model_folder: Path  # the merged model: its tokenizer renders the prompts the threshold is applied to
     retrieval: dict[str, tuple[ArtifactRef, Path]] | None  # index, model, chunks: (ref, fetched folder); None: no index
+    labelled: bool = True  # passages shown as `[n] <title>, p. X`; versions gated before labels existed saw bare text
 
 
 def threshold_number(tag: str) -> float | None:
@@ -121,13 +122,14 @@ def resolve(tracker: Tracker, alias: str, variant: str, retrieve: bool = True, p
     if retrieve and registry.RETRIEVAL_TAG in version.tags:
         refs = {name: ArtifactRef.from_dict(ref) for name, ref in json.loads(version.tags[registry.RETRIEVAL_TAG]).items()}
         retrieval = {name: (ref, tracker.fetch(ref)) for name, ref in refs.items()}
-    return Deployment(str(version.version), variant, ggufs[0], system_prompt, threshold, abstention, model, retrieval)
+    labelled = version.tags.get(registry.PASSAGE_LABELS_TAG) == "true"
+    return Deployment(str(version.version), variant, ggufs[0], system_prompt, threshold, abstention, model, retrieval, labelled)
 
 
 class Retriever:
     """The retriever stage's selected index over the chunks, as the version was gated with it."""
 
-    def __init__(self, retrieval: dict[str, tuple[ArtifactRef, Path]], top_k: int, cache_dir: Path):
+    def __init__(self, retrieval: dict[str, tuple[ArtifactRef, Path]], top_k: int, cache_dir: Path, labelled: bool = True):
         import numpy as np
 
         from doctune.retrieval import ChunkIndex
@@ -148,7 +150,7 @@ class Retriever:
         vectors = np.load(folders["index"] / EMBEDDINGS_FILE)
         texts = [c["text"] for c in self.chunks]
         self.index = ChunkIndex(texts, embedder, cache_dir, mode=meta["mode"], vectors=vectors, cache_queries=False)
-        self.name, self.top_k = meta["retriever"], top_k
+        self.name, self.top_k, self.labelled = meta["retriever"], top_k, labelled
         self.lock = threading.Lock()  # the embedder and BM25 are not shared across threads
 
     def context(self, question: str) -> tuple[str, list[dict]]:
@@ -161,7 +163,8 @@ class Retriever:
             {"label": n, "source": chunk_label(chunk), "score": round(score, 6), **{k: chunk.get(k) for k in CITED_FIELDS}}
             for n, (chunk, score) in enumerate(ordered, start=1)
         ]  # fmt: skip
-        return rag_user_message(question, [chunk_passage(chunk) for chunk, _ in ordered]), citations
+        shown = [chunk_passage(chunk) if self.labelled else chunk["text"] for chunk, _ in ordered]
+        return rag_user_message(question, shown), citations
 
 
 class Decliner:
@@ -217,7 +220,9 @@ class Backend:
             if threshold is not None and threshold != math.inf:  # "never" declines nothing: no need to score
                 self.decliner = Decliner(deployment, n_ctx)
             if serve.retrieve and deployment.retrieval is not None:
-                self.retriever = Retriever(deployment.retrieval, config.retrieval.top_k, config.project.workdir / "cache")
+                self.retriever = Retriever(
+                    deployment.retrieval, config.retrieval.top_k, config.project.workdir / "cache", deployment.labelled
+                )
         except Exception as exc:
             if self.decliner is not None:
                 self.decliner.close()

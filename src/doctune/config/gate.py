@@ -15,9 +15,10 @@ class GateRules(Section):
 
     min_f1_vs_champion: float = Field(0.98, gt=0, description="candidate golden F1 >= this x champion's")
     min_citation_precision_vs_champion: float = Field(
-        0.9, ge=0,
-        description="candidate citation precision (cited passages that hold the answer) >= this x champion's (the "
-        "base model's before a first promotion); 0 turns the rule off",
+        0.9, ge=0, le=1,
+        description="candidate citation precision (cited passages that hold the answer) not significantly below this "
+        "x champion's (the base model's before a first promotion; paired bootstrap); 0 turns the rule off, as it "
+        "must be with synth.citations off once a citing champion exists",
     )  # fmt: skip
     beat_base: bool = Field(True, description="candidate golden F1 must be significantly above the base model's (p < alpha)")
     abstention_tolerance: float = Field(0.02, ge=0, le=1, description="abstention accuracy >= champion's minus this")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from doctune.artifacts import ArtifactRef
 from doctune.chat import InvalidMessages, render_ids, with_user_cut
+from doctune.citations import cited_but_not_shown
 from doctune.config import RunConfig
 from doctune.records import (
     SYSTEM_PROMPT_FILE,
@@ -36,6 +37,8 @@ def fit_pair(tokenizer, prompt: list[dict], chosen: dict, rejected: dict, max_le
             prompt = with_user_cut(tokenizer, prompt, longest - max_length + 4)
         except InvalidMessages as exc:
             raise SkipRecord(str(exc)) from None
+        if lost := cited_but_not_shown(prompt, [chosen["content"], rejected["content"]]):
+            raise SkipRecord(f"cutting the prompt to max_length removed passage(s) {lost} the replies cite")
         truncated = True
     raise SkipRecord("could not be cut to max_length")
 

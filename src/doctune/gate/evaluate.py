@@ -180,18 +180,19 @@ def evaluate_model(
     finally:
         runtime.close()
     passed = {p["id"]: probe_passes(r.text, p["check"]) for r, p in zip(probes, sets.probes)}
-    # Answer overlap is scored without citation markers (a cited answer is not a longer one); citations on their own.
+    # Answer overlap is scored without the citation markers a reply ends with (a cited answer is not a longer one;
+    # synth's references cite nothing, a relabeled served answer may); citations are scored on their own.
     golden_text = [strip_citations(r.text) for r in golden]
     categories = sorted({p["category"] for p in sets.probes})
     abstained = [float(abstains(r.text, sets.abstention)) for r in unanswerable]
     per_example = {
-        "golden_f1": [token_f1(t, strip_citations(i["answer"])) for t, i in zip(golden_text, sets.golden)],
+        "golden_f1": [token_f1(t, i["answer"]) for t, i in zip(golden_text, sets.golden)],
         "closed_book_f1": [token_f1(strip_citations(r.text), i["answer"]) for r, i in zip(closed_book, sets.golden)],
         "production_f1": [
             token_f1(strip_citations(r.text), strip_citations(i["answer"])) for r, i in zip(production, sets.production)
         ],
-        "golden_exact_match": [exact_match(t, strip_citations(i["answer"])) for t, i in zip(golden_text, sets.golden)],
-        "golden_rouge_l": [rouge_l(t, strip_citations(i["answer"])) for t, i in zip(golden_text, sets.golden)],
+        "golden_exact_match": [exact_match(t, i["answer"]) for t, i in zip(golden_text, sets.golden)],
+        "golden_rouge_l": [rouge_l(t, i["answer"]) for t, i in zip(golden_text, sets.golden)],
         **citation_scores([r.text for r in golden], sets.golden),
         "golden_abstained": [float(abstains(r.text, sets.abstention)) for r in golden],
         "abstained": abstained,

@@ -166,6 +166,29 @@ def paired_difference(candidate, reference, resamples: int = 2000, seed: int = 0
     return interval(diffs, resamples, seed)
 
 
+def ratio_shortfall_bound(
+    candidate: tuple[list, list],
+    reference: tuple[list, list],
+    factor: float,
+    resamples: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> float:
+    """One-sided upper `level` bound of candidate ratio - factor x reference ratio, each a ratio of per-item sums
+    (numerators, denominators; 0 where the denominator sums to 0), the same items drawn for both (paired bootstrap).
+    Below 0: the candidate is significantly below `factor` x the reference."""
+    cn, cd, rn, rd = (np.asarray(v, dtype=float) for v in (*candidate, *reference))
+    if cn.size == 0:
+        return math.nan
+    draws = np.random.default_rng(seed).integers(0, cn.size, size=(resamples, cn.size))
+
+    def ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+        n, d = num[draws].sum(axis=1), den[draws].sum(axis=1)
+        return np.divide(n, d, out=np.zeros_like(n), where=d > 0)
+
+    return float(np.percentile(ratio(cn, cd) - factor * ratio(rn, rd), level * 100))
+
+
 WORST_CASE_SD = 0.5
 
 

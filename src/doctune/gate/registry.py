@@ -23,6 +23,7 @@ ABSTENTION_SENTENCE_TAG = f"{TAG}abstention_sentence"  # the reply the abstentio
 ABSTENTION_THRESHOLD_TAG = f"{TAG}abstention_threshold"  # + ".<variant>": the gate's threshold for that variant
 RETRIEVAL_TAG = f"{TAG}retrieval_refs"  # {chunks, index, model}: what `doctune serve` retrieves with
 GATED_AGAINST_TAG = f"{TAG}gated_against"  # the champion's model digest when the version was judged ("none")
+PASSAGE_LABELS_TAG = f"{TAG}passage_labels"  # "true": trained and gated on `[n] <title>, p. X` passages; else bare
 TASK_TAG = f"{TAG}task"  # documents or page_extraction (the run config's task); untagged versions are documents
 
 

@@ -8,7 +8,13 @@ from dataclasses import asdict, dataclass
 from doctune.config import GateRules
 from doctune.gate.conformal import AbstentionBound, items_needed
 from doctune.gate.judge import MAX_UNUSABLE
-from doctune.gate.metrics import min_detectable_difference, paired_difference, paired_randomization_p, paired_sd
+from doctune.gate.metrics import (
+    min_detectable_difference,
+    paired_difference,
+    paired_randomization_p,
+    paired_sd,
+    ratio_shortfall_bound,
+)
 
 PROMOTE, REJECT, INSUFFICIENT = "promote", "reject", "insufficient-evidence"
 INSUFFICIENT_EVIDENCE = "insufficient_evidence"  # what `failed` lists when a power check fails
@@ -64,11 +70,7 @@ def decide(
              f"<= {rules.max_domain_ppl_vs_base} x base {base['domain_perplexity']:.4f}"),
     ]  # fmt: skip
     if rules.min_citation_precision_vs_champion > 0:
-        floor = rules.min_citation_precision_vs_champion * champ["citation_precision"]
-        checks.append(Rule("citation_precision_vs_champion", cand["citation_precision"] >= floor,
-                           cand["citation_precision"], floor,
-                           f">= {rules.min_citation_precision_vs_champion} x champion {champ['citation_precision']:.4f} "
-                           "(cited passages that hold the answer)"))  # fmt: skip
+        checks.append(citation_rule(scores, rules))
     if rules.beat_base:
         # Significantly better, not merely higher: p that the base is not worse than the candidate.
         p = paired_randomization_p(
@@ -81,7 +83,7 @@ def decide(
         ok = ratio is not None and ratio <= rules.max_quantized_ppl_ratio
         checks.append(Rule(f"perplexity_ratio:{variant}", ok, float("nan") if ratio is None else ratio,
                            rules.max_quantized_ppl_ratio, "not produced" if ratio is None else "<= x merged"))  # fmt: skip
-    for key, label in (("golden_f1", "golden F1"), ("abstained", "abstention")):
+    for key, label in (("golden_f1", "golden F1"), ("abstained", "abstention"), ("source_cited", "citation recall")):
         p = paired_randomization_p(
             scores["candidate"]["per_example"][key], scores["champion"]["per_example"][key], rules.permutations
         )
@@ -126,6 +128,22 @@ def decide(
         "evidence": evidence,
         "f1_differences": f1_differences(scores, rules),
     }
+
+
+def citation_rule(scores: dict[str, dict], rules: GateRules) -> Rule:
+    """Citation precision not significantly below factor x the champion's (the base's before a first promotion):
+    fails where the paired bootstrap's one-sided 95% upper bound of the shortfall is below 0, so a champion's
+    precision over a handful of citations does not reject a candidate that is as good."""
+    factor = rules.min_citation_precision_vs_champion
+    cand, champ = scores["candidate"], scores["champion"]
+    sums = [(m["per_example"]["citations_supported"], m["per_example"]["citations_made"]) for m in (cand, champ)]
+    bound = ratio_shortfall_bound(*sums, factor, rules.bootstrap_resamples)
+    made = [int(sum(m["per_example"]["citations_made"])) for m in (cand, champ)]
+    value, floor = cand["metrics"]["citation_precision"], factor * champ["metrics"]["citation_precision"]
+    return Rule("citation_precision_vs_champion", not bound < 0, value, floor,
+                f"not significantly below {factor:g} x champion {champ['metrics']['citation_precision']:.4f} "
+                f"(cited passages that hold the answer; {made[0]} vs {made[1]} cited): the paired bootstrap's "
+                f"95% upper bound of the shortfall is {bound:+.3f}")  # fmt: skip
 
 
 def power(scores: dict[str, dict], rules: GateRules) -> dict[str, dict]:

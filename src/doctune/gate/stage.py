@@ -272,6 +272,7 @@ def register(
         f"{TAG}gate_reason": outcome["reason"][:1000],
         f"{TAG}datasets": json.dumps(datasets),
         registry.ABSTENTION_SENTENCE_TAG: abstention,
+        registry.PASSAGE_LABELS_TAG: "true",
         **retrieval_tags(inputs),
         **{f"gate.{k}": f"{v:.6g}" for k, v in scores.models["candidate"]["metrics"].items()},
         **{

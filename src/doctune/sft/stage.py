@@ -12,6 +12,7 @@ from pathlib import Path
 
 from doctune.artifacts import ArtifactRef
 from doctune.chat import InvalidMessages, render_ids, with_user_cut
+from doctune.citations import cited_but_not_shown
 from doctune.config import RunConfig
 from doctune.records import (
     ABSTENTION_FILE,
@@ -46,6 +47,8 @@ def tokenize_example(tokenizer, messages: list[dict], max_length: int) -> tuple[
             messages = with_user_cut(tokenizer, messages, len(full) - max_length + 4)
         except InvalidMessages as exc:
             raise SkipRecord(str(exc)) from None
+        if lost := cited_but_not_shown(messages, [messages[-1]["content"]]):
+            raise SkipRecord(f"cutting the prompt to max_length removed passage(s) {lost} the answer cites")
         truncated = True
     raise SkipRecord("could not be cut to max_length")
 
