@@ -36,6 +36,7 @@ def model(f1, abstained, **metrics) -> dict:
         "abstained": list(abstained),
         **citing((defaults | metrics)["citation_precision"], len(f1)),
     }
+    defaults["citation_recall"] = float(np.mean(per_example["source_cited"]))
     return {"metrics": defaults | metrics, "per_example": per_example}
 
 
@@ -243,9 +244,10 @@ def test_report_shows_the_verdict_its_reason_and_every_metric_with_its_interval(
     for scores in (cand, base):
         scores["per_example"]["closed_book_f1"] = scores["per_example"]["golden_f1"][:6]
         scores["metrics"]["closed_book_f1"] = float(np.mean(scores["per_example"]["closed_book_f1"]))
-    models = {name: {"metrics": s["metrics"], "intervals": metric_intervals(s["per_example"])}
+    models = {name: {"metrics": s["metrics"], "intervals": metric_intervals(s["per_example"]), "per_example": s["per_example"]}
               for name, s in (("candidate", cand), ("base", base))}  # fmt: skip
     result = {**verdict, "version": "3", "champion_label": "none yet", "models": models, "samples": [],
+              "citation_first_passage": 0.75,
               "retrieval": {"queries": 3, "metrics": {"base": {"mrr@10": 0.5}}, "p_values": {}, "source": "retriever stage",
                             "selected": "base"},
               "breakdowns": {"qtype": group_scores(cand["per_example"]["golden_f1"], base["per_example"]["golden_f1"],
@@ -258,6 +260,9 @@ def test_report_shows_the_verdict_its_reason_and_every_metric_with_its_interval(
     assert f"| golden F1 (RAG) | 12 | {cand['metrics']['golden_f1']:.3f} [{f1['ci_low']:.3f}, {f1['ci_high']:.3f}] |" in text
     assert "| golden F1 (closed book) | 6 |" in text
     assert "## Golden F1 (RAG) per question type" in text and "| definition | 6 |" in text
+    recall = models["candidate"]["intervals"]["citation_recall"]
+    assert f"| candidate | 12 | 12 | 11 | 0.900 | {recall['mean']:.3f} [{recall['ci_low']:.3f}, " in text  # 11 of 12 hold it
+    assert "Citing passage [1] every time would score precision and recall 0.750" in text
 
 
 def test_console_summary_gives_the_reason_the_detectable_differences_and_intervals():

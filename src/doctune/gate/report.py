@@ -205,7 +205,7 @@ def citation_lines(result: dict) -> list[str]:
         return []
     lines = ["", "## Citations (golden set, checked against the passages that hold the answer; no judge)", "",
              "Precision: cited passages that hold the answer span, over all passages cited. Recall: answers that cite "
-             "a passage holding their answer [95% bootstrap interval].", "",
+             "a passage holding their answer [95% bootstrap interval].", *first_passage_line(result), "",
              "| model | answers | passages cited | holding the answer | precision | recall |",
              "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
     for name, m in models.items():
@@ -214,6 +214,15 @@ def citation_lines(result: dict) -> list[str]:
                      f"{sum(pe['citations_supported']):.0f} | {m['metrics']['citation_precision']:.3f} | "
                      f"{_ci(m['metrics']['citation_recall'], recall)} |")  # fmt: skip
     return lines
+
+
+def first_passage_line(result: dict) -> list[str]:
+    share = result.get("citation_first_passage")
+    if share is None:
+        return []
+    return ["", f"Citing passage [1] every time would score precision and recall {share:.3f}: the first passage holds "
+            "the answer of that share of the items (retrieval ranks the source first), so only a model above it "
+            "reads its passages to cite."]  # fmt: skip
 
 
 def production_lines(result: dict) -> list[str]:

@@ -399,6 +399,8 @@ def run(config: RunConfig, inputs: dict[str, ArtifactRef], tracker: StageRun) ->
         },
         "judge": {k: v for k, v in verdicts.items() if k != "verdicts"} if verdicts else None,
         "abstention_bound": {m: bounds[m].as_dict() for m in shown if m in bounds},
+        # What citing the first passage every time would score: the floor a citing model's precision means little at.
+        "citation_first_passage": sum(1 in item["supporting"] for item in sets.golden) / len(sets.golden),
         "closed_book_vs_rag": closed_book_vs_rag({m: scores.models[m] for m in shown}, sets.closed_book, resamples),
         "breakdowns": breakdowns(scores, sets, resamples),
         "quantized": scores.quantized,
