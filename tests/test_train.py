@@ -432,24 +432,32 @@ def test_dpo_on_the_sft_model_logs_rewards_and_its_lineage(make_config, datasets
     assert meta["stage"] == "dpo" and meta["base"] == {"ref": sft.outputs["model"].to_dict()}
 
 
-def test_dpo_with_lora_scores_the_reference_with_the_adapter_disabled(make_config, dpo_dataset, tiny_model_dir, tmp_path):
+def tiny_dpo_trainer(make_config, dpo_dataset, tiny_model_dir, folder, **settings):
+    """TRL's DPOTrainer as the DPO stage builds it, on the tiny model with LoRA, and its training pairs."""
     from datasets import load_from_disk
-    from transformers import AutoModelForCausalLM
 
     from doctune.dpo.stage import prepare
     from doctune.train.core import TrainJob, load_model
     from doctune.train.recipes import dpo_trainer
 
-    config = make_config(**overrides("dpo", max_steps=3, learning_rate=5e-3))
+    config = make_config(**overrides("dpo", learning_rate=5e-3, **settings))
     tokenizer = prepare_tokenizer(tiny_model_dir)
-    prepare(config, dpo_dataset)(tokenizer, tmp_path / "data")
+    prepare(config, dpo_dataset)(tokenizer, folder / "data")
     job = TrainJob(
         stage="dpo", settings=config.dpo.model_dump(mode="json"), model_dir=str(tiny_model_dir), tokenizer_dir="",
-        data_dir=str(tmp_path / "data"), checkpoint_dir=str(tmp_path / "ckpt"), output_dir=str(tmp_path / "out"),
+        data_dir=str(folder / "data"), checkpoint_dir=str(folder / "ckpt"), output_dir=str(folder / "out"),
         learning_rate=5e-3,
     )  # fmt: skip
+    torch.manual_seed(0)
     model, peft_config = load_model(job, "fp32", len(tokenizer))
-    trainer = dpo_trainer(job, "fp32", model, peft_config, tokenizer, load_from_disk(str(tmp_path / "data" / "train")), None)
+    train = load_from_disk(str(folder / "data" / "train"))
+    return dpo_trainer(job, "fp32", model, peft_config, tokenizer, train, None), train
+
+
+def test_dpo_with_lora_scores_the_reference_with_the_adapter_disabled(make_config, dpo_dataset, tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    trainer, _ = tiny_dpo_trainer(make_config, dpo_dataset, tiny_model_dir, tmp_path, max_steps=3)
     trainer.train()
     assert trainer.ref_model is None and list(trainer.model.peft_config) == ["default"]  # no second model, no copy adapter
     probe = torch.tensor([[3, 14, 15, 92, 65]])
@@ -459,6 +467,18 @@ def test_dpo_with_lora_scores_the_reference_with_the_adapter_disabled(make_confi
         torch.testing.assert_close(policy(probe).logits, base(probe).logits)
     with torch.no_grad():
         assert not torch.allclose(policy(probe).logits, base(probe).logits)  # the adapter did learn something
+
+
+def test_dpo_with_a_chosen_nll_weight_keeps_the_chosen_replies_likely(make_config, dpo_dataset, tiny_model_dir, tmp_path):
+    # Plain DPO may lower the chosen replies with the rejected ones; the RPO term holds them up.
+    chosen_logps = {}
+    for weight in (0.0, 1.0):
+        trainer, train = tiny_dpo_trainer(
+            make_config, dpo_dataset, tiny_model_dir, tmp_path / str(weight), max_steps=8, chosen_nll_weight=weight
+        )
+        trainer.train()
+        chosen_logps[weight] = trainer.evaluate(train)["eval_logps/chosen"]
+    assert chosen_logps[1.0] > chosen_logps[0.0]
 
 
 def test_dpo_pairs_that_cannot_be_used_are_reported(make_config, tiny_model_dir, tmp_path):

@@ -214,6 +214,13 @@ class DpoConfig(TrainingConfig):
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="share of the steps the learning rate warms up over")
     beta: float = Field(0.1, gt=0, description="strength of the pull towards the reference policy")
     loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = Field("sigmoid", description="sigmoid (DPO), ipo, hinge or robust")
+    chosen_nll_weight: float = Field(
+        0.0,
+        ge=0,
+        description="weight of a negative log-likelihood term on the chosen replies (RPO; TRL's `sft` loss beside "
+        "`loss_type`): preference loss alone may lower the chosen replies' likelihood, end of turn included, as "
+        "long as it lowers the rejected ones' more; 0 is plain DPO",
+    )
     reference: Literal["copy", "precomputed"] = Field(
         "copy",
         description="method full only: a frozen reference copy in memory, or its log-probs computed once before "

@@ -141,6 +141,13 @@ def sft_trainer(job: TrainJob, prec: str, model, peft_config, tokenizer, train, 
     return trainer
 
 
+def preference_losses(loss_type: str, chosen_nll_weight: float) -> dict:
+    """TRL's loss list: the preference loss, plus the NLL on the chosen replies (RPO) when it has a weight."""
+    if chosen_nll_weight == 0:
+        return {"loss_type": [loss_type]}
+    return {"loss_type": [loss_type, "sft"], "loss_weights": [1.0, chosen_nll_weight]}
+
+
 def dpo_trainer(job: TrainJob, prec: str, model, peft_config, tokenizer, train, evaluation):
     """TRL's DPOTrainer. With LoRA/QLoRA it attaches the adapter itself and scores the reference policy with the
     adapter disabled (no second model in memory); `full` uses a frozen reference copy, or reference log-probs
@@ -151,7 +158,7 @@ def dpo_trainer(job: TrainJob, prec: str, model, peft_config, tokenizer, train, 
     s = job.settings
     extra = {
         "beta": s["beta"],
-        "loss_type": [s["loss_type"]],
+        **preference_losses(s["loss_type"], s["chosen_nll_weight"]),
         "max_length": s["max_length"],
         "precompute_ref_log_probs": s["method"] == "full" and s["reference"] == "precomputed",
         "dataset_num_proc": None,
