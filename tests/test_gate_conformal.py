@@ -90,3 +90,31 @@ def test_the_risk_score_is_the_mean_log_probability_of_the_abstention_sentence_a
     finally:
         runtime.close()
     assert math.isclose(scores[0], float(expected), rel_tol=1e-5) and scores[0] < 0
+
+
+def test_replies_scored_on_the_prompts_cache_equal_separate_generation_and_scoring(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from doctune.chat import reply_sequences
+    from doctune.runtimes import TransformersRuntime
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    conversations = [  # prompts of different lengths in one batch (left padding), tails of different lengths
+        [{"role": "user", "content": "Hi"}],
+        [{"role": "user", "content": "Which command installs a package from the interface definition file?"}],
+        [{"role": "user", "content": "What does the stub compiler emit for each exception?"}],
+    ]
+    sequences = [
+        *reply_sequences(tokenizer, conversations[:2], "I cannot answer that."),
+        *reply_sequences(tokenizer, conversations[2:], "No."),
+    ]
+    runtime = TransformersRuntime(tiny_model_dir, batch_size=2)
+    try:
+        plain = runtime.chat(conversations, 12)
+        scored = runtime.chat(conversations, 12, sequences)
+        expected = runtime.continuation_logprobs(sequences)
+    finally:
+        runtime.close()
+    assert [r.text for r in scored] == [r.text for r in plain] and all(r.continuation_logprob is None for r in plain)
+    for reply, score in zip(scored, expected):
+        assert math.isclose(reply.continuation_logprob, score, rel_tol=1e-4)

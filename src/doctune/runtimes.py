@@ -53,9 +53,13 @@ class TransformersRuntime:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.batch_size = batch_size
 
-    def chat(self, conversations: list[list[dict]], max_tokens: int) -> list[Reply]:
-        """Greedy replies, in batches of prompts padded on the left."""
-        return chat_replies(self.model, self.tokenizer, conversations, max_tokens, self.batch_size)
+    def chat(
+        self, conversations: list[list[dict]], max_tokens: int, continuations: list[tuple[list[int], int]] | None = None
+    ) -> list[Reply]:
+        """Greedy replies, in batches of prompts padded on the left; with `continuations` (per conversation, its
+        prompt's ids followed by a reply to score, and where the reply starts) each carries that reply's mean
+        log-probability, scored on the prompt's cache."""
+        return chat_replies(self.model, self.tokenizer, conversations, max_tokens, self.batch_size, continuations=continuations)
 
     def perplexity(self, blocks: list[list[int]]) -> float:
         import torch
@@ -141,7 +145,12 @@ class LlamaCppRuntime:
                 verbose=False, seed=0,
             )  # fmt: skip
 
-    def chat(self, conversations: list[list[dict]], max_tokens: int) -> list[Reply]:
+    def chat(
+        self, conversations: list[list[dict]], max_tokens: int, continuations: list[tuple[list[int], int]] | None = None
+    ) -> list[Reply]:
+        """Greedy replies with the file's chat template; `continuations` as for TransformersRuntime.chat, scored
+        in the scoring context (llama.cpp keeps no cache between the two contexts)."""
+        scored = self.continuation_logprobs(continuations) if continuations is not None else [None] * len(conversations)
         replies = []
         for messages in conversations:
             self.llm.reset()
@@ -149,7 +158,7 @@ class LlamaCppRuntime:
             answer = self.llm.create_chat_completion(messages, max_tokens=max_tokens, temperature=0.0, top_k=1, seed=0)
             seconds = time.perf_counter() - started
             text = answer["choices"][0]["message"]["content"] or ""
-            replies.append(Reply(text.strip(), answer["usage"]["completion_tokens"], seconds))
+            replies.append(Reply(text.strip(), answer["usage"]["completion_tokens"], seconds, scored[len(replies)]))
         return replies
 
     def perplexity(self, blocks: list[list[int]]) -> float:

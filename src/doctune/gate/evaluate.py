@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -156,6 +157,7 @@ def evaluate_model(
     are those of `tokenizer_folder`), with per-example scores."""
     from transformers import AutoTokenizer
 
+    started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder or folder)
     domain_blocks, general_blocks = blocks(sets, tokenizer)
     runtime = open_runtime(folder, batch_size=batch_size, n_ctx=N_CTX, precision=precision)
@@ -164,14 +166,14 @@ def evaluate_model(
     production_prompts = [fitted(tokenizer, item["messages"], N_CTX - max_new_tokens - 8) for item in sets.production]
     scores = {}
     try:
+        golden = rag_replies(runtime, tokenizer, sets, sets.golden, max_new_tokens)
+        unanswerable = rag_replies(runtime, tokenizer, sets, sets.unanswerable, max_new_tokens)
         if sets.abstention_scores:
-            for name, items in (("golden_abstention_score", sets.golden), ("abstention_score", sets.unanswerable)):
-                scores[name] = runtime.continuation_logprobs(
-                    reply_sequences(tokenizer, sets.conversations(items), sets.abstention)
-                )
-        golden = runtime.chat(sets.conversations(sets.golden), max_new_tokens)
+            scores = {
+                "golden_abstention_score": [r.continuation_logprob for r in golden],
+                "abstention_score": [r.continuation_logprob for r in unanswerable],
+            }
         closed_book = runtime.chat(sets.closed_book_conversations(), max_new_tokens) if sets.closed_book else []
-        unanswerable = runtime.chat(sets.conversations(sets.unanswerable), max_new_tokens)
         production = runtime.chat(production_prompts, max_new_tokens) if production_prompts else []
         probe_chats = [[{"role": "user", "content": p["prompt"]}] for p in sets.probes]
         probes = runtime.chat(probe_chats, max(p["max_tokens"] for p in sets.probes))
@@ -212,6 +214,7 @@ def evaluate_model(
             "domain_perplexity": domain_ppl,
             "general_perplexity": general_ppl,
             "tokens_per_s": tokens / seconds if seconds else 0.0,
+            "scoring_seconds": time.perf_counter() - started,  # loading and every set: what the score cache saves
         },
         "per_example": per_example,
         "answers": {
@@ -221,6 +224,14 @@ def evaluate_model(
             "production": [r.text for r in production],
         },
     }
+
+
+def rag_replies(runtime, tokenizer, sets: EvalSets, items: list[dict], max_new_tokens: int) -> list:
+    """Replies to the items' RAG prompts; with the abstention bound on, each also carries the mean log-probability
+    of the abstention sentence as its reply, scored on the same pass over the prompt."""
+    conversations = sets.conversations(items)
+    scored = reply_sequences(tokenizer, conversations, sets.abstention) if sets.abstention_scores else None
+    return runtime.chat(conversations, max_new_tokens, scored)
 
 
 def citation_scores(replies: list[str], items: list[dict]) -> dict[str, list[float]]:
