@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 
 from doctune.gate.conformal import (
     ALWAYS,
@@ -118,3 +119,39 @@ def test_replies_scored_on_the_prompts_cache_equal_separate_generation_and_scori
     assert [r.text for r in scored] == [r.text for r in plain] and all(r.continuation_logprob is None for r in plain)
     for reply, score in zip(scored, expected):
         assert math.isclose(reply.continuation_logprob, score, rel_tol=1e-4)
+
+
+def test_gguf_replies_are_scored_on_the_prompts_cache_as_serving_scores_them(tmp_path):
+    from transformers import AutoTokenizer
+
+    from doctune.chat import reply_sequences
+    from doctune.models import bundled_gguf
+    from doctune.runtimes import LlamaCppRuntime, log_softmax
+
+    gguf = bundled_gguf("smollm2-135m-instruct")
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    conversations = [
+        [{"role": "user", "content": "Packages are installed with apt install. Who painted the Mona Lisa?"}],
+        [{"role": "user", "content": "Which command installs a package?"}],
+    ]
+    sequences = reply_sequences(tokenizer, conversations, "The documents do not say.")
+    answering = LlamaCppRuntime(gguf, n_ctx=512)
+    serving = LlamaCppRuntime(gguf, n_ctx=512, chat=False)  # as `doctune serve` scores a request
+    try:
+        plain = answering.chat(conversations, 8)
+        scored = answering.chat(conversations, 8, sequences)
+        served = serving.continuation_logprobs(sequences)
+        whole = serving._scoring()  # every position's logits in one pass: the same quantity, other kernels
+        expected = []
+        for ids, start in sequences:
+            whole.reset()
+            whole.eval(ids)
+            rows = log_softmax(whole.scores[start - 1 : len(ids) - 1])
+            expected.append(sum(rows[i, t] for i, t in enumerate(ids[start:])) / (len(ids) - start))
+    finally:
+        answering.close()
+        serving.close()
+    assert [r.text for r in scored] == [r.text for r in plain]
+    for reply, score, reference in zip(scored, served, expected):
+        assert reply.continuation_logprob == pytest.approx(score, abs=1e-3)
+        assert reply.continuation_logprob == pytest.approx(reference, abs=0.3)
