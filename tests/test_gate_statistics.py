@@ -156,13 +156,33 @@ def test_too_few_unanswerable_items_are_insufficient_evidence_for_abstention():
     assert rule(verdict, "evidence:abstention")["detail"].startswith("10 unanswerable items detect an abstention difference")
 
 
+def test_a_candidate_that_cites_a_handful_of_passages_cannot_show_its_precision():
+    cand, base = clearly_better(400)
+    champion = model(base["per_example"]["golden_f1"], base["per_example"]["abstained"], citation_precision=0.8)
+    rarely = {"citations_made": [1.0] * 10 + [0.0] * 390, "citations_supported": [1.0] * 6 + [0.0] * 394}
+    cand["per_example"] |= rarely | {"source_cited": rarely["citations_supported"]}
+    cand["metrics"]["citation_precision"] = 0.6
+    verdict = decide({"candidate": cand, "champion": champion, "base": base}, {}, GateRules())
+    assert verdict["decision"] == INSUFFICIENT
+    power = rule(verdict, "evidence:citation_precision")
+    expected = (Z_95 + Z_80) * math.sqrt(0.6 * 0.4 / 10)  # the bootstrap spread of 6 right of 10
+    assert not power["passed"] and power["value"] == pytest.approx(expected, rel=0.1) and power["threshold"] == 0.2
+    assert power["detail"].startswith("10 candidate citations detect a citation precision shortfall below the champion")
+    assert "the candidate cites too few passages to show its precision" in power["detail"]
+    # The same candidate before any citing champion: the floor is 0, nothing to detect.
+    first = decide({"candidate": cand, "champion": base | {"per_example": base["per_example"] | rarely | {
+        "citations_made": [0.0] * 400, "citations_supported": [0.0] * 400}}, "base": base}, {}, GateRules())
+    unchecked = rule(first, "evidence:citation_precision")
+    assert unchecked["passed"] and "not checked (the champion cites nothing: its floor is 0)" in unchecked["detail"]
+
+
 def test_a_single_item_is_never_evidence_unless_the_check_is_off():
     cand, base = model([0.8], [1.0]), model([0.3], [1.0])
     verdict = decide({"candidate": cand, "champion": base, "base": base}, {}, GateRules(min_detectable_f1=0.9))
     assert verdict["decision"] == INSUFFICIENT
     assert rule(verdict, "evidence:golden_f1")["detail"].startswith("1 golden item cannot estimate an F1 difference")
     # A margin of 1 or more asks for no power (no F1 difference exceeds 1): what a profile of a handful of items sets.
-    off = GateRules(min_detectable_f1=1.0, min_detectable_abstention=1.0)
+    off = GateRules(min_detectable_f1=1.0, min_detectable_abstention=1.0, min_detectable_citation_precision=1.0)
     verdict = decide({"candidate": cand, "champion": base, "base": base}, {}, off.model_copy(update={"beat_base": False}))
     assert verdict["decision"] == PROMOTE and "not checked" in rule(verdict, "evidence:golden_f1")["detail"]
     cand, base = clearly_better(12)  # significantly better on 12 items, though they cannot detect 0.05

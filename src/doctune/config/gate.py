@@ -52,6 +52,13 @@ class GateRules(Section):
         description="the abstention accuracy difference the unanswerable set must be able to detect at alpha and 80% "
         "power (1 or more: not checked)",
     )
+    min_detectable_citation_precision: float = Field(
+        0.2,
+        gt=0,
+        description="the citation precision shortfall below the champion's floor (min_citation_precision_vs_champion) "
+        "that the candidate's citations on the golden set must be able to show at alpha and 80% power; checked once "
+        "the champion cites (1 or more: not checked)",
+    )
     bootstrap_resamples: int = Field(2000, ge=100, description="resamples of the bootstrap confidence intervals (95%)")
     min_judge_win_rate: float = Field(
         0.5, ge=0, le=1,

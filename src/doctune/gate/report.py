@@ -96,10 +96,12 @@ def evidence_lines(result: dict) -> list[str]:
         return []
     lines = ["", "## What the eval sets can detect", "",
              "The smallest true candidate-vs-base difference each set finds with 80% power (one-sided paired test at "
-             "alpha); the gate needs it at or below the margin.", "",
+             "alpha; citation precision: the shortfall below the champion's floor); the gate needs it at or below the "
+             "margin.", "",
              "| set | items | detectable difference | margin | enough |", "|---|---:|---:|---:|---|"]  # fmt: skip
     for key, e in evidence.items():
-        label = {"golden_f1": "golden F1 (RAG)", "abstention": "abstention (unanswerable)"}.get(key, key)
+        label = {"golden_f1": "golden F1 (RAG)", "abstention": "abstention (unanswerable)",
+                 "citation_precision": "citation precision (candidate's citations)"}.get(key, key)  # fmt: skip
         enough = "not checked" if not e.get("checked", True) else "yes" if e["sufficient"] else "**no**"
         lines.append(f"| {label} | {e['n']} | {e['detectable']:.3f} | {e['margin']:g} | {enough} |")
     if diffs:

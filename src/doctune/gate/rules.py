@@ -3,16 +3,21 @@ the configured differences: insufficient evidence (recorded like a rejection). O
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
+
+import numpy as np
 
 from doctune.config import GateRules
 from doctune.gate.conformal import AbstentionBound, items_needed
 from doctune.gate.judge import MAX_UNUSABLE
 from doctune.gate.metrics import (
+    detectable_shift,
     min_detectable_difference,
     paired_difference,
     paired_randomization_p,
     paired_sd,
+    ratio_difference_draws,
     ratio_shortfall_bound,
 )
 
@@ -160,7 +165,26 @@ def power(scores: dict[str, dict], rules: GateRules) -> dict[str, dict]:
         checked = margin < 1  # no difference of two scores in [0, 1] exceeds 1: a margin of 1 or more is the check off
         out[key] = {"n": len(cand), "sd": sd, "detectable": detectable, "margin": margin, "alpha": rules.alpha,
                     "power": POWER, "checked": checked, "sufficient": detectable <= margin or not checked}  # fmt: skip
+    if rules.min_citation_precision_vs_champion > 0:
+        out["citation_precision"] = citation_power(scores, rules)
     return out
+
+
+def citation_power(scores: dict[str, dict], rules: GateRules) -> dict:
+    """The precision shortfall below the champion's floor that the citation rule finds with 80% power, from the
+    bootstrap spread of the candidate's own precision: a candidate that cites a handful of passages cannot show
+    it cites well. (A champion that cited little only makes the rule lenient, never a reason to hold a well-measured
+    candidate back.) Checked once the champion cites: before that the floor is 0 and nothing falls below it."""
+    cand, champ = scores["candidate"]["per_example"], scores["champion"]["per_example"]
+    own = (cand["citations_supported"], cand["citations_made"])
+    draws = ratio_difference_draws(own, own, 0.0, rules.bootstrap_resamples)
+    sd = float(np.std(draws, ddof=1)) if sum(cand["citations_made"]) >= 2 else math.inf
+    detectable = detectable_shift(sd, rules.alpha, POWER)
+    margin = rules.min_detectable_citation_precision
+    checked = margin < 1 and sum(champ["citations_made"]) > 0
+    return {"n": int(sum(cand["citations_made"])), "sd": sd, "detectable": detectable, "margin": margin,
+            "alpha": rules.alpha, "power": POWER, "checked": checked, "sufficient": detectable <= margin or not checked,
+            "unchecked": "" if checked or margin >= 1 else "the champion cites nothing: its floor is 0"}  # fmt: skip
 
 
 _SETS = {
@@ -168,6 +192,9 @@ _SETS = {
                   "give the corpus more text or raise synth.min_golden (or gate.max_golden where synth made more)"),
     "abstention": ("unanswerable items", "an abstention difference",
                    "raise synth.unanswerable_share or synth.min_golden (or gate.max_unanswerable where synth made more)"),
+    "citation_precision": ("candidate citations", "a citation precision shortfall below the champion's floor",
+                           "the candidate cites too few passages to show its precision; more golden items "
+                           "(synth.min_golden, gate.max_golden) give it more to cite"),
 }  # fmt: skip
 
 
@@ -180,7 +207,8 @@ def evidence_rule(key: str, e: dict) -> Rule:
         found = f"{e['n']} {items} detect {difference} of {e['detectable']:.3f}"
         found += f" at alpha {e['alpha']:g} and {e['power']:.0%} power"
     if not e.get("checked", True):
-        return Rule(f"evidence:{key}", True, e["detectable"], e["margin"], f"{found}; not checked (margin {e['margin']:g} >= 1)")
+        why = e.get("unchecked") or f"margin {e['margin']:g} >= 1"
+        return Rule(f"evidence:{key}", True, e["detectable"], e["margin"], f"{found}; not checked ({why})")
     detail = f"{found}; the gate needs {e['margin']:g}" + ("" if e["sufficient"] else f": {remedy}")
     return Rule(f"evidence:{key}", e["sufficient"], e["detectable"], e["margin"], detail)
 
