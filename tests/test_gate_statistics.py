@@ -156,24 +156,56 @@ def test_too_few_unanswerable_items_are_insufficient_evidence_for_abstention():
     assert rule(verdict, "evidence:abstention")["detail"].startswith("10 unanswerable items detect an abstention difference")
 
 
+def with_citations(scores: dict, made: int, supported: int, n: int = 400) -> dict:
+    """`scores` of a model that cited `made` of `n` golden answers, `supported` of them right."""
+    cited = {
+        "citations_made": [1.0] * made + [0.0] * (n - made),
+        "citations_supported": [1.0] * supported + [0.0] * (n - supported),
+    }
+    scores["per_example"] |= cited | {"source_cited": cited["citations_supported"]}
+    scores["metrics"]["citation_precision"] = supported / made if made else 0.0
+    return scores
+
+
 def test_a_candidate_that_cites_a_handful_of_passages_cannot_show_its_precision():
     cand, base = clearly_better(400)
     champion = model(base["per_example"]["golden_f1"], base["per_example"]["abstained"], citation_precision=0.8)
-    rarely = {"citations_made": [1.0] * 10 + [0.0] * 390, "citations_supported": [1.0] * 6 + [0.0] * 394}
-    cand["per_example"] |= rarely | {"source_cited": rarely["citations_supported"]}
-    cand["metrics"]["citation_precision"] = 0.6
-    verdict = decide({"candidate": cand, "champion": champion, "base": base}, {}, GateRules())
+    verdict = decide({"candidate": with_citations(cand, 10, 6), "champion": champion, "base": base}, {}, GateRules())
     assert verdict["decision"] == INSUFFICIENT
     power = rule(verdict, "evidence:citation_precision")
-    expected = (Z_95 + Z_80) * math.sqrt(0.6 * 0.4 / 10)  # the bootstrap spread of 6 right of 10
-    assert not power["passed"] and power["value"] == pytest.approx(expected, rel=0.1) and power["threshold"] == 0.2
-    assert power["detail"].startswith("10 candidate citations detect a citation precision shortfall below the champion")
+    # The floor is 0.9 x 0.8 = 0.72; the larger binomial spread of 0.72 and 0.72 - 0.2 is that of 0.52.
+    expected = (Z_95 + Z_80) * math.sqrt(0.52 * 0.48 / 10)
+    assert not power["passed"] and power["value"] == pytest.approx(expected) and power["threshold"] == 0.2
+    assert power["detail"].startswith(
+        f"10 candidate citations detect a citation precision shortfall below the champion's floor of {expected:.3f}"
+    )
     assert "the candidate cites too few passages to show its precision" in power["detail"]
-    # The same candidate before any citing champion: the floor is 0, nothing to detect.
-    first = decide({"candidate": cand, "champion": base | {"per_example": base["per_example"] | rarely | {
-        "citations_made": [0.0] * 400, "citations_supported": [0.0] * 400}}, "base": base}, {}, GateRules())
+    # Two citations, both right, are no more evidence: the spread is the floor's, not the observed one's (0).
+    perfect = decide({"candidate": with_citations(cand, 2, 2), "champion": champion, "base": base}, {}, GateRules())
+    assert not rule(perfect, "evidence:citation_precision")["passed"]
+    # Enough citations, as many right as the champion's: promoted.
+    fine = decide({"candidate": with_citations(cand, 400, 330), "champion": champion, "base": base}, {}, GateRules())
+    assert fine["decision"] == PROMOTE, fine["failed"]
+    # A candidate that stopped citing fails the rule itself: rejected, not sent for more data.
+    silent = decide({"candidate": with_citations(cand, 0, 0), "champion": champion, "base": base}, {}, GateRules())
+    assert silent["decision"] == REJECT and "citation_precision_vs_champion" in silent["failed"]
+    assert "not checked (the rule already found" in rule(silent, "evidence:citation_precision")["detail"]
+    # Before any citing champion the floor is 0: nothing to detect.
+    first = decide(
+        {
+            "candidate": with_citations(cand, 10, 6),
+            "champion": base
+            | {
+                "metrics": base["metrics"] | {"citation_precision": 0.0},
+                "per_example": base["per_example"] | {"citations_made": [0.0] * 400, "citations_supported": [0.0] * 400},
+            },
+            "base": base,
+        },
+        {},
+        GateRules(),
+    )
     unchecked = rule(first, "evidence:citation_precision")
-    assert unchecked["passed"] and "not checked (the champion cites nothing: its floor is 0)" in unchecked["detail"]
+    assert unchecked["passed"] and "not checked (the champion's floor is 0" in unchecked["detail"]
 
 
 def test_a_single_item_is_never_evidence_unless_the_check_is_off():

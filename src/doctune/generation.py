@@ -89,7 +89,9 @@ def _scored_prefill(model, encoded, tails: list[list[int]], pad_id: int):
 
     ids, mask = encoded["input_ids"], encoded["attention_mask"]
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    prefill = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1], use_cache=True)
+    prefill = model(
+        input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1], use_cache=True, logits_to_keep=1
+    )  # fmt: skip
     cache = prefill.past_key_values
     width = max(len(t) for t in tails)
     tail_ids = torch.tensor([t + [pad_id] * (width - len(t)) for t in tails], device=ids.device)

@@ -167,9 +167,9 @@ class LlamaCppRuntime:
             replies.append(Reply(text.strip(), answer["usage"]["completion_tokens"], seconds, scored))
         return replies
 
-    def _continuation_on_cache(self, ids: list[int], start: int) -> float:
+    def _continuation_on_cache(self, ids: list[int], start: int, keep_prefix: bool = True) -> float:
         """Mean log-probability of ids[start:] in the decoding context, going on from the longest prefix of `ids` it
-        holds (after chat: the prompt it just answered). The tail is decoded one token at a time and the last
+        holds with `keep_prefix` (after chat: the prompt it just answered). The tail is decoded one token at a time and the last
         position's logits read after each: a few decode steps instead of encoding the prompt again with logits at
         every position. On q8_0 the batched and the one-token kernels differ by up to ~0.7 in a token's
         log-probability, so the gate and serving both score here."""
@@ -177,9 +177,13 @@ class LlamaCppRuntime:
         import numpy as np
 
         llm = self._decoding()
-        held = llm.input_ids[: llm.n_tokens].tolist()
+        held = llm.input_ids[: llm.n_tokens].tolist() if keep_prefix else []
         common = next((i for i, (a, b) in enumerate(zip(held, ids[: start - 1])) if a != b), min(len(held), start - 1))
-        llm.n_tokens = common  # eval drops the cache past n_tokens
+        # A recurrent or hybrid model's state cannot be cut back to a prefix: it starts afresh.
+        if common == 0 or llm._is_recurrent or llm._is_hybrid or not llm._ctx.kv_cache_seq_rm(-1, common, -1):
+            llm.reset()
+            common = 0
+        llm.n_tokens = common
         if start - 1 > common:
             llm.eval(ids[common : start - 1])
         total = 0.0
@@ -201,8 +205,9 @@ class LlamaCppRuntime:
 
     def continuation_logprobs(self, sequences: list[tuple[list[int], int]]) -> list[float]:
         """Mean log-probability of the tokens ids[start:] after ids[:start], per (ids, start), computed as chat
-        computes it for a reply just given (so a threshold the gate calibrates holds where serving scores)."""
-        return [self._continuation_on_cache(ids, start) for ids, start in sequences]
+        computes it for a reply just given (so a threshold the gate calibrates holds where serving scores), each
+        from a fresh context: the prompt in one batch, as chat encodes it, whatever the last request was."""
+        return [self._continuation_on_cache(ids, start, keep_prefix=False) for ids, start in sequences]
 
     def close(self) -> None:
         for context in (self.llm, self.scorer):

@@ -96,9 +96,10 @@ def _gate_summary(report: dict) -> str:
     if report["decision"] == "insufficient-evidence":
         lines.append(f"why: {report.get('reason', '')}")
     for key, e in report.get("evidence", {}).items():
-        verdict = "not checked" if not e.get("checked", True) else "enough" if e["sufficient"] else "too few items"
+        counted = "citations" if key == "citation_precision" else "items"
+        verdict = "not checked" if not e.get("checked", True) else "enough" if e["sufficient"] else f"too few {counted}"
         lines.append(
-            f"detectable {key} difference: {e['detectable']:.3f} with {e['n']} items (margin {e['margin']:g}, {verdict})"
+            f"detectable {key} difference: {e['detectable']:.3f} with {e['n']} {counted} (margin {e['margin']:g}, {verdict})"
         )
     for pair, d in report.get("f1_differences", {}).items():
         lines.append(f"golden F1 (RAG) {pair}: {d['mean']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]")

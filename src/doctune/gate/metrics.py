@@ -166,23 +166,6 @@ def paired_difference(candidate, reference, resamples: int = 2000, seed: int = 0
     return interval(diffs, resamples, seed)
 
 
-def ratio_difference_draws(
-    candidate: tuple[list, list], reference: tuple[list, list], factor: float, resamples: int = 2000, seed: int = 0
-) -> np.ndarray:
-    """Paired bootstrap draws of candidate ratio - factor x reference ratio, each a ratio of per-item sums
-    (numerators, denominators; 0 where the denominator sums to 0), the same items drawn for both."""
-    cn, cd, rn, rd = (np.asarray(v, dtype=float) for v in (*candidate, *reference))
-    if cn.size == 0:
-        return np.array([])
-    draws = np.random.default_rng(seed).integers(0, cn.size, size=(resamples, cn.size))
-
-    def ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
-        n, d = num[draws].sum(axis=1), den[draws].sum(axis=1)
-        return np.divide(n, d, out=np.zeros_like(n), where=d > 0)
-
-    return ratio(cn, cd) - factor * ratio(rn, rd)
-
-
 def ratio_shortfall_bound(
     candidate: tuple[list, list],
     reference: tuple[list, list],
@@ -191,10 +174,19 @@ def ratio_shortfall_bound(
     seed: int = 0,
     level: float = 0.95,
 ) -> float:
-    """One-sided upper `level` bound of candidate ratio - factor x reference ratio (ratio_difference_draws). Below
-    0: the candidate is significantly below `factor` x the reference."""
-    draws = ratio_difference_draws(candidate, reference, factor, resamples, seed)
-    return float(np.percentile(draws, level * 100)) if draws.size else math.nan
+    """One-sided upper `level` bound of candidate ratio - factor x reference ratio, each a ratio of per-item sums
+    (numerators, denominators; 0 where the denominator sums to 0), the same items drawn for both (paired bootstrap).
+    Below 0: the candidate is significantly below `factor` x the reference."""
+    cn, cd, rn, rd = (np.asarray(v, dtype=float) for v in (*candidate, *reference))
+    if cn.size == 0:
+        return math.nan
+    draws = np.random.default_rng(seed).integers(0, cn.size, size=(resamples, cn.size))
+
+    def ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+        n, d = num[draws].sum(axis=1), den[draws].sum(axis=1)
+        return np.divide(n, d, out=np.zeros_like(n), where=d > 0)
+
+    return float(np.percentile(ratio(cn, cd) - factor * ratio(rn, rd), level * 100))
 
 
 WORST_CASE_SD = 0.5
@@ -223,14 +215,8 @@ def min_detectable_difference(sd: float, n: int, alpha: float, power: float = 0.
     per-item differences of standard deviation `sd` over `n` items (normal approximation); inf below two items."""
     if n < 2:
         return math.inf
-    return detectable_shift(sd / math.sqrt(n), alpha, power)
-
-
-def detectable_shift(standard_error: float, alpha: float, power: float = 0.8) -> float:
-    """The smallest true shift of a statistic with this standard error that a one-sided test at `alpha` finds with
-    probability `power` (normal approximation)."""
     z = NormalDist().inv_cdf
-    return (z(1 - alpha) + z(power)) * standard_error
+    return (z(1 - alpha) + z(power)) * sd / math.sqrt(n)
 
 
 def group_scores(candidate, reference, labels: list[str], resamples: int = 2000, seed: int = 0) -> dict[str, dict]:

@@ -6,18 +6,14 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-import numpy as np
-
 from doctune.config import GateRules
 from doctune.gate.conformal import AbstentionBound, items_needed
 from doctune.gate.judge import MAX_UNUSABLE
 from doctune.gate.metrics import (
-    detectable_shift,
     min_detectable_difference,
     paired_difference,
     paired_randomization_p,
     paired_sd,
-    ratio_difference_draws,
     ratio_shortfall_bound,
 )
 
@@ -111,7 +107,7 @@ def decide(
         checks.append(Rule("judge_win_rate", ok, value, rules.min_judge_win_rate,
                            f"pairwise judge ({judged['model']}) vs {judged['against']} over {overall['n']} items, ties "
                            f"half{where}; unusable replies {overall['unusable']} (at most {MAX_UNUSABLE:.0%})"))  # fmt: skip
-    evidence = power(scores, rules)
+    evidence = power(scores, rules, citation_failed=any(r.name == CITATION_RULE and not r.passed for r in checks))
     power_rules = [evidence_rule(key, e) for key, e in evidence.items()]
     if "candidate" in bounds:
         power_rules.append(bound_evidence_rule(bounds["candidate"]))
@@ -135,6 +131,9 @@ def decide(
     }
 
 
+CITATION_RULE = "citation_precision_vs_champion"
+
+
 def citation_rule(scores: dict[str, dict], rules: GateRules) -> Rule:
     """Citation precision not significantly below factor x the champion's (the base's before a first promotion):
     fails where the paired bootstrap's one-sided 95% upper bound of the shortfall is below 0, so a champion's
@@ -142,16 +141,16 @@ def citation_rule(scores: dict[str, dict], rules: GateRules) -> Rule:
     factor = rules.min_citation_precision_vs_champion
     cand, champ = scores["candidate"], scores["champion"]
     sums = [(m["per_example"]["citations_supported"], m["per_example"]["citations_made"]) for m in (cand, champ)]
-    bound = ratio_shortfall_bound(*sums, factor, rules.bootstrap_resamples)
+    bound = ratio_shortfall_bound(*sums, factor, rules.bootstrap_resamples, level=1 - rules.alpha)
     made = [int(sum(m["per_example"]["citations_made"])) for m in (cand, champ)]
     value, floor = cand["metrics"]["citation_precision"], factor * champ["metrics"]["citation_precision"]
-    return Rule("citation_precision_vs_champion", not bound < 0, value, floor,
+    return Rule(CITATION_RULE, not bound < 0, value, floor,
                 f"not significantly below {factor:g} x champion {champ['metrics']['citation_precision']:.4f} "
                 f"(cited passages that hold the answer; {made[0]} vs {made[1]} cited): the paired bootstrap's "
-                f"95% upper bound of the shortfall is {bound:+.3f}")  # fmt: skip
+                f"{1 - rules.alpha:.0%} upper bound of the shortfall is {bound:+.3f}")  # fmt: skip
 
 
-def power(scores: dict[str, dict], rules: GateRules) -> dict[str, dict]:
+def power(scores: dict[str, dict], rules: GateRules, citation_failed: bool = False) -> dict[str, dict]:
     """The smallest candidate-vs-base difference each eval set detects (one-sided paired test at alpha, 80% power),
     from the spread of the observed per-item differences, against the configured margin."""
     out = {}
@@ -166,25 +165,31 @@ def power(scores: dict[str, dict], rules: GateRules) -> dict[str, dict]:
         out[key] = {"n": len(cand), "sd": sd, "detectable": detectable, "margin": margin, "alpha": rules.alpha,
                     "power": POWER, "checked": checked, "sufficient": detectable <= margin or not checked}  # fmt: skip
     if rules.min_citation_precision_vs_champion > 0:
-        out["citation_precision"] = citation_power(scores, rules)
+        out["citation_precision"] = citation_power(scores, rules, citation_failed)
     return out
 
 
-def citation_power(scores: dict[str, dict], rules: GateRules) -> dict:
-    """The precision shortfall below the champion's floor that the citation rule finds with 80% power, from the
-    bootstrap spread of the candidate's own precision: a candidate that cites a handful of passages cannot show
-    it cites well. (A champion that cited little only makes the rule lenient, never a reason to hold a well-measured
-    candidate back.) Checked once the champion cites: before that the floor is 0 and nothing falls below it."""
-    cand, champ = scores["candidate"]["per_example"], scores["champion"]["per_example"]
-    own = (cand["citations_supported"], cand["citations_made"])
-    draws = ratio_difference_draws(own, own, 0.0, rules.bootstrap_resamples)
-    sd = float(np.std(draws, ddof=1)) if sum(cand["citations_made"]) >= 2 else math.inf
-    detectable = detectable_shift(sd, rules.alpha, POWER)
+def citation_power(scores: dict[str, dict], rules: GateRules, citation_failed: bool = False) -> dict:
+    """The precision shortfall below the champion's floor that the candidate's citations can show at alpha with 80%
+    power: (z_1-alpha + z_0.8) x sd / sqrt(citations), sd the larger binomial spread of the floor and of the
+    floor less the margin, so a handful of citations all right is no more evidence than a handful half right.
+    Checked where it decides something: the champion has a supported citation (else the floor is 0) and the
+    rule passed (a candidate significantly below the floor is rejected, not sent for more data)."""
+    cand, champ = scores["candidate"], scores["champion"]
+    cited = int(sum(cand["per_example"]["citations_made"]))
+    floor = rules.min_citation_precision_vs_champion * champ["metrics"]["citation_precision"]
     margin = rules.min_detectable_citation_precision
-    checked = margin < 1 and sum(champ["citations_made"]) > 0
-    return {"n": int(sum(cand["citations_made"])), "sd": sd, "detectable": detectable, "margin": margin,
-            "alpha": rules.alpha, "power": POWER, "checked": checked, "sufficient": detectable <= margin or not checked,
-            "unchecked": "" if checked or margin >= 1 else "the champion cites nothing: its floor is 0"}  # fmt: skip
+    spread = max(math.sqrt(p * (1 - p)) for p in (floor, max(floor - margin, 0.0)))
+    detectable = min_detectable_difference(spread, cited, rules.alpha, POWER)
+    unchecked = (
+        f"margin {margin:g} >= 1" if margin >= 1
+        else "the champion's floor is 0: nothing falls below it" if sum(champ["per_example"]["citations_supported"]) == 0
+        else "the rule already found the candidate significantly below the floor" if citation_failed
+        else ""
+    )  # fmt: skip
+    return {"n": cited, "sd": spread, "detectable": detectable, "margin": margin, "alpha": rules.alpha,
+            "power": POWER, "checked": not unchecked, "sufficient": detectable <= margin or bool(unchecked),
+            "unchecked": unchecked}  # fmt: skip
 
 
 _SETS = {
