@@ -61,6 +61,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/train_bench.py
 	$(BIN)/python bench/quantize_bench.py
 	$(BIN)/python bench/serve_bench.py
+	$(BIN)/python bench/gate_bench.py
 	$(BIN)/python bench/gpu_train_bench.py
 	$(BIN)/python bench/vlm_train_bench.py
 	$(BIN)/python bench/pipeline_bench.py $(if $(WORKDIR),--workdir $(WORKDIR))

@@ -64,6 +64,11 @@ BENCHMARKS = {
               "clients running through eight phases, log on, off, off, on, off, on, on, off, and measures a phase once "
               "every request sent before it has had its reply (the first, once every client has had one); "
               "{requests_per_mode} replies per level and mode; log off is a no-op writer in place of the server's log"),
+    "gate": ("Gate scoring", "gate_bench.py",
+             "the gate's cost per RAG item, answering the prompt and scoring the abstention sentence as its reply (the "
+             "abstention bound's risk score), in one pass over the prompt against scoring and then answering (two "
+             "passes, the baseline), for the bundled model in transformers and its GGUF in llama.cpp, on {items} "
+             "prompts of two corpus passages; the replies and scores of both ways are compared."),
     "gpu_train": ("GPU training", "gpu_train_bench.py",
                   "LoRA and full fine-tuning tokens/s and model FLOPs utilisation (MFU, against the GPU's dense bf16 "
                   "peak) of a 1B-class Llama built from its config, in bf16, with plain PyTorch steps."),
@@ -142,6 +147,11 @@ def rows() -> list[dict]:
             for key, what in (("requests_per_s_on_over_off", "requests/s"), ("p95_on_over_off", "p95 latency")):
                 add(f"`doctune serve` request log on vs off, {what} at {level['clients']} concurrent client(s)",
                     level["ratios"][key], "", None, "serve_bench.py")  # fmt: skip
+    if gate := load("gate"):
+        for name, run in gate["runs"].items():
+            add(f"gate scoring of a RAG item with its abstention score, one pass vs two, {name} "
+                f"({run['same_replies']} of {run['items']} replies the same)", run["speedup"], "> 1", run["speedup"] > 1,
+                "gate_bench.py")  # fmt: skip
     if gpu := load("gpu_train"):
         runs = {r["method"]: r for r in gpu["runs"]}
         lora, full, where = runs["lora (dropout 0.05)"], runs["full"], f"{gpu['device']}, 1B-class, bf16"
