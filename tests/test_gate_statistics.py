@@ -206,6 +206,7 @@ def test_a_candidate_that_cites_a_handful_of_passages_cannot_show_its_precision(
     )
     unchecked = rule(first, "evidence:citation_precision")
     assert unchecked["passed"] and "not checked (the champion's floor is 0" in unchecked["detail"]
+    assert unchecked["value"] == pytest.approx((Z_95 + Z_80) * 0.5 / math.sqrt(10))  # what ten citations could show
 
 
 def test_a_single_item_is_never_evidence_unless_the_check_is_off():

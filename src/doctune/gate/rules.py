@@ -179,7 +179,8 @@ def citation_power(scores: dict[str, dict], rules: GateRules, citation_failed: b
     cited = int(sum(cand["per_example"]["citations_made"]))
     floor = rules.min_citation_precision_vs_champion * champ["metrics"]["citation_precision"]
     margin = rules.min_detectable_citation_precision
-    spread = max(math.sqrt(p * (1 - p)) for p in (floor, max(floor - margin, 0.0)))
+    # Where the floor is 0 (no citing champion yet) nothing is known of the rate to test: the worst spread, 0.5.
+    spread = max(math.sqrt(p * (1 - p)) for p in (floor, max(floor - margin, 0.0))) if floor > 0 else 0.5
     detectable = min_detectable_difference(spread, cited, rules.alpha, POWER)
     unchecked = (
         f"margin {margin:g} >= 1" if margin >= 1
