@@ -27,6 +27,11 @@ def test_passages_carry_the_document_title_and_pages():
     # Chunks ingested before titles existed: the file name where known, else no label (a digest tells nobody).
     assert chunk_passage({**chunk, "title": None, "source": "manuals/pump_v2.pdf", "page_end": 12}).startswith("pump v2, p. 12")
     assert chunk_passage({**chunk, "title": None}) == "x"
+    # In the document's language, as ingest detected it; English's where no abbreviation is known.
+    assert chunk_passage({**chunk, "lang": "de"}) == "Pump Manual, S. 12–13\nx"
+    assert chunk_passage({**chunk, "lang": "es", "page_end": 12}) == "Pump Manual, pág. 12\nx"
+    assert chunk_passage({**chunk, "lang": "es"}) == "Pump Manual, págs. 12–13\nx"
+    assert chunk_passage({**chunk, "lang": "und"}) == "Pump Manual, pp. 12–13\nx"
     for generated in ("Microsoft Word - draft7.docx", "Microsoft PowerPoint - deck", "Document1", "untitled", "a.pdf"):
         assert document_title(generated, "sub/field_guide.pdf") == "field guide"
     assert document_title("  La FAQ  Debian ", "x.pdf") == "La FAQ Debian"

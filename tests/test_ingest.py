@@ -39,6 +39,7 @@ def test_every_corpus_file_is_ingested(corpus_result, corpus):
     assert set(rows) == {p.name for p in corpus.glob("*.pdf")}
     assert rows["gri.pdf"]["pages"] == 285
     assert all(row["lang"] == "en" for row in rows.values() if row["chunks"])
+    assert {c["lang"] for c in corpus_result.chunks} == {"en"}  # each chunk's passage label is in its language
 
 
 def test_gri_running_headers_and_page_numbers_are_removed(corpus_result, corpus):

@@ -1,6 +1,6 @@
 """Citations as every stage writes and reads them.
 
-A RAG prompt numbers its passages and labels each with where a reader finds it (`[2] Pump manual, p. 12`); a
+A RAG prompt numbers its passages and labels each with where a reader finds it, in the document's language (`[2] Pump manual, p. 12`); a
 cited answer ends with the numbers of the passages it rests on (`... 40 psi. [2]`). Synth writes the training
 answers so, the gate scores what a model cites against the passages that hold the answer, serving returns the
 cited passages as data.
@@ -35,19 +35,40 @@ def file_title(source: str) -> str:
     return PurePath(source).stem.replace("_", " ") or source
 
 
-def source_label(title: str, page_start: int | None, page_end: int | None) -> str:
-    """`Title, p. 12` or `Title, pp. 12–13`; the title alone where the pages are unknown."""
+# (one page, a page range) in the document's language (ISO 639-1, as ingest detects it); English's elsewhere.
+PAGE_ABBREVIATIONS = {
+    "en": ("p.", "pp."),
+    "de": ("S.", "S."),
+    "es": ("pág.", "págs."),
+    "fr": ("p.", "p."),
+    "it": ("p.", "pp."),
+    "pt": ("p.", "pp."),
+    "nl": ("p.", "pp."),
+    "pl": ("s.", "s."),
+    "cs": ("s.", "s."),
+    "sv": ("s.", "s."),
+    "da": ("s.", "s."),
+    "no": ("s.", "s."),
+    "ru": ("с.", "с."),
+}
+
+
+def source_label(title: str, page_start: int | None, page_end: int | None, lang: str = "en") -> str:
+    """`Title, p. 12` or `Title, pp. 12–13` (`S. 12` in German, `págs. 12–13` in Spanish); the title alone where the
+    pages are unknown."""
     if not page_start:
         return title
-    pages = f"p. {page_start}" if not page_end or page_end == page_start else f"pp. {page_start}–{page_end}"
+    one, many = PAGE_ABBREVIATIONS.get(lang, PAGE_ABBREVIATIONS["en"])
+    pages = f"{one} {page_start}" if not page_end or page_end == page_start else f"{many} {page_start}–{page_end}"
     return f"{title}, {pages}" if title else pages
 
 
 def chunk_label(chunk: dict) -> str:
-    """A chunk's source label; chunks ingested before titles existed fall back to their file name where known, else
-    no label (a document digest would tell a reader nothing)."""
+    """A chunk's source label, in its document's language; chunks ingested before titles existed fall back to their
+    file name where known, else no label (a document digest would tell a reader nothing)."""
     title = chunk.get("title") or (file_title(chunk["source"]) if chunk.get("source") else "")
-    return source_label(title, chunk.get("page_start"), chunk.get("page_end")) if title else ""
+    lang = chunk.get("lang") or "en"
+    return source_label(title, chunk.get("page_start"), chunk.get("page_end"), lang) if title else ""
 
 
 def chunk_passage(chunk: dict) -> str:

@@ -118,5 +118,5 @@ def tokenize_segment(tokenizer_file: str, text: str, start: int) -> list[tuple[i
 
 def chunk_clean_document(doc: DocumentResult, offsets: list[tuple[int, int]], config: IngestConfig) -> DocumentResult:
     chunks = chunk_document(doc.doc_id, doc.text, offsets, doc.spans, doc.headings, config.chunking) if doc.text else []
-    doc.chunks = [{**chunk, "title": doc.title} for chunk in chunks]
+    doc.chunks = [{**chunk, "title": doc.title, "lang": doc.lang} for chunk in chunks]
     return doc

@@ -329,6 +329,7 @@ CHUNK_FEATURES = {
     "n_tokens": "int32",
     "section": "string",
     "text": "string",
+    "lang": "string",  # the document's: passage labels are written in it
 }
 
 
