@@ -4,7 +4,7 @@ import pytest
 
 from doctune.config import ChunkingConfig
 from doctune.ingest.chunking import Span, chunk_document, windows
-from doctune.ingest.clean import Heading, furniture_key, join_block, normalize_line, remove_furniture
+from doctune.ingest.clean import Heading, find_headings, furniture_key, join_block, normalize_line, remove_furniture
 
 
 def test_windows_overlap_and_end_aligned_tail():
@@ -34,6 +34,33 @@ def test_sections_never_cross_a_heading_and_pack_paragraphs():
     assert len(usage_chunks) >= 2 and all(c["n_tokens"] <= 16 for c in chunks)
     for c in chunks:
         assert text[c["char_start"] : c["char_end"]] == c["text"]
+
+
+def test_sections_know_the_heading_they_sit_under():
+    """A standard titles a "Purpose" under every directory: each chunk names its parent heading, never a wrong one."""
+    blocks = [
+        "Chapter 3. The Root Filesystem", "3.2. Requirements", "The root must hold what boots the system.",
+        "3.4. /bin : Essential user command binaries", "3.4.1. Purpose", "/bin holds commands for all users.",
+        "3.13. /opt : Add-on application software\npackages", "3.13.1. Purpose", "/opt is reserved for add-on packages.",
+        "3.16.1. Purpose", "Its parent heading was lost in extraction.",
+        "1. Install the package\nwith apt",  # a two-line list item with a one-level number: no heading
+    ]  # fmt: skip
+    text = "\n\n".join(blocks)
+    headings = find_headings(text, [(1, 0, len(text))], toc=[])
+    assert [(h.title, h.level) for h in headings] == [
+        ("Chapter 3. The Root Filesystem", 1), ("3.2. Requirements", 2), ("3.4. /bin : Essential user command binaries", 2),
+        ("3.4.1. Purpose", 3), ("3.13. /opt : Add-on application software packages", 2), ("3.13.1. Purpose", 3),
+        ("3.16.1. Purpose", 3),
+    ]  # fmt: skip
+    cfg = ChunkingConfig(mode="sections", size=64, overlap=4, min_tokens=1)
+    chunks = chunk_document("d", text, _char_tokens(text), [(1, 0, len(text))], headings, cfg)
+    parents = {c["section"]: c["section_parent"] for c in chunks if "Purpose" in c["section"] or "Requirements" in c["section"]}
+    assert parents == {
+        "3.2. Requirements": "Chapter 3. The Root Filesystem",
+        "3.4.1. Purpose": "3.4. /bin : Essential user command binaries",
+        "3.13.1. Purpose": "3.13. /opt : Add-on application software packages",
+        "3.16.1. Purpose": "",  # not "3.13. /opt ...": a wrong parent would name the wrong directory
+    }
 
 
 def test_small_chunks_merge_into_a_neighbour():

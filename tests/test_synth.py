@@ -18,7 +18,7 @@ from doctune.records import read_parquet
 from doctune.stages import execute_stage
 from doctune.synth import filters
 from doctune.synth.build import Builder, alter, assign_splits, judged, rehearsal_records, replay_records, subject_named
-from doctune.synth.extractive import QA, extractive_questions, fold
+from doctune.synth.extractive import QA, extractive_questions, fold, name_sections
 from doctune.synth.languages import LANGUAGES, TYPES
 from doctune.synth.replay import ReplayText
 from doctune.synth.stage import SynthError
@@ -102,6 +102,42 @@ def test_questions_never_stand_on_a_pronoun_or_a_generic_title():
     items.append(_qa("What does the draw command do?", "8"))
     assert filters.self_contained_filter(items) == [items[2]]
     assert filters.answer_form_filter(items) == items[:2]
+
+
+def test_a_title_many_sections_share_is_asked_with_its_parent_heading():
+    def chunk(n, section, parent, body, doc="fhs", title="Filesystem Hierarchy Standard"):
+        text = f"{section}\n\n{body}\n"
+        return {"chunk_id": f"{doc}-{n}", "doc_id": doc, "title": title, "lang": "en", "section": section,
+                "section_parent": parent, "text": text}  # fmt: skip
+
+    lead = "holds the commands that every user of the system may run, before any other filesystem is mounted."
+    chunks = name_sections([
+        chunk(1, "3.4.1. Purpose", "3.4. /bin : Essential user command binaries", f"This directory {lead}"),
+        chunk(2, "3.16.1. Purpose", "3.16. /sbin : System binaries", f"This directory also {lead}"),
+        chunk(3, "3.17.1. Purpose", "", f"The directory {lead}"),  # its parent heading is unknown
+        chunk(4, "3.18. Mount points", "Chapter 3. The Root Filesystem", f"The directory {lead}"),
+        chunk(5, "Purpose", "", f"The guide {lead}", doc="guide", title="Packaging Guide"),
+    ])  # fmt: skip
+    named = [c["section_named"] for c in chunks]
+    assert named == [
+        "/bin : Essential user command binaries › Purpose", "/sbin : System binaries › Purpose",
+        "", "Mount points", "Packaging Guide › Purpose",  # no parent: the document tells it apart
+    ]  # fmt: skip
+    section_questions = [qa.question for qa in extractive_questions(chunks[0], limit=16) if qa.qtype == "section"]
+    assert section_questions and all('"/bin : Essential user command binaries › Purpose"' in q for q in section_questions)
+    assert not [qa for qa in extractive_questions(chunks[2], limit=16) if qa.qtype in ("section", "topic")]
+
+
+def test_a_sentence_that_leans_on_the_one_before_is_no_topic_answer():
+    chunk = {
+        "chunk_id": "c", "doc_id": "d", "lang": "es", "section": "5.2 Archivo watch",
+        "text": "5.2 Archivo watch\n\nAhora que el archivo watch existe, uscan lo lee.\n\n"
+                "Usa el comando cp para copiar el archivo watch al directorio del paquete antes de compilar.\n",
+    }  # fmt: skip
+    topics = [qa for qa in extractive_questions(chunk, limit=16) if qa.qtype == "topic"]
+    assert [qa.answer for qa in topics] == [
+        "Usa el comando cp para copiar el archivo watch al directorio del paquete antes de compilar."
+    ]
 
 
 def _qa(question, answer, chunk="c1"):

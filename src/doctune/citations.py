@@ -1,9 +1,9 @@
 """Citations as every stage writes and reads them.
 
-A RAG prompt numbers its passages and labels each with where a reader finds it, in the document's language (`[2] Pump manual, p. 12`); a
-cited answer ends with the numbers of the passages it rests on (`... 40 psi. [2]`). Synth writes the training
-answers so, the gate scores what a model cites against the passages that hold the answer, serving returns the
-cited passages as data.
+A RAG prompt numbers its passages and labels each with where a reader finds it, in the document's language
+(`[2] Pump manual, p. 12`); a cited answer ends with the numbers of the passages it rests on (`... 40 psi. [2]`).
+Synth writes the training answers so, the gate scores what a model cites against the passages that hold the
+answer, serving returns the cited passages as data.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 
 from doctune.config import ChunkingConfig
-from doctune.ingest.clean import Heading
+from doctune.ingest.clean import Heading, section_number
 
 
 @dataclass
@@ -114,6 +114,23 @@ class DocumentChunker:
         return start, end
 
 
+def section_parents(headings: list[Heading]) -> list[str]:
+    """Per heading, the title of the nearest earlier heading one level up or more ("3.4. /bin" for "3.4.1. Purpose"):
+    what tells apart the many sections a standard or a reference manual titles alike; "" at the top."""
+    parents: list[str] = []
+    open_: list[Heading] = []  # the headings whose sections the current one is inside
+    for heading in headings:
+        while open_ and open_[-1].level >= heading.level:
+            open_.pop()
+        parent = open_[-1].title if open_ else ""
+        number = section_number(heading.title)
+        if "." in number and section_number(parent) != number.rsplit(".", 1)[0]:
+            parent = ""  # "3.13.2" under "3.11": the "3.13" heading was not found, and a wrong parent misleads
+        parents.append(parent)
+        open_.append(heading)
+    return parents
+
+
 def chunk_document(
     doc_id: str,
     text: str,
@@ -129,24 +146,27 @@ def chunk_document(
     def page_of(char: int) -> int:
         return page_spans[max(0, bisect.bisect_right(page_starts, char) - 1)][0]
 
-    def section_of(start: int, end: int) -> str:
-        # The heading whose region covers most of the chunk.
-        best, best_len = "", 0
+    def section_of(start: int, end: int) -> int:
+        # The heading whose region covers most of the chunk (-1: none).
+        best, best_len = -1, 0
         i = bisect.bisect_right(heading_offsets, start) - 1
         while i < len(headings) and (i < 0 or headings[i].offset < end):
             region_start = headings[i].offset if i >= 0 else 0
             region_end = headings[i + 1].offset if i + 1 < len(headings) else len(text)
             covered = min(end, region_end) - max(start, region_start)
             if i >= 0 and covered > best_len:
-                best, best_len = headings[i].title, covered
+                best, best_len = i, covered
             i += 1
         return best
+
+    parents = section_parents(headings)
 
     chunks = []
     for span in chunker.token_spans(headings):
         start, end = chunker.char_range(span)
         if start >= end:
             continue
+        section = section_of(start, end)
         chunks.append(
             {
                 "chunk_id": f"{doc_id}-{len(chunks):04d}",
@@ -156,7 +176,8 @@ def chunk_document(
                 "char_start": start,
                 "char_end": end,
                 "n_tokens": span.size,
-                "section": section_of(start, end),
+                "section": headings[section].title if section >= 0 else "",
+                "section_parent": parents[section] if section >= 0 else "",
                 "text": text[start:end],
             }
         )

@@ -19,6 +19,7 @@ _PAGE_NUMBER = re.compile(
 )
 _HYPHEN_END = re.compile(r"(?<=[^\W\d_])-$")
 _NUMBERED_HEADING = re.compile(r"^(?:(?:\d+(?:\.\d+)*\.?|[A-Z]\.\d+(?:\.\d+)*)\s+|(?:Chapter|Appendix|Part)\s+\w+[.:]?\s+)\S")
+_WRAPPED_HEADING = re.compile(r"^(?:\d+(?:\.\d+)+\.?|[A-Z](?:\.\d+)+\.?)\s+\S")
 _SECTION_NUMBER = re.compile(r"^(?:\d+(?:\.\d+)*|[A-Z](?:\.\d+)+)\.?$")
 
 
@@ -33,6 +34,19 @@ class CleanPage:
 class Heading:
     offset: int  # character offset in the document text
     title: str
+    level: int = 1  # outline depth: 1 for a chapter, 3 for "3.4.1. Purpose"
+
+
+def section_number(title: str) -> str:
+    """The number a heading starts with: "3.4.1" for "3.4.1. Purpose", "A.1" for "A.1 Scope", "3" for "Chapter 3.
+    The Root Filesystem"; "" for none."""
+    number = re.match(r"(?:(?:Chapter|Appendix|Part)\s+(\w+)|(\d+(?:\.\d+)*|[A-Z](?:\.\d+)+))[.:]?(?:\s|$)", title)
+    return (number.group(1) or number.group(2)) if number else ""
+
+
+def numbering_depth(title: str) -> int:
+    """How deep a numbered heading sits: "3.4.1. Purpose" -> 3, "A.1 Scope" -> 2, "Chapter 3 ..." -> 1."""
+    return section_number(title).count(".") + 1 if section_number(title) else 1
 
 
 def normalize_line(line: str) -> str:
@@ -147,7 +161,7 @@ def find_headings(doc_text: str, spans: list[tuple[int, int, int]], toc: list[tu
     headings: list[Heading] = []
     if toc:
         by_page = {page: (start, end) for page, start, end in spans}
-        for _level, title, page in toc:
+        for level, title, page in toc:
             title = normalize_line(title)
             if not title or page not in by_page:
                 continue
@@ -159,13 +173,19 @@ def find_headings(doc_text: str, spans: list[tuple[int, int, int]], toc: list[tu
                 if _squash(title) in _squash(line) and len(line) <= len(title) + 16:
                     offset = start + match.start()
                     break
-            headings.append(Heading(offset, title))
+            headings.append(Heading(offset, title, level))
     else:
         for block in re.finditer(r"(?s)(?:^|(?<=\n\n)).+?(?=\n\n|$)", doc_text):
             lines = block.group(0).split("\n")
             if len(lines) == 1 and len(lines[0]) <= 80 and _NUMBERED_HEADING.match(lines[0]) and not lines[0].endswith("."):
-                headings.append(Heading(block.start(), lines[0]))
+                headings.append(Heading(block.start(), lines[0], numbering_depth(lines[0])))
             elif len(lines) == 2 and _SECTION_NUMBER.match(lines[0]) and 0 < len(lines[1]) <= 80:
-                headings.append(Heading(block.start(), f"{lines[0]} {lines[1]}"))
+                headings.append(Heading(block.start(), f"{lines[0]} {lines[1]}", numbering_depth(lines[0])))
+            elif len(lines) == 2 and _WRAPPED_HEADING.match(lines[0]) and lines[1][:1].islower() and len(block.group(0)) <= 100:
+                # "3.13. /opt : Add-on application software" + "packages": a long title wrapped; a numbered list
+                # item has a one-level number
+                title = f"{lines[0]} {lines[1]}"
+                if not title.endswith((".", ":", ";", ",")):
+                    headings.append(Heading(block.start(), title, numbering_depth(title)))
     headings.sort(key=lambda h: h.offset)
     return headings

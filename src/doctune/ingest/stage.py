@@ -328,6 +328,7 @@ CHUNK_FEATURES = {
     "char_end": "int64",
     "n_tokens": "int32",
     "section": "string",
+    "section_parent": "string",  # the heading one level up: "Purpose" alone names one of many
     "text": "string",
     "lang": "string",  # the document's: passage labels are written in it
 }

@@ -101,6 +101,40 @@ def section_title(chunk: dict, lang: Language) -> str:
     return title if names_something(title, lang) else ""
 
 
+SECTION_PATH = " › "  # "/bin : Essential user command binaries › Purpose"
+
+
+def _bare(section: str) -> str:
+    return fold(_NUMBERING.sub("", fold(section or ""))).lower()
+
+
+def name_sections(chunks: list[dict]) -> list[dict]:
+    """The chunks, each with `section_named`: how a question names its section. A title that names one section of
+    the corpus names it alone; a title that several sections share ("Purpose" under every directory of a standard,
+    "Options" under every command) is prefixed with its parent heading, or else with its document's title, whichever
+    tells it apart; where neither does, questions cannot name it and it is "" (no question about that section)."""
+    sections: dict[str, set[tuple]] = {}
+    for c in chunks:
+        if _bare(c.get("section", "")):
+            sections.setdefault(_bare(c["section"]), set()).add((c["doc_id"], c["section"], c.get("section_parent") or ""))
+    out = []
+    for c in chunks:
+        lang = language(c.get("lang") or "en")
+        own = section_title(c, lang) if lang else ""
+        alike = sections.get(_bare(c.get("section", "")), set())
+        named = own
+        if own and len(alike) > 1:
+            named = ""
+            parent = section_title({"section": c.get("section_parent") or ""}, lang)
+            for qualifier, of in ((parent, lambda s: _bare(s[2])), (fold(c.get("title") or ""), lambda s: s[0])):
+                key = of((c["doc_id"], c["section"], c.get("section_parent") or ""))
+                if qualifier and sum(of(s) == key for s in alike) == 1:
+                    named = f"{qualifier}{SECTION_PATH}{own}"
+                    break
+        out.append({**c, "section_named": named})
+    return out
+
+
 def sentences(text: str) -> list[tuple[int, int]]:
     """Spans of prose sentences: they may wrap over line breaks, never over a blank line, and start where a
     sentence starts (chunk or paragraph start, or after . ! ? :), not after a heading line."""
@@ -131,7 +165,8 @@ class _Chunk:
     def __init__(self, chunk: dict, lang: Language):
         self.chunk, self.lang = chunk, lang
         self.text = chunk["text"]
-        self.title = section_title(chunk, lang)
+        self.heading = section_title(chunk, lang)  # as the text shows it
+        self.title = chunk.get("section_named", self.heading) if self.heading else ""  # as a question names it
         self.spans = sentences(self.text)
         self.lines = self.text.split("\n")
         self.line_starts = [0]
@@ -253,7 +288,7 @@ def _references(c: _Chunk) -> list[QA]:
                 )
                 break
     # Entry lines of a reference list: an option, or a name under a section titled by its kind ("Options").
-    title_words = re.findall(r"\w+", c.title.lower())
+    title_words = re.findall(r"\w+", c.heading.lower())
     title_kind = next((lang.kinds[w] for w in title_words if w in lang.kinds), None)
     title_kind = title_kind or next((lang.kinds[w[:-1]] for w in title_words if w[:-1] in lang.kinds), None)  # plural
     for i, line in enumerate(c.lines):
@@ -400,9 +435,9 @@ def _numbers(c: _Chunk) -> list[QA]:
 
 def _section(c: _Chunk) -> list[QA]:
     """A titled section's lead: the chunk must open with its heading, the answer is what follows it."""
-    if not c.title or not c.spans or fold(c.text)[: len(c.title) + 12].find(c.title) < 0:
+    if not c.title or not c.spans or fold(c.text)[: len(c.heading) + 12].find(c.heading) < 0:
         return []
-    heading_end = c.text.find(c.title) + len(c.title)
+    heading_end = c.text.find(c.heading) + len(c.heading)
     lead = [(s, e) for s, e in c.spans if s >= heading_end][:2]
     if not lead or c.text[heading_end : lead[0][0]].strip(" \n\t:"):
         return []  # something other than the lead paragraph follows the heading
@@ -420,9 +455,16 @@ def _topic(c: _Chunk) -> list[QA]:
         return []
     for start, end in c.spans:
         words = {w.lower()[:6] for w in re.findall(r"[^\W\d_]{4,}", c.text[start:end])}
-        if stems & words and not _MARKUP.search(c.text[start:end]):
+        if stems & words and not _MARKUP.search(c.text[start:end]) and not leans_on_context(c.text[start:end], c.lang):
             return [c.qa("topic", {"title": c.title}, start, end, f"topic|{c.title}")]
     return []
+
+
+def leans_on_context(sentence: str, lang: Language) -> bool:
+    """Whether a sentence opens with a word that points back ("It must be...", "These should...", "Ahora que..."):
+    without the sentence before, a reader cannot tell what it is about."""
+    first = sentence.split(None, 1)[0].lower().strip("«»\"'“”„,;:") if sentence.strip() else ""
+    return first in lang.anaphora
 
 
 def _facts(c: _Chunk) -> list[QA]:
@@ -441,6 +483,8 @@ def _facts(c: _Chunk) -> list[QA]:
         subject = " ".join(words[:cut]).rstrip(",;:")
         if _MARKUP.search(subject) or not names_something(" ".join(words[1:cut]), lang) or "," in subject:
             continue
+        if any(w.lower() in lang.anaphora for w in words[1:cut]):
+            continue  # "the locations specified here": which ones, the question cannot say
         subject = subject[0].lower() + subject[1:]  # the article: German nouns keep their capital
         out.append(c.qa("fact", {"subject": subject, "title": c.title}, start, end, subject))
     return out

@@ -35,7 +35,7 @@ from doctune.redact import redact_obj
 from doctune.retrieval import ChunkIndex, retrieval_mode
 from doctune.synth import filters
 from doctune.synth.build import Datasets, Holders, build
-from doctune.synth.extractive import QA
+from doctune.synth.extractive import QA, name_sections
 from doctune.synth.languages import language_name
 from doctune.synth.replay import replay_texts
 from doctune.synth.teachers import EndpointTeacher, generate, make_teacher
@@ -303,6 +303,7 @@ def run(config: RunConfig, inputs: dict[str, ArtifactRef], tracker: StageRun) ->
     doc_source = {p["doc_id"]: p.get("source", "") for p in pages}
     # Teachers write in the document's language; eval items name their file.
     chunks = [{**c, "lang": doc_lang.get(c["doc_id"], "und"), "source": doc_source.get(c["doc_id"], "")} for c in chunks]
+    chunks = name_sections(chunks)  # "Purpose" under every directory: questions name which one
     lang_of = {c["chunk_id"]: c["lang"] for c in chunks}
     tracker.log_dataset_input(inputs["chunks"], chunks_dir / CHUNKS_FILE, context="synth")
 

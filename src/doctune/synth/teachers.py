@@ -21,7 +21,7 @@ from doctune.endpoint import ChatClient, EndpointError, PairwiseJudge
 from doctune.generation import chat_replies
 from doctune.records import read_jsonl
 from doctune.redact import redact_obj
-from doctune.synth.extractive import QA, extractive_questions, fold
+from doctune.synth.extractive import QA, SECTION_PATH, extractive_questions, fold
 from doctune.synth.languages import language, language_name
 from doctune.synth.prompts import QA_SCHEMA, TEACHER_SYSTEM, teacher_prompt
 
@@ -86,6 +86,12 @@ def parse_questions(content: str, chunk: dict, limit: int) -> list[QA] | None:
     return out
 
 
+def section_for_teacher(chunk: dict) -> str:
+    """The section an LLM teacher is told about: with its parent heading where the title alone names several."""
+    named = chunk.get("section_named") or ""
+    return named if SECTION_PATH in named else chunk.get("section", "")
+
+
 class EndpointTeacher:
     name = "endpoint"
 
@@ -98,10 +104,9 @@ class EndpointTeacher:
         self.client = ChatClient(config.endpoint)
 
     def _ask(self, chunk: dict) -> str:
-        prompt = teacher_prompt(
-            chunk["text"], chunk.get("section", ""), self.config.min_questions, self.config.max_questions,
-            language_name(chunk.get("lang") or "en"),
-        )  # fmt: skip
+        section = section_for_teacher(chunk)
+        lang = language_name(chunk.get("lang") or "en")
+        prompt = teacher_prompt(chunk["text"], section, self.config.min_questions, self.config.max_questions, lang)
         return self.client.complete(TEACHER_SYSTEM, prompt, QA_SCHEMA)
 
     def questions(self, chunk: dict) -> tuple[list[QA], dict]:
@@ -146,10 +151,9 @@ class LocalTeacher:
         return reply.text
 
     def questions(self, chunk: dict) -> tuple[list[QA], dict]:
-        prompt = teacher_prompt(
-            chunk["text"], chunk.get("section", ""), self.config.min_questions, self.config.max_questions,
-            language_name(chunk.get("lang") or "en"),
-        )  # fmt: skip
+        section = section_for_teacher(chunk)
+        lang = language_name(chunk.get("lang") or "en")
+        prompt = teacher_prompt(chunk["text"], section, self.config.min_questions, self.config.max_questions, lang)
         replies = []
         for _ in range(2):
             content = self._generate(prompt)
