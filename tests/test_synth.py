@@ -134,6 +134,12 @@ def test_a_sentence_that_leans_on_the_one_before_is_no_topic_answer():
         "text": "5.2 Archivo watch\n\nAhora que el archivo watch existe, uscan lo lee.\n\n"
                 "Usa el comando cp para copiar el archivo watch al directorio del paquete antes de compilar.\n",
     }  # fmt: skip
+    untitled = {"chunk_id": "e", "doc_id": "d", "lang": "en", "section": "", "text": (
+        "The files that belong to a package are listed in the package manifest.\n"
+        "The locations specified here may be symbolic links to other places on the disk.\n"
+    )}  # fmt: skip
+    facts = [qa.question for qa in extractive_questions(untitled, limit=16) if qa.qtype == "fact"]
+    assert len(facts) == 1 and "the files that belong to a package" in facts[0]  # "here": which locations?
     topics = [qa for qa in extractive_questions(chunk, limit=16) if qa.qtype == "topic"]
     assert [qa.answer for qa in topics] == [
         "Usa el comando cp para copiar el archivo watch al directorio del paquete antes de compilar."

@@ -460,6 +460,16 @@ def _topic(c: _Chunk) -> list[QA]:
     return []
 
 
+# Words inside a subject that point at the surrounding text ("the locations specified here", "estas versiones");
+# not relatives or possessives ("the files that belong to it" names its files).
+_DEMONSTRATIVES = frozenset((
+    "this", "these", "those", "here", "above", "below", "such",  # en
+    "ce", "cet", "cette", "ces", "ceci", "cela", "ici", "ci-dessus", "ci-dessous",  # fr
+    "dies", "diese", "dieser", "dieses", "diesen", "diesem", "hier", "oben", "unten",  # de
+    "este", "esta", "estos", "estas", "ese", "esa", "esos", "esas", "aquí", "anterior", "dicho", "dicha",  # es
+))  # fmt: skip
+
+
 def leans_on_context(sentence: str, lang: Language) -> bool:
     """Whether a sentence opens with a word that points back ("It must be...", "These should...", "Ahora que..."):
     without the sentence before, a reader cannot tell what it is about."""
@@ -483,7 +493,7 @@ def _facts(c: _Chunk) -> list[QA]:
         subject = " ".join(words[:cut]).rstrip(",;:")
         if _MARKUP.search(subject) or not names_something(" ".join(words[1:cut]), lang) or "," in subject:
             continue
-        if any(w.lower() in lang.anaphora for w in words[1:cut]):
+        if any(w.lower().strip(",;:") in _DEMONSTRATIVES for w in words[1:cut]):
             continue  # "the locations specified here": which ones, the question cannot say
         subject = subject[0].lower() + subject[1:]  # the article: German nouns keep their capital
         out.append(c.qa("fact", {"subject": subject, "title": c.title}, start, end, subject))
