@@ -44,6 +44,7 @@ def test_sections_know_the_heading_they_sit_under():
         "3.13. /opt : Add-on application software\npackages", "3.13.1. Purpose", "/opt is reserved for add-on packages.",
         "3.16.1. Purpose", "Its parent heading was lost in extraction.",
         "1. Install the package\nwith apt",  # a two-line list item with a one-level number: no heading
+        "3.16.2 GHz radios are used by default in\nmost routers",  # a measure, not a heading
     ]  # fmt: skip
     text = "\n\n".join(blocks)
     headings = find_headings(text, [(1, 0, len(text))], toc=[])

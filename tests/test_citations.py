@@ -32,6 +32,8 @@ def test_passages_carry_the_document_title_and_pages():
     assert chunk_passage({**chunk, "lang": "es", "page_end": 12}) == "Pump Manual, pág. 12\nx"
     assert chunk_passage({**chunk, "lang": "es"}) == "Pump Manual, págs. 12–13\nx"
     assert chunk_passage({**chunk, "lang": "und"}) == "Pump Manual, pp. 12–13\nx"
+    # Synth labels as the gate and serving will: from the chunks file, whatever language the teacher writes in.
+    assert chunk_passage({**chunk, "lang": "de", "label_lang": "en"}) == "Pump Manual, pp. 12–13\nx"
     for generated in ("Microsoft Word - draft7.docx", "Microsoft PowerPoint - deck", "Document1", "untitled", "a.pdf"):
         assert document_title(generated, "sub/field_guide.pdf") == "field guide"
     assert document_title("  La FAQ  Debian ", "x.pdf") == "La FAQ Debian"

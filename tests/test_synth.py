@@ -18,7 +18,7 @@ from doctune.records import read_parquet
 from doctune.stages import execute_stage
 from doctune.synth import filters
 from doctune.synth.build import Builder, alter, assign_splits, judged, rehearsal_records, replay_records, subject_named
-from doctune.synth.extractive import QA, extractive_questions, fold, name_sections
+from doctune.synth.extractive import QA, extractive_questions, fold, leans_on_context, name_sections
 from doctune.synth.languages import LANGUAGES, TYPES
 from doctune.synth.replay import ReplayText
 from doctune.synth.stage import SynthError
@@ -117,15 +117,27 @@ def test_a_title_many_sections_share_is_asked_with_its_parent_heading():
         chunk(3, "3.17.1. Purpose", "", f"The directory {lead}"),  # its parent heading is unknown
         chunk(4, "3.18. Mount points", "Chapter 3. The Root Filesystem", f"The directory {lead}"),
         chunk(5, "Purpose", "", f"The guide {lead}", doc="guide", title="Packaging Guide"),
+        # Two editions of one standard: neither the parent nor the title alone tells their /boot sections apart.
+        chunk(6, "3.5.1. Purpose", "3.5. /boot : Boot loader files", f"It {lead}", doc="fhs22", title="FHS 2.2"),
+        chunk(7, "3.5.1. Purpose", "3.5. /boot : Boot loader files", f"It {lead}", doc="fhs23", title="FHS 2.3"),
+        chunk(8, "3.6.1. Purpose", "3.6. /dev : Devices", f"It {lead}", doc="fhs23", title="FHS 2.3"),
+        # Two documents titled alike: the title cannot tell their sections apart.
+        chunk(9, "Options", "", f"It {lead}", doc="um1", title="User Manual"),
+        chunk(10, "Options", "", f"It {lead}", doc="um2", title="User Manual"),
     ])  # fmt: skip
     named = [c["section_named"] for c in chunks]
     assert named == [
         "/bin : Essential user command binaries › Purpose", "/sbin : System binaries › Purpose",
         "", "Mount points", "Packaging Guide › Purpose",  # no parent: the document tells it apart
+        "FHS 2.2 › Purpose", "FHS 2.3 › /boot : Boot loader files › Purpose",  # 2.3 has two: its title is not enough
+        "/dev : Devices › Purpose", "", "",
     ]  # fmt: skip
     section_questions = [qa.question for qa in extractive_questions(chunks[0], limit=16) if qa.qtype == "section"]
     assert section_questions and all('"/bin : Essential user command binaries › Purpose"' in q for q in section_questions)
     assert not [qa for qa in extractive_questions(chunks[2], limit=16) if qa.qtype in ("section", "topic")]
+    wrapped = chunk(11, "3.13. /opt : Add-on application software packages", "", "The /opt tree is reserved for add-ons.")
+    wrapped["text"] = wrapped["text"].replace("software packages", "software\npackages", 1)  # as the page wraps it
+    assert [qa.qtype for qa in extractive_questions(wrapped, limit=16)] == ["section"]
 
 
 def test_a_sentence_that_leans_on_the_one_before_is_no_topic_answer():
@@ -144,6 +156,14 @@ def test_a_sentence_that_leans_on_the_one_before_is_no_topic_answer():
     assert [qa.answer for qa in topics] == [
         "Usa el comando cp para copiar el archivo watch al directorio del paquete antes de compilar."
     ]
+    # A pronoun that points at nothing is no reason to refuse a sentence.
+    languages = {code: LANGUAGES[code] for code in ("en", "fr", "de")}
+    assert leans_on_context("It must be two characters wide.", languages["en"])
+    assert not leans_on_context("It is recommended to make backups before an upgrade.", languages["en"])
+    assert not leans_on_context("Il faut d’abord installer le paquet.", languages["fr"])
+    assert leans_on_context("C’est la valeur par défaut.", languages["fr"])
+    assert not leans_on_context("Es gibt zwei Arten von Paketquellen.", languages["de"])
+    assert not leans_on_context("Damit Paketquellen genutzt werden können, muss apt laufen.", languages["de"])
 
 
 def _qa(question, answer, chunk="c1"):

@@ -67,7 +67,7 @@ def chunk_label(chunk: dict) -> str:
     """A chunk's source label, in its document's language; chunks ingested before titles existed fall back to their
     file name where known, else no label (a document digest would tell a reader nothing)."""
     title = chunk.get("title") or (file_title(chunk["source"]) if chunk.get("source") else "")
-    lang = chunk.get("lang") or "en"
+    lang = chunk.get("label_lang") or chunk.get("lang") or "en"
     return source_label(title, chunk.get("page_start"), chunk.get("page_end"), lang) if title else ""
 
 

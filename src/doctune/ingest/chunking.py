@@ -123,8 +123,8 @@ def section_parents(headings: list[Heading]) -> list[str]:
         while open_ and open_[-1].level >= heading.level:
             open_.pop()
         parent = open_[-1].title if open_ else ""
-        number = section_number(heading.title)
-        if "." in number and section_number(parent) != number.rsplit(".", 1)[0]:
+        number, parent_number = section_number(heading.title), section_number(parent)
+        if "." in number and parent_number and parent_number != number.rsplit(".", 1)[0]:
             parent = ""  # "3.13.2" under "3.11": the "3.13" heading was not found, and a wrong parent misleads
         parents.append(parent)
         open_.append(heading)

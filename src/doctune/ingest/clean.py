@@ -20,6 +20,7 @@ _PAGE_NUMBER = re.compile(
 _HYPHEN_END = re.compile(r"(?<=[^\W\d_])-$")
 _NUMBERED_HEADING = re.compile(r"^(?:(?:\d+(?:\.\d+)*\.?|[A-Z]\.\d+(?:\.\d+)*)\s+|(?:Chapter|Appendix|Part)\s+\w+[.:]?\s+)\S")
 _WRAPPED_HEADING = re.compile(r"^(?:\d+(?:\.\d+)+\.?|[A-Z](?:\.\d+)+\.?)\s+\S")
+_UNIT = re.compile(r"(?:[kMGT]?(?:Hz|B|bit|bps)|mm|cm|km|ms|kg|°C|%)(?:\W|$)")  # "2.4 GHz", "1.5 mm": a measure
 _SECTION_NUMBER = re.compile(r"^(?:\d+(?:\.\d+)*|[A-Z](?:\.\d+)+)\.?$")
 
 
@@ -40,7 +41,7 @@ class Heading:
 def section_number(title: str) -> str:
     """The number a heading starts with: "3.4.1" for "3.4.1. Purpose", "A.1" for "A.1 Scope", "3" for "Chapter 3.
     The Root Filesystem"; "" for none."""
-    number = re.match(r"(?:(?:Chapter|Appendix|Part)\s+(\w+)|(\d+(?:\.\d+)*|[A-Z](?:\.\d+)+))[.:]?(?:\s|$)", title)
+    number = re.match(r"(?:(?i:chapter|appendix|part)\s+(\w+)|(\d+(?:\.\d+)*|[A-Z](?:\.\d+)+))[.:]?(?:\s|$)", title)
     return (number.group(1) or number.group(2)) if number else ""
 
 
@@ -182,10 +183,17 @@ def find_headings(doc_text: str, spans: list[tuple[int, int, int]], toc: list[tu
             elif len(lines) == 2 and _SECTION_NUMBER.match(lines[0]) and 0 < len(lines[1]) <= 80:
                 headings.append(Heading(block.start(), f"{lines[0]} {lines[1]}", numbering_depth(lines[0])))
             elif len(lines) == 2 and _WRAPPED_HEADING.match(lines[0]) and lines[1][:1].islower() and len(block.group(0)) <= 100:
-                # "3.13. /opt : Add-on application software" + "packages": a long title wrapped; a numbered list
-                # item has a one-level number
+                # "3.13. /opt : Add-on application software" + "packages": a long title wrapped. Only under a
+                # heading already found ("3."), and not "2.4 GHz band is used by default in" + "most routers".
                 title = f"{lines[0]} {lines[1]}"
-                if not title.endswith((".", ":", ";", ",")):
+                number = section_number(title)
+                after = title[len(number) :].lstrip(". ")
+                if (
+                    not title.endswith((".", ":", ";", ","))
+                    and number.rsplit(".", 1)[0] in {section_number(h.title) for h in headings}
+                    and not after[:1].islower()
+                    and not _UNIT.match(after)
+                ):
                     headings.append(Heading(block.start(), title, numbering_depth(title)))
     headings.sort(key=lambda h: h.offset)
     return headings

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 
 from doctune.synth.languages import Language, language
@@ -111,26 +112,36 @@ def _bare(section: str) -> str:
 def name_sections(chunks: list[dict]) -> list[dict]:
     """The chunks, each with `section_named`: how a question names its section. A title that names one section of
     the corpus names it alone; a title that several sections share ("Purpose" under every directory of a standard,
-    "Options" under every command) is prefixed with its parent heading, or else with its document's title, whichever
-    tells it apart; where neither does, questions cannot name it and it is "" (no question about that section)."""
-    sections: dict[str, set[tuple]] = {}
+    "Options" under every command) is prefixed with its parent heading, else its document's title, else both,
+    whichever tells it apart as a reader sees it; where none does, questions cannot name it and it is "" (no
+    question about that section)."""
+
+    def key(c: dict) -> tuple[str, str, str]:
+        return c["doc_id"], c.get("section") or "", c.get("section_parent") or ""
+
+    def qualifiers(c: dict, lang: Language) -> list[str]:
+        parent = section_title({"section": c.get("section_parent") or ""}, lang)
+        title = fold(c.get("title") or "")
+        return [parent, title, f"{title}{SECTION_PATH}{parent}" if title and parent else ""]
+
+    first: dict[tuple, dict] = {}  # one chunk per distinct section
     for c in chunks:
         if _bare(c.get("section", "")):
-            sections.setdefault(_bare(c["section"]), set()).add((c["doc_id"], c["section"], c.get("section_parent") or ""))
+            first.setdefault(key(c), c)
+    alike = Counter(_bare(k[1]) for k in first)
+    shown: Counter = Counter()  # (title, qualifier as a reader sees it) over the distinct sections
+    for k, c in first.items():
+        lang = language(c.get("lang") or "en")
+        if lang and alike[_bare(k[1])] > 1:
+            shown.update({(_bare(k[1]), i, q.lower()) for i, q in enumerate(qualifiers(c, lang)) if q})
     out = []
     for c in chunks:
         lang = language(c.get("lang") or "en")
         own = section_title(c, lang) if lang else ""
-        alike = sections.get(_bare(c.get("section", "")), set())
         named = own
-        if own and len(alike) > 1:
-            named = ""
-            parent = section_title({"section": c.get("section_parent") or ""}, lang)
-            for qualifier, of in ((parent, lambda s: _bare(s[2])), (fold(c.get("title") or ""), lambda s: s[0])):
-                key = of((c["doc_id"], c["section"], c.get("section_parent") or ""))
-                if qualifier and sum(of(s) == key for s in alike) == 1:
-                    named = f"{qualifier}{SECTION_PATH}{own}"
-                    break
+        if own and alike[_bare(c["section"])] > 1:
+            unique = [q for i, q in enumerate(qualifiers(c, lang)) if q and shown[(_bare(c["section"]), i, q.lower())] == 1]
+            named = f"{unique[0]}{SECTION_PATH}{own}" if unique else ""
         out.append({**c, "section_named": named})
     return out
 
@@ -435,9 +446,10 @@ def _numbers(c: _Chunk) -> list[QA]:
 
 def _section(c: _Chunk) -> list[QA]:
     """A titled section's lead: the chunk must open with its heading, the answer is what follows it."""
-    if not c.title or not c.spans or fold(c.text)[: len(c.heading) + 12].find(c.heading) < 0:
-        return []
-    heading_end = c.text.find(c.heading) + len(c.heading)
+    shown = re.search(r"\s+".join(map(re.escape, c.heading.split())), c.text) if c.title and c.spans else None
+    if not shown or len(fold(c.text[: shown.start()])) > 12:
+        return []  # the chunk does not open with its heading (a heading may wrap over two lines)
+    heading_end = shown.end()
     lead = [(s, e) for s, e in c.spans if s >= heading_end][:2]
     if not lead or c.text[heading_end : lead[0][0]].strip(" \n\t:"):
         return []  # something other than the lead paragraph follows the heading
@@ -446,11 +458,16 @@ def _section(c: _Chunk) -> list[QA]:
 
 
 def _topic(c: _Chunk) -> list[QA]:
-    """A titled chunk's first sentence that mentions the title's subject (a word of it, or its stem): what the
-    documentation states about it."""
+    """A titled chunk's first sentence that mentions the title's subject (a word of it or of its parent heading, or
+    its stem; not of the document title): what the documentation states about it."""
     if not c.title:
         return []
-    stems = {w.lower()[:6] for w in re.findall(r"[^\W\d_]{4,}", c.title) if w.lower() not in c.lang.pronouns}
+    about = (
+        c.heading
+        if c.title == c.heading
+        else f"{c.heading} {section_title({'section': c.chunk.get('section_parent') or ''}, c.lang)}"
+    )
+    stems = {w.lower()[:6] for w in re.findall(r"[^\W\d_]{4,}", about) if w.lower() not in c.lang.pronouns}
     if not stems:
         return []
     for start, end in c.spans:
@@ -462,19 +479,30 @@ def _topic(c: _Chunk) -> list[QA]:
 
 # Words inside a subject that point at the surrounding text ("the locations specified here", "estas versiones");
 # not relatives or possessives ("the files that belong to it" names its files).
-_DEMONSTRATIVES = frozenset((
-    "this", "these", "those", "here", "above", "below", "such",  # en
-    "ce", "cet", "cette", "ces", "ceci", "cela", "ici", "ci-dessus", "ci-dessous",  # fr
-    "dies", "diese", "dieser", "dieses", "diesen", "diesem", "hier", "oben", "unten",  # de
-    "este", "esta", "estos", "estas", "ese", "esa", "esos", "esas", "aquí", "anterior", "dicho", "dicha",  # es
-))  # fmt: skip
+_DEMONSTRATIVES = {
+    "en": frozenset(("this", "these", "those", "here", "such")),
+    "fr": frozenset(("ce", "cet", "cette", "ces", "ceci", "cela", "ici", "ci-dessus", "ci-dessous")),
+    "de": frozenset(("dies", "diese", "dieser", "dieses", "diesen", "diesem", "hier", "oben", "unten")),
+    "es": frozenset(("este", "esta", "estos", "estas", "ese", "esa", "esos", "esas", "aquí", "anterior", "dicho", "dicha")),
+}
+
+
+# Openers whose pronoun points at nothing ("It is recommended to ...", "Il faut ...", "Es gibt ..."): complete as said.
+_IMPERSONAL = re.compile(
+    r"^(?:it(?:\s+is|'s)\s+(?:not\s+)?(?:recommended|possible|necessary|important|advisable|useful|best|common|"
+    r"a\s+good\s+idea)|il\s+(?:faut|existe|suffit|convient|y\s+a|est\s+(?:possible|recommandé|nécessaire|conseillé|"
+    r"préférable|important))|es\s+(?:gibt|(?:ist|wird)\s+(?:nicht\s+)?(?:empfohlen|möglich|notwendig|wichtig|ratsam|"
+    r"sinnvoll)))\b",
+    re.I,
+)
 
 
 def leans_on_context(sentence: str, lang: Language) -> bool:
     """Whether a sentence opens with a word that points back ("It must be...", "These should...", "Ahora que..."):
     without the sentence before, a reader cannot tell what it is about."""
-    first = sentence.split(None, 1)[0].lower().strip("«»\"'“”„,;:") if sentence.strip() else ""
-    return first in lang.anaphora
+    text = fold(sentence).replace("’", "'")
+    first = text.split(" ", 1)[0].lower().strip("«»\"'“”„,;:") if text else ""
+    return first in lang.anaphora and not _IMPERSONAL.match(text)
 
 
 def _facts(c: _Chunk) -> list[QA]:
@@ -493,7 +521,7 @@ def _facts(c: _Chunk) -> list[QA]:
         subject = " ".join(words[:cut]).rstrip(",;:")
         if _MARKUP.search(subject) or not names_something(" ".join(words[1:cut]), lang) or "," in subject:
             continue
-        if any(w.lower().strip(",;:") in _DEMONSTRATIVES for w in words[1:cut]):
+        if any(w.lower().strip(",;:") in _DEMONSTRATIVES.get(lang.code, ()) for w in words[1:cut]):
             continue  # "the locations specified here": which ones, the question cannot say
         subject = subject[0].lower() + subject[1:]  # the article: German nouns keep their capital
         out.append(c.qa("fact", {"subject": subject, "title": c.title}, start, end, subject))

@@ -622,13 +622,11 @@ GERMAN = Language(
         "deshalb",
         "dann",
         "außerdem",
-        "auch",
         "trotzdem",
         "stattdessen",
         "ebenso",
         "somit",
         "dabei",
-        "damit",
         "dazu",
     ),
     pronouns=(

@@ -302,7 +302,17 @@ def run(config: RunConfig, inputs: dict[str, ArtifactRef], tracker: StageRun) ->
     doc_lang = {p["doc_id"]: p["lang"] or "und" for p in pages}
     doc_source = {p["doc_id"]: p.get("source", "") for p in pages}
     # Teachers write in the document's language; eval items name their file.
-    chunks = [{**c, "lang": doc_lang.get(c["doc_id"], "und"), "source": doc_source.get(c["doc_id"], "")} for c in chunks]
+    # label_lang: passage labels as the gate and serving write them, from the chunks file (English in chunks ingested
+    # before chunks carried their language).
+    chunks = [
+        {
+            **c,
+            "lang": doc_lang.get(c["doc_id"], "und"),
+            "label_lang": c.get("lang") or "en",
+            "source": doc_source.get(c["doc_id"], ""),
+        }
+        for c in chunks
+    ]
     chunks = name_sections(chunks)  # "Purpose" under every directory: questions name which one
     lang_of = {c["chunk_id"]: c["lang"] for c in chunks}
     tracker.log_dataset_input(inputs["chunks"], chunks_dir / CHUNKS_FILE, context="synth")
