@@ -64,6 +64,25 @@ def test_hard_negatives_rank_high_but_never_are_the_positive_its_text_or_a_chunk
     assert mine_hard_negatives(index, pairs, ids, CHUNKS, allowed, count=0, depth=6) == [[], []]
 
 
+def test_a_small_corpus_that_asks_the_same_chunks_again_still_trains(tmp_path):
+    """Many questions on few chunks: no batch of 32 pairs without a repeated passage exists, so the batch shrinks
+    until steps are taken (it used to train 0 steps and hand on the base embedder as "tuned")."""
+    from doctune.config import RetrieverConfig
+    from doctune.models import resolve_embedder
+    from doctune.retriever.stage import train_embedder
+
+    asked = [0, 1, 3, 4]  # chunks 0-4 hold distinct text; 5 stays a negative
+    pairs = [Pair(f"Question {i} about chunk {c}?", f"c{c}", "") for i, c in enumerate(asked * 10)]
+    negatives = [[5] for _ in pairs]
+    position = {f"c{i}": i for i in range(len(CHUNKS))}
+    cfg = RetrieverConfig(batch_size=32, epochs=1.0)
+    base = resolve_embedder("bundled:all-minilm-l6-v2", tmp_path)
+    training = train_embedder(base, pairs, negatives, CHUNKS, position, cfg, tmp_path / "tuned")
+    assert training["steps"] > 0 and training["batch_size"] < 32 and "not_trained" not in training
+    assert training["hard_negatives"] == 0  # every pair's negative is chunk 5: no two can share a batch with it
+    assert (tmp_path / "tuned").is_dir()
+
+
 @pytest.mark.real_model
 def test_the_tuned_embedder_ranks_the_source_chunk_higher_than_the_base_on_the_corpus(corpus_synth):
     """On the shared corpus's golden questions (chunks no training pair comes from), ranked over the whole corpus.

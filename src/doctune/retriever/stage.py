@@ -145,8 +145,6 @@ def train_embedder(
     from sentence_transformers.sentence_transformer.training_args import BatchSamplers
 
     device = "cuda" if cuda_available() else "cpu"
-    model = SentenceTransformer(str(base), device=device)
-    model.max_seq_length = cfg.max_seq_length
     full, count = [(p, n) for p, n in zip(pairs, negatives) if len(n) == cfg.hard_negatives], cfg.hard_negatives
     if len(full) < 2:  # a corpus too small to mine from: in-batch negatives only
         full, count = [(p, []) for p in pairs], 0
@@ -154,28 +152,42 @@ def train_embedder(
     for k in range(count):
         rows[f"negative_{k + 1}"] = [texts[n[k]] for _, n in full]
     dataset = Dataset.from_dict(rows)
-    loss = MultipleNegativesRankingLoss(model)
-    if cfg.matryoshka_dims:
-        loss = MatryoshkaLoss(model, loss, matryoshka_dims=cfg.matryoshka_dims)
     batch = min(cfg.batch_size, len(dataset))
-    args = SentenceTransformerTrainingArguments(
-        output_dir=str(out.parent / "trainer"),
-        num_train_epochs=cfg.epochs,
-        per_device_train_batch_size=batch,
-        learning_rate=cfg.learning_rate,
-        warmup_ratio=cfg.warmup_ratio,
-        batch_sampler=BatchSamplers.NO_DUPLICATES,
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        save_strategy="no",
-        logging_steps=1,
-        report_to="none",
-        disable_tqdm=True,
-        use_cpu=device == "cpu",
-        dataloader_drop_last=len(dataset) > batch,
-    )
-    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset, loss=loss)
-    trainer.train()
+    while True:
+        model = SentenceTransformer(str(base), device=device)
+        model.max_seq_length = cfg.max_seq_length
+        loss = MultipleNegativesRankingLoss(model)
+        if cfg.matryoshka_dims:
+            loss = MatryoshkaLoss(model, loss, matryoshka_dims=cfg.matryoshka_dims)
+        args = SentenceTransformerTrainingArguments(
+            output_dir=str(out.parent / "trainer"),
+            num_train_epochs=cfg.epochs,
+            per_device_train_batch_size=batch,
+            learning_rate=cfg.learning_rate,
+            warmup_ratio=cfg.warmup_ratio,
+            batch_sampler=BatchSamplers.NO_DUPLICATES,
+            seed=cfg.seed,
+            data_seed=cfg.seed,
+            save_strategy="no",
+            logging_steps=1,
+            report_to="none",
+            disable_tqdm=True,
+            use_cpu=device == "cpu",
+            dataloader_drop_last=len(dataset) > batch,
+        )
+        trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset, loss=loss)
+        trainer.train()
+        # A small corpus asks the same few chunks again and again: no batch of that many pairs without a repeated
+        # passage (an in-batch "negative" that is the positive) can be drawn, and no step is taken. Smaller batches.
+        if trainer.state.global_step > 0 or (batch <= 2 and count == 0):
+            break
+        if batch > 2:
+            print(f"retriever: no batch of {batch} pairs with distinct passages; trying {batch // 2}", flush=True)
+            batch //= 2
+        else:  # the mined negatives repeat each other's positives: in-batch negatives only
+            print("retriever: no batch without a repeated passage; training on in-batch negatives only", flush=True)
+            dataset = dataset.remove_columns([f"negative_{k + 1}" for k in range(count)])
+            count, batch = 0, min(cfg.batch_size, len(dataset))
     model.save(str(out))
     losses = [(entry["step"], entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]
     return {
@@ -183,8 +195,9 @@ def train_embedder(
         "hard_negatives": count,
         "without_negatives": len(pairs) - len(full),
         "steps": trainer.state.global_step,
+        "batch_size": batch,
         "losses": losses,
-    }
+    } | ({"not_trained": "no batch of two pairs with distinct passages could be drawn"} if trainer.state.global_step == 0 else {})
 
 
 def selected(cfg: RetrieverConfig, metrics: dict[str, dict[str, float]]) -> str:
@@ -208,10 +221,11 @@ def report_markdown(report: dict) -> str:
     if "not_trained" in training:
         lines.append(f"Not trained ({training['not_trained']}): the tuned model is the base embedder.")
     else:
+        batches = f" in batches of {training['batch_size']}" if "batch_size" in training else ""
         lines.append(
             f"Trained on {training['pairs']} (question, source chunk) pairs with {training['hard_negatives']} mined hard "
             f"negative(s) each ({training['without_negatives']} pairs left out: too few negatives), {training['steps']} "
-            f"steps. Hard negatives were mined {report['mining']['mode']} ({report['mining']['why']})."
+            f"steps{batches}. Hard negatives were mined {report['mining']['mode']} ({report['mining']['why']})."
         )
     lines.append("")
     if not comparison["metrics"]:
