@@ -47,7 +47,8 @@ def section_number(title: str) -> str:
 
 def numbering_depth(title: str) -> int:
     """How deep a numbered heading sits: "3.4.1. Purpose" -> 3, "A.1 Scope" -> 2, "Chapter 3 ..." -> 1."""
-    return section_number(title).count(".") + 1 if section_number(title) else 1
+    number = section_number(title)
+    return number.count(".") + 1 if number else 1
 
 
 def normalize_line(line: str) -> str:

@@ -477,32 +477,12 @@ def _topic(c: _Chunk) -> list[QA]:
     return []
 
 
-# Words inside a subject that point at the surrounding text ("the locations specified here", "estas versiones");
-# not relatives or possessives ("the files that belong to it" names its files).
-_DEMONSTRATIVES = {
-    "en": frozenset(("this", "these", "those", "here", "such")),
-    "fr": frozenset(("ce", "cet", "cette", "ces", "ceci", "cela", "ici", "ci-dessus", "ci-dessous")),
-    "de": frozenset(("dies", "diese", "dieser", "dieses", "diesen", "diesem", "hier", "oben", "unten")),
-    "es": frozenset(("este", "esta", "estos", "estas", "ese", "esa", "esos", "esas", "aquí", "anterior", "dicho", "dicha")),
-}
-
-
-# Openers whose pronoun points at nothing ("It is recommended to ...", "Il faut ...", "Es gibt ..."): complete as said.
-_IMPERSONAL = re.compile(
-    r"^(?:it(?:\s+is|'s)\s+(?:not\s+)?(?:recommended|possible|necessary|important|advisable|useful|best|common|"
-    r"a\s+good\s+idea)|il\s+(?:faut|existe|suffit|convient|y\s+a|est\s+(?:possible|recommandé|nécessaire|conseillé|"
-    r"préférable|important))|es\s+(?:gibt|(?:ist|wird)\s+(?:nicht\s+)?(?:empfohlen|möglich|notwendig|wichtig|ratsam|"
-    r"sinnvoll)))\b",
-    re.I,
-)
-
-
 def leans_on_context(sentence: str, lang: Language) -> bool:
     """Whether a sentence opens with a word that points back ("It must be...", "These should...", "Ahora que..."):
     without the sentence before, a reader cannot tell what it is about."""
     text = fold(sentence).replace("’", "'")
     first = text.split(" ", 1)[0].lower().strip("«»\"'“”„,;:") if text else ""
-    return first in lang.anaphora and not _IMPERSONAL.match(text)
+    return first in lang.anaphora and not (lang.impersonal and re.match(lang.impersonal, text, re.I))
 
 
 def _facts(c: _Chunk) -> list[QA]:
@@ -521,7 +501,7 @@ def _facts(c: _Chunk) -> list[QA]:
         subject = " ".join(words[:cut]).rstrip(",;:")
         if _MARKUP.search(subject) or not names_something(" ".join(words[1:cut]), lang) or "," in subject:
             continue
-        if any(w.lower().strip(",;:") in _DEMONSTRATIVES.get(lang.code, ()) for w in words[1:cut]):
+        if any(w.lower().strip(",;:") in lang.demonstratives for w in words[1:cut]):
             continue  # "the locations specified here": which ones, the question cannot say
         subject = subject[0].lower() + subject[1:]  # the article: German nouns keep their capital
         out.append(c.qa("fact", {"subject": subject, "title": c.title}, start, end, subject))

@@ -27,6 +27,11 @@ class Language:
     # First words of a sentence that leans on the one before ("It must be two characters wide.", "Ahora que has
     # probado..."): such a sentence is no answer on its own.
     anaphora: tuple[str, ...] = ()
+    # Words inside a subject that point at the surrounding text ("the locations specified here", "estas versiones");
+    # not relatives or possessives ("the files that belong to it" names its files).
+    demonstratives: tuple[str, ...] = ()
+    # Openers whose pronoun points at nothing ("It is recommended to ...", "Il faut ..."): complete as said (a regex).
+    impersonal: str = ""
 
     def contract(self, text: str) -> str:
         for pattern, replacement in self.contractions:
@@ -130,6 +135,8 @@ ENGLISH = Language(
         "hence",
         "moreover",
     ),
+    demonstratives=("this", "these", "those", "here", "such"),
+    impersonal=r"it(?:\s+is|'s)\s+(?:not\s+)?(?:recommended|possible|necessary|important|advisable|useful|best|common|a\s+good\s+idea)\b",
     pronouns=(
         "it",
         "this",
@@ -396,6 +403,8 @@ FRENCH = Language(
         "néanmoins",
         "c'est",
     ),
+    demonstratives=("ce", "cet", "cette", "ces", "ceci", "cela", "ici", "ci-dessus", "ci-dessous"),
+    impersonal=r"il\s+(?:faut|existe|suffit|convient|y\s+a|est\s+(?:possible|recommandé|nécessaire|conseillé|préférable|important))\b",
     pronouns=(
         "il",
         "elle",
@@ -629,6 +638,8 @@ GERMAN = Language(
         "dabei",
         "dazu",
     ),
+    demonstratives=("dies", "diese", "dieser", "dieses", "diesen", "diesem", "hier", "oben", "unten"),
+    impersonal=r"es\s+(?:gibt|(?:ist|wird)\s+(?:nicht\s+)?(?:empfohlen|möglich|notwendig|wichtig|ratsam|sinnvoll))\b",
     pronouns=(
         "es",
         "er",
@@ -853,6 +864,7 @@ SPANISH = Language(
         "asimismo",
         "igualmente",
     ),
+    demonstratives=("este", "esta", "estos", "estas", "ese", "esa", "esos", "esas", "aquí", "anterior", "dicho", "dicha"),
     pronouns=(
         "él",
         "ella",
