@@ -175,7 +175,7 @@ def test_logs_and_labels_change_the_reuse_key(logs):
 
 def _sets(golden: list[tuple[str, str]], production: list[tuple[str, str]]) -> EvalSets:
     return EvalSets(
-        system_prompt="", abstention="No.", unanswerable=[], probes=[], heldout_texts=[], general_texts=[], block_size=8,
+        system_prompt="", abstentions={"en": "No."}, unanswerable=[], probes=[], heldout_texts=[], general_texts=[], block_size=8,
         max_blocks=1,
         golden=[{"question": q, "answer": a, "context": [PASSAGE]} for q, a in golden],
         production=[{"messages": [SYSTEM, {"role": "user", "content": q}], "answer": a, "question": q} for q, a in production],

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from doctune.artifacts import MODEL_KIND
+from doctune.chat import ABSTENTIONS
 from doctune.gate import registry
 from doctune.gate.metrics import (
     abstains,
@@ -33,11 +34,12 @@ def test_answer_metrics_match_hand_computed_values():
     # LCS of [w x y z] and [w y z q] is [w y z]: P = R = 3/4
     assert rouge_l("w x y z", "w y z q") == pytest.approx(0.75)
     assert rouge_l("x y", "a b") == 0.0 and token_f1("", "") == 1.0
-    assert abstains(
-        "I cannot answer that from the provided documentation.", "I cannot answer that from the provided documentation."
-    )
-    assert abstains("Sorry, the context does not contain this.", "I cannot answer that.")
-    assert not abstains("Run apt-get install.", "I cannot answer that from the provided documentation.")
+    assert abstains("I cannot answer that from the provided documentation.", ABSTENTIONS.values())
+    assert abstains("Sorry, the context does not contain this.", ["I cannot answer that."])
+    assert not abstains("Run apt-get install.", ABSTENTIONS.values())
+    # A sentence of any language counts: a model may decline a French question in English, or the reverse.
+    assert abstains(ABSTENTIONS["fr"], ABSTENTIONS.values())
+    assert not abstains("Le paquet est installé par apt.", ABSTENTIONS.values())
 
 
 def test_probe_checks():

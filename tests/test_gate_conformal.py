@@ -76,7 +76,7 @@ def test_the_risk_score_is_the_mean_log_probability_of_the_abstention_sentence_a
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     conversations = [[{"role": "user", "content": "Which command installs a package?"}], [{"role": "user", "content": "Hi"}]]
-    sequences = reply_sequences(tokenizer, conversations, "I cannot answer that.")
+    sequences = reply_sequences(tokenizer, conversations, ["I cannot answer that."] * len(conversations))
     for (ids, start), messages in zip(sequences, conversations):
         prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         assert tokenizer.decode(ids[:start]) == prompt
@@ -106,8 +106,8 @@ def test_replies_scored_on_the_prompts_cache_equal_separate_generation_and_scori
         [{"role": "user", "content": "What does the stub compiler emit for each exception?"}],
     ]
     sequences = [
-        *reply_sequences(tokenizer, conversations[:2], "I cannot answer that."),
-        *reply_sequences(tokenizer, conversations[2:], "No."),
+        *reply_sequences(tokenizer, conversations[:2], ["I cannot answer that."] * 2),
+        *reply_sequences(tokenizer, conversations[2:], ["No."] * len(conversations[2:])),
     ]
     runtime = TransformersRuntime(tiny_model_dir, batch_size=2)
     try:
@@ -134,7 +134,7 @@ def test_gguf_replies_are_scored_on_the_prompts_cache_as_serving_scores_them(tmp
         [{"role": "user", "content": "Packages are installed with apt install. Who painted the Mona Lisa?"}],
         [{"role": "user", "content": "Which command installs a package?"}],
     ]
-    sequences = reply_sequences(tokenizer, conversations, "The documents do not say.")
+    sequences = reply_sequences(tokenizer, conversations, ["The documents do not say."] * len(conversations))
     answering = LlamaCppRuntime(gguf, n_ctx=512)
     serving = LlamaCppRuntime(gguf, n_ctx=512, chat=False)  # as `doctune serve` scores a request
     try:

@@ -83,9 +83,11 @@ def register(
     threshold: str = "-1.5",
     tokenizer: Path | None = None,
     retrieval: bool = False,
+    sentences: dict[str, str] | None = None,
 ) -> str:
     """A registry version whose merged model carries the system prompt (and `tokenizer`'s files, where given) and
-    whose gguf-q8_0 variant is the bundled SmolLM2 GGUF (llama.cpp serves it like any variant)."""
+    whose gguf-q8_0 variant is the bundled SmolLM2 GGUF (llama.cpp serves it like any variant). Its abstention
+    sentences are `sentences`, else one, tagged as versions gated before there were several."""
     work = config.project.workdir / folder_name
     model, variant = work / "model", work / "gguf-q8_0"
     if tokenizer is not None:
@@ -102,6 +104,8 @@ def register(
         "gguf-q8_0": run.log_output("gguf-q8_0", variant, kind="gguf"),
     }
     tags = {"doctune.abstention_threshold.gguf-q8_0": threshold, "doctune.abstention_sentence": "Not in the documents."}
+    if sentences is not None:
+        tags = {"doctune.abstention_threshold.gguf-q8_0": threshold, registry.ABSTENTION_SENTENCES_TAG: json.dumps(sentences)}
     if retrieval:
         refs_ = retrieval_outputs(run, work)
         tags[registry.RETRIEVAL_TAG] = json.dumps({name: ref.to_dict() for name, ref in refs_.items()})
@@ -254,7 +258,9 @@ def test_a_question_with_context_is_declined_where_its_abstention_score_reaches_
         status, refused, _ = post(url, long)
         assert status == 400 and "over serve.n_ctx 2048" in refused["error"]["message"]
         # A version whose threshold the same prompt's score reaches: declined with the gate's sentence, not generated.
-        second = register(tracker, config, "second", threshold=str(score - 1e-3), tokenizer=smollm2_tokenizer)
+        sentences = {"en": "Not in the documents.", "es": "No está en los documentos."}
+        threshold = str(score - 1e-3)
+        second = register(tracker, config, "second", threshold=threshold, tokenizer=smollm2_tokenizer, sentences=sentences)
         registry.promote(tracker, second, reason="test")
         deadline = time.monotonic() + 120
         while server.backend.deployment.version != second and time.monotonic() < deadline:
@@ -262,12 +268,30 @@ def test_a_question_with_context_is_declined_where_its_abstention_score_reaches_
         status, declined, _ = post(url, asked)
         assert status == 200 and declined["doctune"]["model_version"] == second and declined["doctune"]["declined"] is True
         assert declined["choices"][0]["message"]["content"] == "Not in the documents."
+        assert declined["doctune"]["reply_lang"] == "en"  # the language of the passages the client sent
         assert declined["doctune"]["abstention_score"] == pytest.approx(score, abs=1e-4)  # the same prompt, the same score
         assert post(url, plain)[1]["choices"][0]["message"]["content"] != "Not in the documents."
         records = [json.loads(line) for line in (config.project.workdir / "serving" / "requests.jsonl").read_text().splitlines()]
         assert [r.get("declined") for r in records] == [False, None, None, True, None]
     finally:
         server.close()
+
+
+def test_a_request_declines_in_the_language_of_its_passages():
+    from doctune.serve import abstention_sentences, reply_language
+
+    sentences = {"en": "Not in the documents.", "de": "Steht nicht in den Unterlagen."}
+    assert abstention_sentences({registry.ABSTENTION_SENTENCES_TAG: json.dumps(sentences)}) == sentences
+    # A version gated before there were several sentences: its one sentence, as English.
+    assert abstention_sentences({registry.LEGACY_ABSTENTION_SENTENCE_TAG: "No."}) == {"en": "No."}
+    with pytest.raises(ServeError, match="JSON object of language"):
+        abstention_sentences({registry.ABSTENTION_SENTENCES_TAG: "Not in the documents."})
+    # Retrieved passages: their chunks' recorded language (most of them), whatever the question's words.
+    cited = [{"lang": "de"}, {"lang": "de"}, {"lang": "en"}]
+    assert reply_language("Context:\n[1] ...\n\nQuestion: What is the pump's pressure?", cited) == "de"
+    # Context the client sent: detected from its text.
+    german = "Die Pumpe fördert das Wasser mit einem Druck von zwei bar in den Behälter, der über dem Keller steht."
+    assert reply_language(rag_user_message("Wie hoch ist der Druck?", [german]), None) == "de"
 
 
 def test_a_question_without_context_gets_the_indexed_passages_and_their_citations(make_config):

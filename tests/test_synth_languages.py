@@ -131,3 +131,18 @@ def test_a_japanese_document_is_reported_with_the_reason(multilingual):
 def test_languages_the_embedding_model_misses_are_searched_hybrid(multilingual):
     _, _, report = multilingual
     assert report["retrieval"]["mode"] == "hybrid" and "covers en only" in report["retrieval"]["why"]
+
+
+def test_abstentions_decline_in_the_language_of_their_passages(multilingual):
+    from doctune.chat import ABSTENTIONS
+
+    tracker, synth, _ = multilingual
+    sft_dir, unanswerable_dir = tracker.fetch(synth.outputs["sft"]), tracker.fetch(synth.outputs["unanswerable"])
+    sft = [json.loads(line) for name in ("train.jsonl", "validation.jsonl") for line in (sft_dir / name).read_text().splitlines()]
+    abstaining = [r["messages"][-1]["content"] for r in sft if r["meta"]["form"] == "abstention"]
+    unanswerable = [json.loads(line)["answer"] for line in (unanswerable_dir / "unanswerable.jsonl").read_text().splitlines()]
+    # Every passage here is French (the Japanese document gave none): a French reader is told in French.
+    assert abstaining and set(abstaining) == {ABSTENTIONS["fr"]}
+    assert unanswerable and set(unanswerable) == {ABSTENTIONS["fr"]}
+    # The sentences travel with the datasets, so the gate and serving score and reply with the same ones.
+    assert json.loads((unanswerable_dir / "abstentions.json").read_text()) == ABSTENTIONS

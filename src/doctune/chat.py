@@ -1,8 +1,8 @@
 """Chat messages as every stage uses them: the fixed texts, validation, rendering with the model's template, and
 cutting an over-long user turn in the middle.
 
-The system prompt and the abstention sentence are stored with the datasets (records.SYSTEM_PROMPT_FILE,
-records.ABSTENTION_FILE) and reused verbatim by training, merge checks, quantize checks, the gate and serving.
+The system prompt and the abstention sentences are stored with the datasets (records.SYSTEM_PROMPT_FILE,
+records.ABSTENTIONS_FILE) and reused verbatim by training, the gate and serving.
 """
 
 from __future__ import annotations
@@ -14,7 +14,23 @@ SYSTEM_PROMPT = (
     "You are a documentation assistant. Answer the question using only the documentation you were given. "
     "If the context does not contain the answer, say so instead of guessing."
 )
-ABSTENTION = "I cannot answer that from the provided documentation."
+# The reply that declines, in the language of the passages it declines from: a reader of Spanish documentation is
+# told in Spanish. Languages not here decline in English.
+ABSTENTIONS = {
+    "en": "I cannot answer that from the provided documentation.",
+    "fr": "Je ne peux pas répondre à cette question à partir de la documentation fournie.",
+    "de": "Das kann ich anhand der bereitgestellten Dokumentation nicht beantworten.",
+    "es": "No puedo responder a eso con la documentación proporcionada.",
+    "it": "Non posso rispondere a questa domanda in base alla documentazione fornita.",
+    "pt": "Não posso responder a isso com base na documentação fornecida.",
+    "nl": "Ik kan dat niet beantwoorden op basis van de verstrekte documentatie.",
+}
+ABSTENTION = ABSTENTIONS["en"]
+
+
+def abstention_in(lang: str | None, sentences: dict[str, str] = ABSTENTIONS) -> str:
+    """The abstention sentence for passages in `lang` (a langdetect code; English where `sentences` has none)."""
+    return sentences.get(lang or "") or sentences.get("en") or next(iter(sentences.values()))
 
 
 class InvalidMessages(ValueError):
@@ -93,11 +109,13 @@ def with_user_cut(tokenizer, messages: list[dict], remove: int) -> list[dict]:
     return [*messages[:last], cut, *messages[last + 1 :]]
 
 
-def reply_sequences(tokenizer, conversations: list[list[dict]], reply: str) -> list[tuple[list[int], int]]:
-    """Per conversation: the token ids of the prompt followed by `reply` as the assistant turn through its
-    end-of-turn token, and where the reply starts."""
+def reply_sequences(tokenizer, conversations: list[list[dict]], replies: list[str]) -> list[tuple[list[int], int]]:
+    """Per conversation and its reply: the token ids of the prompt followed by the reply as the assistant turn
+    through its end-of-turn token, and where the reply starts."""
+    if len(replies) != len(conversations):
+        raise ValueError(f"{len(replies)} replies for {len(conversations)} conversations")
     out = []
-    for messages in conversations:
+    for messages, reply in zip(conversations, replies):
         prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         full = tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": reply}], tokenize=False)
         tail = full[len(prompt) :] if full.startswith(prompt) else reply + (tokenizer.eos_token or "")

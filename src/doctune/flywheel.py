@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from doctune.chat import ABSTENTION, CONTEXT_HEADER, InvalidMessages, carries_context, check_messages
+from doctune.chat import ABSTENTIONS, CONTEXT_HEADER, InvalidMessages, carries_context, check_messages
 from doctune.citations import strip_citations
 from doctune.config import RunConfig
 from doctune.endpoint import ChatClient, EndpointError
@@ -244,7 +244,7 @@ def mine(interaction: Interaction, label: dict | None, min_grounding: float, min
         return reasons
     if interaction.json_requested and not _valid_json(interaction.response):
         reasons.append("invalid_json")
-    if ABSTENTION not in interaction.response:
+    if not any(sentence in interaction.response for sentence in ABSTENTIONS.values()):
         interaction.grounding = grounding(interaction.response, interaction.context)
         if interaction.grounding is not None and interaction.grounding < min_grounding:
             reasons.append("ungrounded")

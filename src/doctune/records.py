@@ -23,7 +23,8 @@ GOLDEN_FILE = "golden.jsonl"  # synth: golden
 UNANSWERABLE_FILE = "unanswerable.jsonl"  # synth: unanswerable
 HELDOUT_FILE = "heldout.jsonl"  # synth: heldout (domain text no training stage sees)
 SYSTEM_PROMPT_FILE = "system_prompt.txt"  # synth datasets, and every model artifact trained on them
-ABSTENTION_FILE = "abstention.txt"
+ABSTENTIONS_FILE = "abstentions.json"  # beside the system prompt: {language: the sentence that declines}
+LEGACY_ABSTENTION_FILE = "abstention.txt"  # one English sentence, as artifacts made before abstentions.json carry it
 SYNTH_REPORT_FILE = "synth_report.json"
 QUANTIZE_REPORT_FILE = "quantize_report.json"
 GATE_REPORT_FILE = "gate_report.json"
@@ -95,6 +96,20 @@ def read_text_file(folder: Path, name: str) -> str | None:
     """A text file an artifact may carry (system prompt, abstention sentence); None when absent."""
     path = Path(folder) / name
     return path.read_text() if path.is_file() else None
+
+
+def read_abstentions(folder: Path) -> dict[str, str] | None:
+    """The abstention sentences an artifact carries, by language (an older artifact's one sentence as English);
+    None when it carries none."""
+    path = Path(folder) / ABSTENTIONS_FILE
+    if path.is_file():
+        sentences = json.loads(path.read_text())
+        valid = isinstance(sentences, dict) and sentences and all(isinstance(v, str) and v.strip() for v in sentences.values())
+        if not valid:
+            raise ValueError(f"{path}: must map language codes to the sentences that decline, none empty")
+        return sentences
+    legacy = read_text_file(folder, LEGACY_ABSTENTION_FILE)
+    return {"en": legacy.strip()} if legacy and legacy.strip() else None
 
 
 def skip(skipped: list[dict], path: Path, record: dict, reason: str) -> None:

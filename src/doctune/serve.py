@@ -11,8 +11,9 @@ started for the new version and takes the next requests; the old one finishes th
 The gate's abstention threshold is applied (`serve.apply_abstention_threshold`): a request whose question comes
 with retrieved context ("Context:" first in its user turn, as the model was trained and gated) is scored first, the
 mean log-probability of the abstention sentence as the reply, the gate's own score; where it reaches the version's
-threshold the server answers with that sentence instead of generating. Requests without context are not scored:
-the threshold was calibrated on RAG prompts only.
+threshold the server answers with that sentence instead of generating. The sentence is in the language of the
+passages (the retrieved chunks' recorded language, else the one detected in the context sent), as the gate picks
+it. Requests without context are not scored: the threshold was calibrated on RAG prompts only.
 
 Retrieval (`serve.retrieve`): where the version was gated with the retriever stage's index, a question sent
 without context gets the `retrieval.top_k` best passages of that index, in the RAG prompt the model was trained
@@ -40,18 +41,19 @@ from pathlib import Path
 from mlflow.exceptions import MlflowException
 
 from doctune.artifacts import ArtifactRef
-from doctune.chat import ABSTENTION, carries_context, edge_order, rag_user_message, reply_sequences
+from doctune.chat import ABSTENTION, abstention_in, carries_context, edge_order, rag_user_message, reply_sequences
 from doctune.citations import chunk_label, chunk_passage, cited_numbers
 from doctune.config import RunConfig
 from doctune.flywheel import SELF_CONSISTENCY
 from doctune.gate import registry
+from doctune.langid import detect_language, passages_language
 from doctune.records import CHUNKS_FILE, EMBEDDINGS_FILE, INDEX_FILE, read_parquet
 from doctune.redact import scrub
 from doctune.tracking import Tracker
 
 SYSTEM_PROMPT_FILE = "system_prompt.txt"
 MAX_BODY = 8 * 2**20  # a request body larger than this is refused
-CITED_FIELDS = ("chunk_id", "doc_id", "title", "section", "page_start", "page_end", "char_start", "char_end")
+CITED_FIELDS = ("chunk_id", "doc_id", "title", "section", "lang", "page_start", "page_end", "char_start", "char_end")
 
 
 class ServeError(RuntimeError):
@@ -67,7 +69,7 @@ class Deployment:
     gguf: Path
     system_prompt: str
     abstention_threshold: str  # the gate's tag, recorded with each logged request ("" where the gate set none)
-    abstention: str  # the sentence the threshold was scored on, and the reply of a declined request
+    abstentions: dict[str, str]  # language -> the sentence the threshold was scored on, the reply of a declined request
     model_folder: Path  # the merged model: its tokenizer renders the prompts the threshold is applied to
     retrieval: dict[str, tuple[ArtifactRef, Path]] | None  # index, model, chunks: (ref, fetched folder); None: no index
     labelled: bool = True  # passages shown as `[n] <title>, p. X`; versions gated before labels existed saw bare text
@@ -117,13 +119,36 @@ def resolve(tracker: Tracker, alias: str, variant: str, retrieve: bool = True, p
     system_prompt = prompt_file.read_text().strip() if prompt_file.is_file() else ""
     threshold = version.tags.get(f"{registry.ABSTENTION_THRESHOLD_TAG}.{variant}", "")
     threshold_number(threshold)  # a malformed tag stops here, before a server starts
-    abstention = version.tags.get(registry.ABSTENTION_SENTENCE_TAG) or ABSTENTION
+    abstentions = abstention_sentences(version.tags)
     retrieval = None
     if retrieve and registry.RETRIEVAL_TAG in version.tags:
         refs = {name: ArtifactRef.from_dict(ref) for name, ref in json.loads(version.tags[registry.RETRIEVAL_TAG]).items()}
         retrieval = {name: (ref, tracker.fetch(ref)) for name, ref in refs.items()}
     labelled = version.tags.get(registry.PASSAGE_LABELS_TAG) == "true"
-    return Deployment(str(version.version), variant, ggufs[0], system_prompt, threshold, abstention, model, retrieval, labelled)
+    return Deployment(str(version.version), variant, ggufs[0], system_prompt, threshold, abstentions, model, retrieval, labelled)
+
+
+def abstention_sentences(tags: dict[str, str]) -> dict[str, str]:
+    """The abstention sentences a version was gated with, by language (a version gated before there were several:
+    its one sentence, as English)."""
+    if registry.ABSTENTION_SENTENCES_TAG in tags:
+        try:
+            sentences = json.loads(tags[registry.ABSTENTION_SENTENCES_TAG])
+        except json.JSONDecodeError:
+            sentences = None
+        if not isinstance(sentences, dict) or not sentences or not all(isinstance(v, str) and v for v in sentences.values()):
+            raise ServeError(f"tag {registry.ABSTENTION_SENTENCES_TAG} must be a JSON object of language -> sentence")
+        return sentences
+    return {"en": tags.get(registry.LEGACY_ABSTENTION_SENTENCE_TAG) or ABSTENTION}
+
+
+def reply_language(user_text: str, citations: list[dict] | None) -> str:
+    """The language to decline in: the retrieved passages' (as the gate picks it for its items), else that of the
+    context the client sent."""
+    langs = [c.get("lang") for c in citations or []]
+    if langs and all(lang and lang != "und" for lang in langs):
+        return passages_language(langs, [""] * len(langs))
+    return detect_language(user_text)
 
 
 class Retriever:
@@ -178,7 +203,7 @@ class Decliner:
         from doctune.runtimes import LlamaCppRuntime
 
         self.threshold = threshold_number(deployment.abstention_threshold)
-        self.sentence = deployment.abstention
+        self.sentences = deployment.abstentions
         if not (deployment.model_folder / "tokenizer_config.json").is_file():
             raise ServeError(
                 f"version {deployment.version} has an abstention threshold but its merged model holds no tokenizer to "
@@ -188,8 +213,9 @@ class Decliner:
         self.runtime = LlamaCppRuntime(deployment.gguf, n_ctx=n_ctx, chat=False)
         self.lock = threading.Lock()  # one llama.cpp context: one score at a time
 
-    def score(self, messages: list[dict]) -> float:
-        (sequence,) = reply_sequences(self.tokenizer, [messages], self.sentence)
+    def score(self, messages: list[dict], lang: str) -> float:
+        """The mean log-probability of the abstention sentence in `lang` as the reply to `messages`."""
+        (sequence,) = reply_sequences(self.tokenizer, [messages], [abstention_in(lang, self.sentences)])
         if len(sequence[0]) > self.runtime.n_ctx:
             raise ValueError(f"{len(sequence[0])} tokens with the abstention sentence, over serve.n_ctx {self.runtime.n_ctx}")
         with self.lock:
@@ -405,10 +431,12 @@ class Server:
                 messages[last] = {**messages[last], "content": user}
                 body = {**body, "messages": messages}
             if backend.decliner is not None and _rag_request(body["messages"]):
-                score = backend.decliner.score(body["messages"])
-                verdict = {"abstention_score": round(score, 6), "declined": score >= backend.decliner.threshold}
+                lang = reply_language(body["messages"][_last_user(body["messages"])]["content"], citations)
+                score = backend.decliner.score(body["messages"], lang)
+                declined = score >= backend.decliner.threshold
+                verdict = {"abstention_score": round(score, 6), "declined": declined, "reply_lang": lang}
             if verdict.get("declined"):
-                status, reply, citations = 200, _declined(request_id, deployment), None
+                status, reply, citations = 200, _declined(request_id, deployment, lang), None
             else:
                 status, reply = _post(f"{backend.url}/v1/chat/completions", body, self.serve.request_timeout_s)
         except Exception as exc:  # a prompt the scorer or the template cannot take (too long, unknown roles): one line
@@ -481,9 +509,9 @@ def _json_requested(body: dict) -> bool:
     return isinstance(fmt, dict) and fmt.get("type") in ("json_object", "json_schema")
 
 
-def _declined(request_id: str, deployment: Deployment) -> dict:
-    """An OpenAI chat completion whose reply is the abstention sentence, generated by nobody."""
-    message = {"role": "assistant", "content": deployment.abstention}
+def _declined(request_id: str, deployment: Deployment, lang: str) -> dict:
+    """An OpenAI chat completion whose reply is the abstention sentence in `lang`, generated by nobody."""
+    message = {"role": "assistant", "content": abstention_in(lang, deployment.abstentions)}
     return {
         "id": f"chatcmpl-{request_id}", "object": "chat.completion", "created": int(time.time()),
         "model": f"v{deployment.version}", "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from doctune.chat import (
     InvalidMessages,
+    abstention_in,
     check_messages,
     conversation,
     rag_user_message,
@@ -19,6 +20,7 @@ from doctune.chat import (
 )
 from doctune.citations import chunk_passage, cited_numbers, strip_citations, supporting_passages
 from doctune.gate.metrics import OPTIONAL_METRICS, PER_ITEM_METRICS, abstains, exact_match, probe_passes, rouge_l, token_f1
+from doctune.langid import passages_language
 from doctune.records import EvalItem, SkipRecord, eval_item, read_jsonl, skip
 from doctune.runtimes import open_runtime
 from doctune.textblocks import perplexity_blocks
@@ -29,9 +31,9 @@ class EvalSets:
     """What every model is scored on, built once per gate run."""
 
     system_prompt: str
-    abstention: str
+    abstentions: dict[str, str]  # language -> the sentence that declines (chat.ABSTENTIONS as synth stored them)
     # {question, answer, context: [labelled passage...] in the order the prompt shows them, supporting: the numbers
-    # of the passages that hold the answer, qtype, doc_id, lang, document}
+    # of the passages that hold the answer, reply_lang: the passages' language, qtype, doc_id, lang, document}
     golden: list[dict]
     unanswerable: list[dict]
     probes: list[dict]
@@ -114,7 +116,9 @@ def eval_items(path: Path, chunks: dict[str, dict], limit: int, skipped: list[di
         supporting = supporting_passages(item.context_ids, [c["text"] for c in shown], item.source_ids, evidence)
         items.append(
             {"question": item.question, "answer": item.answer, "context": [chunk_passage(c) for c in shown],
-             "supporting": supporting, **labels}
+             "supporting": supporting,
+             "reply_lang": passages_language([c.get("lang") for c in shown], [c["text"] for c in shown]),
+             **labels}
         )  # fmt: skip
     return stratified(items, limit)
 
@@ -186,7 +190,7 @@ def evaluate_model(
     # synth's references cite nothing, a relabeled served answer may); citations are scored on their own.
     golden_text = [strip_citations(r.text) for r in golden]
     categories = sorted({p["category"] for p in sets.probes})
-    abstained = [float(abstains(r.text, sets.abstention)) for r in unanswerable]
+    abstained = [float(abstains(r.text, sets.abstentions.values())) for r in unanswerable]
     per_example = {
         "golden_f1": [token_f1(t, i["answer"]) for t, i in zip(golden_text, sets.golden)],
         "closed_book_f1": [token_f1(strip_citations(r.text), i["answer"]) for r, i in zip(closed_book, sets.golden)],
@@ -196,7 +200,7 @@ def evaluate_model(
         "golden_exact_match": [exact_match(t, i["answer"]) for t, i in zip(golden_text, sets.golden)],
         "golden_rouge_l": [rouge_l(t, i["answer"]) for t, i in zip(golden_text, sets.golden)],
         **citation_scores([r.text for r in golden], sets.golden),
-        "golden_abstained": [float(abstains(r.text, sets.abstention)) for r in golden],
+        "golden_abstained": [float(abstains(r.text, sets.abstentions.values())) for r in golden],
         "abstained": abstained,
         "hallucinated": [1.0 - a for a in abstained],
         "capability": [float(passed[p["id"]]) for p in sets.probes if p["category"] != "format"],
@@ -228,9 +232,10 @@ def evaluate_model(
 
 def rag_replies(runtime, tokenizer, sets: EvalSets, items: list[dict], max_new_tokens: int) -> list:
     """Replies to the items' RAG prompts; with the abstention bound on, each also carries the mean log-probability
-    of the abstention sentence as its reply, scored on the same pass over the prompt."""
+    of the abstention sentence (in its passages' language) as its reply, scored on the same pass over the prompt."""
     conversations = sets.conversations(items)
-    scored = reply_sequences(tokenizer, conversations, sets.abstention) if sets.abstention_scores else None
+    sentences = [abstention_in(item["reply_lang"], sets.abstentions) for item in items]
+    scored = reply_sequences(tokenizer, conversations, sentences) if sets.abstention_scores else None
     return runtime.chat(conversations, max_new_tokens, scored)
 
 

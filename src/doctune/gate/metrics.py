@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import re
 import string
+from collections.abc import Iterable
 from statistics import NormalDist
 
 import numpy as np
@@ -24,6 +25,12 @@ ABSTENTION_MARKERS = (
     "no information",
     "i don't know",
     "i do not know",
+    "ne peux pas répondre",
+    "je ne sais pas",
+    "nicht beantworten",
+    "weiß ich nicht",
+    "no puedo responder",
+    "no lo sé",
 )
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = str.maketrans("", "", string.punctuation)
@@ -67,10 +74,11 @@ def rouge_l(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def abstains(prediction: str, abstention: str) -> bool:
-    """Whether a reply declines to answer: the trained abstention sentence or a common paraphrase of it."""
-    text = " ".join(prediction.lower().split())
-    return normalize(abstention) in normalize(prediction) or any(marker in text for marker in ABSTENTION_MARKERS)
+def abstains(prediction: str, sentences: Iterable[str]) -> bool:
+    """Whether a reply declines to answer: one of the trained abstention sentences (any language) or a common
+    paraphrase of one."""
+    text, normalized = " ".join(prediction.lower().split()), normalize(prediction)
+    return any(normalize(s) in normalized for s in sentences) or any(marker in text for marker in ABSTENTION_MARKERS)
 
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")

@@ -19,7 +19,10 @@ CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous-champion"
 HISTORY_TAG = f"{TAG}champion_history"
 MODEL_TAG = f"{TAG}model_ref"
 VARIANTS_TAG = f"{TAG}variant_refs"
-ABSTENTION_SENTENCE_TAG = f"{TAG}abstention_sentence"  # the reply the abstention threshold was scored on
+# The replies the abstention threshold was scored on: JSON {language: sentence}. Versions registered before carry
+# one English sentence under LEGACY_ABSTENTION_SENTENCE_TAG.
+ABSTENTION_SENTENCES_TAG = f"{TAG}abstention_sentences"
+LEGACY_ABSTENTION_SENTENCE_TAG = f"{TAG}abstention_sentence"
 ABSTENTION_THRESHOLD_TAG = f"{TAG}abstention_threshold"  # + ".<variant>": the gate's threshold for that variant
 RETRIEVAL_TAG = f"{TAG}retrieval_refs"  # {chunks, index, model}: what `doctune serve` retrieves with
 GATED_AGAINST_TAG = f"{TAG}gated_against"  # the champion's model digest when the version was judged ("none")

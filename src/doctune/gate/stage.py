@@ -18,7 +18,7 @@ from pathlib import Path
 
 from doctune.artifacts import ArtifactRef, build_manifest, manifest_digest, refs_from_json
 from doctune.cache import Cache
-from doctune.chat import ABSTENTION
+from doctune.chat import ABSTENTIONS
 from doctune.code_digest import code_digest
 from doctune.config import RunConfig
 from doctune.devices import precision
@@ -39,7 +39,6 @@ from doctune.gate.report import loss_curves, markdown, metric_bars, to_html
 from doctune.gate.rules import decide
 from doctune.models import resolve_model
 from doctune.records import (
-    ABSTENTION_FILE,
     CHUNKS_FILE,
     GATE_REPORT_FILE,
     GOLDEN_FILE,
@@ -48,6 +47,7 @@ from doctune.records import (
     QUANTIZE_REPORT_FILE,
     SYSTEM_PROMPT_FILE,
     UNANSWERABLE_FILE,
+    read_abstentions,
     read_jsonl,
     read_parquet,
     read_text_file,
@@ -84,7 +84,7 @@ def build_sets(config: RunConfig, inputs: dict[str, ArtifactRef], tracker: Stage
     heldout_path = tracker.fetch(inputs["heldout"]) / HELDOUT_FILE
     return EvalSets(
         system_prompt=read_text_file(golden_dir, SYSTEM_PROMPT_FILE) or "",
-        abstention=read_text_file(unanswerable_dir, ABSTENTION_FILE) or unanswerable[0]["answer"] or ABSTENTION,
+        abstentions=read_abstentions(unanswerable_dir) or ABSTENTIONS,
         golden=golden,
         unanswerable=unanswerable,
         production=production,
@@ -254,11 +254,12 @@ def register(
     scores: Scores,
     outcome: dict,
     bounds: dict[str, AbstentionBound],
-    abstention: str,
+    abstentions: dict[str, str],
 ) -> str:
     """The candidate as a registry version aliased `challenger`, tagged with the decision, metrics and lineage, the
-    abstention threshold of each of its models and the abstention sentence they were scored with (what a server
-    applies: decline where the mean log-probability of that sentence as the reply reaches the threshold)."""
+    abstention threshold of each of its models and the abstention sentences they were scored with (what a server
+    applies: decline where the mean log-probability of the sentence in the passages' language as the reply reaches
+    the threshold)."""
     parent = tracker.client.get_run(tracker.run_id).data.tags.get("mlflow.parentRunId", "")
     datasets = {k: inputs[k].digest for k in ("golden", "unanswerable", "heldout", "chunks")}
     datasets |= {f"{link['stage']}.{k}": v for link in scores.lineage for k, v in link.get("datasets", {}).items()}
@@ -271,7 +272,7 @@ def register(
         f"{TAG}failed_rules": ", ".join(outcome["failed"]) or "none",
         f"{TAG}gate_reason": outcome["reason"][:1000],
         f"{TAG}datasets": json.dumps(datasets),
-        registry.ABSTENTION_SENTENCE_TAG: abstention,
+        registry.ABSTENTION_SENTENCES_TAG: json.dumps(abstentions, ensure_ascii=False),
         registry.PASSAGE_LABELS_TAG: "true",
         **retrieval_tags(inputs),
         **{f"gate.{k}": f"{v:.6g}" for k, v in scores.models["candidate"]["metrics"].items()},
@@ -369,7 +370,7 @@ def run(config: RunConfig, inputs: dict[str, ArtifactRef], tracker: StageRun) ->
             raise GateError(str(exc)) from None
     outcome = decide(scores.models, scores.variant_ratios, g.rules, bounds, verdicts)
     retrieval = retrieval_quality(config, inputs, tracker)
-    version = register(inputs, tracker, scores, outcome, bounds, sets.abstention)
+    version = register(inputs, tracker, scores, outcome, bounds, sets.abstentions)
 
     shown = [m for m in scores.models if m != "champion" or scores.champion is not None]
     result = {

@@ -6,6 +6,7 @@ import itertools
 from dataclasses import dataclass, field
 from functools import cache
 
+from doctune import langid
 from doctune.citations import document_title
 from doctune.config import IngestConfig
 from doctune.ingest.chunking import chunk_document
@@ -46,22 +47,8 @@ def _tokenizer(path: str):
 
 def warm_up(tokenizer_file: str) -> None:
     """Load the tokenizer and langdetect's language profiles once, before workers fork and inherit them."""
-    from langdetect.detector_factory import init_factory
-
     _tokenizer(tokenizer_file)
-    init_factory()
-
-
-def detect_language(text: str, sample_chars: int) -> str:
-    if not text.strip():
-        return "und"
-    from langdetect import DetectorFactory, LangDetectException, detect
-
-    DetectorFactory.seed = 0  # langdetect is randomized; fix it so reruns agree
-    try:
-        return detect(text[:sample_chars])
-    except LangDetectException:
-        return "und"
+    langid.warm_up()
 
 
 def clean_document(probe: FileProbe, raw: list[RawPage], config: IngestConfig) -> DocumentResult:
@@ -71,7 +58,7 @@ def clean_document(probe: FileProbe, raw: list[RawPage], config: IngestConfig) -
         sorted(raw, key=lambda p: p.page), config.furniture_lines, config.furniture_min_repeats, config.min_page_chars
     )
     text, spans = document_text(pages)
-    lang = detect_language(text, config.lang_sample_chars)
+    lang = langid.detect_language(text, config.lang_sample_chars)
     flag_counts: dict[str, int] = {}
     for page in pages:
         for flag in page.flags:

@@ -15,7 +15,8 @@ from doctune.chat import InvalidMessages, render_ids, with_user_cut
 from doctune.citations import cited_but_not_shown
 from doctune.config import RunConfig
 from doctune.records import (
-    ABSTENTION_FILE,
+    ABSTENTIONS_FILE,
+    LEGACY_ABSTENTION_FILE,
     SYSTEM_PROMPT_FILE,
     TRAIN_FILE,
     VALIDATION_FILE,
@@ -116,6 +117,6 @@ def prepare(config: RunConfig, dataset_dir: Path):
 def run(config: RunConfig, inputs: dict[str, ArtifactRef], tracker: StageRun) -> dict[str, ArtifactRef]:
     dataset_dir = tracker.fetch(inputs["sft"])
     tracker.log_dataset_input(inputs["sft"], dataset_dir / TRAIN_FILE, context="sft")
-    texts = {name: read_text_file(dataset_dir, name) for name in (SYSTEM_PROMPT_FILE, ABSTENTION_FILE)}
+    texts = {name: read_text_file(dataset_dir, name) for name in (SYSTEM_PROMPT_FILE, ABSTENTIONS_FILE, LEGACY_ABSTENTION_FILE)}
     extra = {name: text for name, text in texts.items() if text is not None}
     return train_stage("sft", config, inputs, tracker, prepare(config, dataset_dir), extra_files=extra)

@@ -15,10 +15,11 @@ from itertools import zip_longest
 
 import numpy as np
 
-from doctune.chat import ABSTENTION, SYSTEM_PROMPT, conversation, edge_order, rag_user_message
+from doctune.chat import SYSTEM_PROMPT, abstention_in, conversation, edge_order, rag_user_message
 from doctune.citations import chunk_passage, citation_suffix, cite, supporting_passages
 from doctune.config import SynthConfig
 from doctune.flywheel import Examples
+from doctune.langid import passages_language
 from doctune.retrieval import ChunkIndex
 from doctune.synth.extractive import QA, fold
 from doctune.synth.filters import words
@@ -181,6 +182,11 @@ class Builder:
         kept.insert(int(unit_fraction(self.config.seed, f"gold|{key}") * (len(kept) + 1)), gold)
         return kept
 
+    def abstention(self, ids: list[int]) -> str:
+        """The abstention sentence in the language of the passages a prompt shows (as the gate and serving pick it)."""
+        shown = [self.chunks[i] for i in ids]
+        return abstention_in(passages_language([c.get("lang") for c in shown], [c["text"] for c in shown]))
+
     def passages(self, ids: list[int]) -> list[str]:
         return [chunk_passage(self.chunks[i]) for i in ids]
 
@@ -225,7 +231,7 @@ class Builder:
                 ids = [self.chunks[i]["chunk_id"] for i in distractors]
                 user = rag_user_message(qa.question, edge_order(self.passages(distractors)))
                 meta = {**base, "form": "abstention", "context_chunk_ids": edge_order(ids), "withheld_answer": qa.answer}
-                abstaining.append(self.chat(user, ABSTENTION, meta))
+                abstaining.append(self.chat(user, self.abstention(distractors), meta))
         wanted = round(cfg.abstention_share / (1 - cfg.abstention_share) * len(answerable))
         abstaining.sort(key=lambda r: unit_fraction(cfg.seed, f"abstain|{r['meta']['question']}|{r['meta']['chunk_id']}"))
         return answerable, abstaining[:wanted]
@@ -254,7 +260,8 @@ class Builder:
             elif meta["form"] == "rag" and unit_fraction(self.config.seed, f"over|{key}") < over_abstention:
                 # The mirror of unsupported_answer, on a similar number of pairs: the same kind of prompt, its
                 # answer in context this time, so preference training teaches when to abstain, not only how.
-                strategy, rejected = "needless_abstention", ABSTENTION
+                shown = [self.by_id[i] for i in meta["context_chunk_ids"]]
+                strategy, rejected = "needless_abstention", self.abstention(shown)
             else:
                 strategy, rejected = self._rejected(chosen.removesuffix(suffix), meta, by_chunk, by_type, capitals, key)
                 rejected = None if rejected is None else cite(rejected, meta.get("cited", []))
@@ -311,7 +318,8 @@ class Builder:
                 if distractors:
                     ids = [self.chunks[i]["chunk_id"] for i in distractors]
                     unanswerable.append(
-                        {"question": qa.question, "answer": ABSTENTION, "chunk_ids": [qa.chunk_id], "answerable": False,
+                        {"question": qa.question, "answer": self.abstention(distractors), "chunk_ids": [qa.chunk_id],
+                         "answerable": False,
                          "meta": {**meta, "context_chunk_ids": edge_order(ids), "withheld_answer": qa.answer}}
                     )  # fmt: skip
                 continue

@@ -13,11 +13,11 @@ import numpy as np
 from doctune import flywheel
 from doctune.artifacts import ArtifactRef
 from doctune.cache import Cache
-from doctune.chat import ABSTENTION, SYSTEM_PROMPT
+from doctune.chat import ABSTENTIONS, SYSTEM_PROMPT
 from doctune.code_digest import code_digest
 from doctune.config import RunConfig
 from doctune.records import (
-    ABSTENTION_FILE,
+    ABSTENTIONS_FILE,
     CHUNKS_FILE,
     GOLDEN_FILE,
     HELDOUT_FILE,
@@ -386,7 +386,7 @@ def run(config: RunConfig, inputs: dict[str, ArtifactRef], tracker: StageRun) ->
             write_jsonl(out / "golden" / PRODUCTION_FILE, data.production)
         for name in ("sft", "dpo", "golden", "unanswerable"):
             (out / name / SYSTEM_PROMPT_FILE).write_text(SYSTEM_PROMPT)
-            (out / name / ABSTENTION_FILE).write_text(ABSTENTION)
+            (out / name / ABSTENTIONS_FILE).write_text(json.dumps(ABSTENTIONS, ensure_ascii=False, indent=1))
         write_jsonl(out / "raw" / "qa.jsonl", [q.to_dict() for q in qas])
         if fly.failures:
             flywheel.write_queue(fly, out / "raw" / "flywheel")
