@@ -166,8 +166,43 @@ def test_a_sentence_that_leans_on_the_one_before_is_no_topic_answer():
     assert not leans_on_context("Damit Paketquellen genutzt werden können, muss apt laufen.", languages["de"])
 
 
+def test_a_fact_subject_ends_where_its_verb_begins_and_names_a_thing():
+    def subjects(lang: str, *sentences: str) -> list[str]:
+        chunk = {"chunk_id": "c", "doc_id": "d", "lang": lang, "section": "", "text": "\n".join(sentences) + "\n"}
+        return [qa.meta["fields"]["subject"] for qa in extractive_questions(chunk, limit=16) if qa.qtype == "fact"]
+
+    # A negation, a clitic or an adverb sits between the subject and its verb: the subject ends before it.
+    assert subjects("es", "El empaquetado no es tan complicado como puede parecer a primera vista.") == ["el empaquetado"]
+    assert subjects("es", "La presencia del archivo CMakeLists.txt te indicará que se utiliza CMake para compilar.") == [
+        "la presencia del archivo CMakeLists.txt"
+    ]
+    assert subjects("fr", "Le gestionnaire de paquets n'installe jamais un paquet sans sa signature valide.") == [
+        "le gestionnaire de paquets"
+    ]
+    assert subjects("en", "The upgrade command also removes the packages that are no longer needed.") == ["the upgrade command"]
+    # A subject cut inside its clause, or one that is a place in a listing, names nothing a reader can look up.
+    assert subjects("es", "Una de las cosas que puede hacer el desarrollador es leer la documentación.") == []
+    assert subjects("es", "La línea 3 describe cómo de importante es el paquete para el sistema.") == []
+    assert subjects("en", "The naming convention which can be found in the policy manual is used by every package.") == []
+    assert subjects("es", "Las breves descripciones dadas anteriormente deben ser revisadas por el desarrollador.") == []
+
+
 def _qa(question, answer, chunk="c1"):
     return QA(question=question, answer=answer, chunk_id=chunk, qtype="generated", evidence=answer)
+
+
+def test_an_answer_in_another_language_than_its_question_is_dropped():
+    from doctune.langid import language_probabilities
+
+    items = [
+        _qa("¿Qué dice la sección «Archivo watch»?", "The watch file format is documented in the uscan manual page.", "es1"),
+        _qa("¿Qué dice la sección «Archivo rules»?", "El archivo rules contiene las reglas que usa dpkg-buildpackage.", "es2"),
+        _qa("¿Qué es dh_make?", "Véase dh_make(1).", "es3"),  # too short to tell: kept
+        _qa("What does the FHS say about /opt?", "Add-on application software packages are installed in /opt.", "en1"),
+    ]
+    lang_of = {"es1": "es", "es2": "es", "es3": "es", "en1": "en"}
+    kept = filters.answer_language_filter(items, lang_of.get, language_probabilities, set(LANGUAGES))
+    assert kept == items[1:]
 
 
 def test_filters_drop_what_they_should():

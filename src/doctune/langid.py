@@ -30,3 +30,16 @@ def passages_language(langs: list[str | None], texts: list[str]) -> str:
     where it carries one (chunks do), else detected from its text."""
     found = [lang if lang and lang != UNDETERMINED else detect_language(text) for lang, text in zip(langs, texts)]
     return max(found, key=lambda lang: (found.count(lang), -found.index(lang))) if found else UNDETERMINED
+
+
+def language_probabilities(text: str) -> dict[str, float]:
+    """langdetect's languages for `text` with their probabilities (empty when it cannot tell)."""
+    if not text.strip():
+        return {}
+    from langdetect import DetectorFactory, LangDetectException, detect_langs
+
+    DetectorFactory.seed = 0
+    try:
+        return {found.lang: found.prob for found in detect_langs(text)}
+    except LangDetectException:
+        return {}

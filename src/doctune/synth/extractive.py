@@ -87,6 +87,9 @@ def names_something(phrase: str, lang: Language) -> bool:
     first = words[0].lower().strip("«»\"'“”„")
     if first in lang.pronouns or first.rstrip("'’") in lang.pronouns:
         return False
+    bare = [w for w in words if w.lower() not in lang.articles]
+    if len(bare) == 2 and bare[0].lower() in lang.positional and re.fullmatch(r"[\d.\-–]+", bare[1]):
+        return False  # "line 3", "la línea 10": a place in a listing the question does not show
     return _letters_share(phrase) >= 0.5
 
 
@@ -485,6 +488,13 @@ def leans_on_context(sentence: str, lang: Language) -> bool:
     return first in lang.anaphora and not (lang.impersonal and re.match(lang.impersonal, text, re.I))
 
 
+def _ends_subject(word: str, verbs: set[str], lang: Language) -> bool:
+    """Whether a subject ends before `word`: a verb, or a word that comes between a subject and its verb (an elided
+    one too: "n'est", "s'applique")."""
+    lower = word.lower().replace("’", "'")
+    return lower in verbs or lower in lang.preverbal or ("'" in lower and lower.split("'")[0] + "'" in lang.preverbal)
+
+
 def _facts(c: _Chunk) -> list[QA]:
     """A sentence whose subject is a noun phrase ("The bounding box of a plot is used by ..."): what the
     documentation says about that subject, answered by the sentence."""
@@ -495,9 +505,9 @@ def _facts(c: _Chunk) -> list[QA]:
         words = fold(c.text[start:end]).split()
         if len(words) < 6 or words[0].lower() not in lang.articles:
             continue
-        cut = next((j for j in range(2, min(10, len(words) - 2)) if words[j].lower() in verbs), None)
-        if cut is None:
-            continue
+        cut = next((j for j in range(2, min(10, len(words) - 2)) if _ends_subject(words[j], verbs, lang)), None)
+        if cut is None or words[cut - 1].lower().strip(",;:") in lang.dangling:
+            continue  # no verb, or a subject cut inside its clause ("una de las cosas que")
         subject = " ".join(words[:cut]).rstrip(",;:")
         if _MARKUP.search(subject) or not names_something(" ".join(words[1:cut]), lang) or "," in subject:
             continue

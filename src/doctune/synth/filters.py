@@ -105,6 +105,24 @@ def language_filter(items: list[QA], chunk_lang: Callable[[str], str], languages
     return [qa for qa in items if languages is None or chunk_lang(qa.chunk_id) in languages]
 
 
+def answer_language_filter(
+    items: list[QA], chunk_lang: Callable[[str], str], probabilities: Callable[[str], dict[str, float]], known: set[str]
+) -> list[QA]:
+    """Drop answers in another language than their question, which is asked in its document's: a Spanish manual's
+    untranslated English paragraph. Only where the detector is sure (p >= 0.9) of another language the teacher
+    writes, on an answer of five words or more: code and names fool it on less."""
+    kept = []
+    for qa in items:
+        lang = chunk_lang(qa.chunk_id)
+        if lang in known and len(words(qa.answer)) >= 5:
+            found = probabilities(qa.answer)
+            top = max(found, key=found.get, default=lang)
+            if top != lang and top in known and found[top] >= 0.9 and found.get(lang, 0.0) < 0.1:
+                continue
+        kept.append(qa)
+    return kept
+
+
 # A question whose subject is a pronoun names nothing once it leaves its passage ("What does it do?").
 _PRONOUN_SUBJECT = re.compile(
     r"^(?:what|how|why|when|where|which|who)\s+(?:is|are|was|were|does|do|did|can|could|should|will|would|has|have)\s+"

@@ -32,6 +32,13 @@ class Language:
     demonstratives: tuple[str, ...] = ()
     # Openers whose pronoun points at nothing ("It is recommended to ...", "Il faut ..."): complete as said (a regex).
     impersonal: str = ""
+    # Words between a subject and its verb: negations, clitic pronouns, adverbs ("El empaquetado *no* es", "La
+    # presencia del archivo *te* indicará", "The option *also* sets"). The subject ends before them.
+    preverbal: tuple[str, ...] = ()
+    # Words a subject cannot end with: relatives, prepositions, conjunctions ("una de las cosas *que*").
+    dangling: tuple[str, ...] = ()
+    # Nouns that, with a number, name a place in the text rather than a thing ("line 3", "step 2", "Abbildung 4").
+    positional: tuple[str, ...] = ()
 
     def contract(self, text: str) -> str:
         for pattern, replacement in self.contractions:
@@ -43,6 +50,7 @@ TYPES = ("definition", "reference", "procedure", "list", "note", "numeric", "sec
 
 ENGLISH = Language(
     code="en",
+    positional=("line", "lines", "step", "figure", "table", "example", "item", "point", "paragraph", "column", "row", "page"),
     name="English",
     templates={
         "definition": [
@@ -135,7 +143,30 @@ ENGLISH = Language(
         "hence",
         "moreover",
     ),
-    demonstratives=("this", "these", "those", "here", "such"),
+    demonstratives=("this", "these", "those", "here", "such", "above", "below", "following", "previous", "aforementioned"),
+    preverbal=("also", "only", "often", "usually", "always", "never", "still", "just", "generally", "typically", "then"),
+    dangling=(
+        "that",
+        "which",
+        "who",
+        "whom",
+        "whose",
+        "of",
+        "to",
+        "in",
+        "on",
+        "for",
+        "with",
+        "by",
+        "from",
+        "at",
+        "and",
+        "or",
+        "as",
+        "if",
+        "when",
+        "where",
+    ),
     impersonal=r"it(?:\s+is|'s)\s+(?:not\s+)?(?:recommended|possible|necessary|important|advisable|useful|best|common|a\s+good\s+idea)\b",
     pronouns=(
         "it",
@@ -309,6 +340,7 @@ ENGLISH = Language(
 
 FRENCH = Language(
     code="fr",
+    positional=("ligne", "lignes", "étape", "figure", "tableau", "exemple", "point", "paragraphe", "colonne", "page"),
     name="French",
     templates={
         "definition": [
@@ -404,6 +436,32 @@ FRENCH = Language(
         "c'est",
     ),
     demonstratives=("ce", "cet", "cette", "ces", "ceci", "cela", "ici", "ci-dessus", "ci-dessous"),
+    preverbal=("ne", "n'", "se", "s'", "y", "lui", "leur", "nous", "vous", "me", "m'", "te", "t'"),
+    dangling=(
+        "que",
+        "qu'",
+        "qui",
+        "dont",
+        "où",
+        "de",
+        "d'",
+        "du",
+        "des",
+        "à",
+        "au",
+        "aux",
+        "en",
+        "dans",
+        "pour",
+        "par",
+        "sur",
+        "avec",
+        "et",
+        "ou",
+        "si",
+        "quand",
+        "l'",
+    ),
     impersonal=r"il\s+(?:faut|existe|suffit|convient|y\s+a|est\s+(?:possible|recommandé|nécessaire|conseillé|préférable|important))\b",
     pronouns=(
         "il",
@@ -550,6 +608,7 @@ FRENCH = Language(
 
 GERMAN = Language(
     code="de",
+    positional=("zeile", "zeilen", "schritt", "abbildung", "tabelle", "beispiel", "punkt", "absatz", "spalte", "seite"),
     name="German",
     templates={
         "definition": [
@@ -639,6 +698,30 @@ GERMAN = Language(
         "dazu",
     ),
     demonstratives=("dies", "diese", "dieser", "dieses", "diesen", "diesem", "hier", "oben", "unten"),
+    dangling=(
+        "der",
+        "die",
+        "das",
+        "den",
+        "dem",
+        "des",
+        "dass",
+        "welche",
+        "welcher",
+        "welches",
+        "von",
+        "zu",
+        "mit",
+        "für",
+        "in",
+        "an",
+        "auf",
+        "und",
+        "oder",
+        "wenn",
+        "als",
+        "wie",
+    ),
     impersonal=r"es\s+(?:gibt|(?:ist|wird)\s+(?:nicht\s+)?(?:empfohlen|möglich|notwendig|wichtig|ratsam|sinnvoll))\b",
     pronouns=(
         "es",
@@ -772,6 +855,20 @@ GERMAN = Language(
 
 SPANISH = Language(
     code="es",
+    positional=(
+        "línea",
+        "linea",
+        "líneas",
+        "lineas",
+        "paso",
+        "figura",
+        "tabla",
+        "ejemplo",
+        "punto",
+        "párrafo",
+        "columna",
+        "página",
+    ),
     name="Spanish",
     templates={
         "definition": [
@@ -864,7 +961,66 @@ SPANISH = Language(
         "asimismo",
         "igualmente",
     ),
-    demonstratives=("este", "esta", "estos", "estas", "ese", "esa", "esos", "esas", "aquí", "anterior", "dicho", "dicha"),
+    demonstratives=(
+        "este",
+        "esta",
+        "estos",
+        "estas",
+        "ese",
+        "esa",
+        "esos",
+        "esas",
+        "aquí",
+        "anterior",
+        "anteriores",
+        "anteriormente",
+        "dicho",
+        "dicha",
+        "arriba",
+        "abajo",
+        "siguiente",
+        "siguientes",
+    ),
+    preverbal=(
+        "no",
+        "te",
+        "me",
+        "nos",
+        "os",
+        "le",
+        "les",
+        "lo",
+        "también",
+        "sólo",
+        "solo",
+        "siempre",
+        "nunca",
+        "ya",
+        "normalmente",
+        "todavía",
+    ),
+    dangling=(
+        "que",
+        "quien",
+        "quienes",
+        "cual",
+        "cuyo",
+        "cuya",
+        "de",
+        "del",
+        "a",
+        "al",
+        "en",
+        "por",
+        "para",
+        "con",
+        "y",
+        "o",
+        "si",
+        "cuando",
+        "donde",
+        "como",
+    ),
     pronouns=(
         "él",
         "ella",
@@ -992,6 +1148,34 @@ SPANISH = Language(
         "contienen",
         "necesita",
         "se",
+        "incluye",
+        "incluyen",
+        "tiene",
+        "tienen",
+        "está",
+        "están",
+        "permiten",
+        "muestran",
+        "indican",
+        "definen",
+        "describe",
+        "describen",
+        "utiliza",
+        "utilizan",
+        "proporciona",
+        "proporcionan",
+        "especifica",
+        "especifican",
+        "requiere",
+        "requieren",
+        "depende",
+        "dependen",
+        "existe",
+        "existen",
+        "fue",
+        "fueron",
+        "será",
+        "serán",
     ),
 )
 

@@ -16,6 +16,7 @@ from doctune.cache import Cache
 from doctune.chat import ABSTENTIONS, SYSTEM_PROMPT
 from doctune.code_digest import code_digest
 from doctune.config import RunConfig
+from doctune.langid import language_probabilities
 from doctune.records import (
     ABSTENTIONS_FILE,
     CHUNKS_FILE,
@@ -36,7 +37,7 @@ from doctune.retrieval import ChunkIndex, retrieval_mode
 from doctune.synth import filters
 from doctune.synth.build import Datasets, Holders, build
 from doctune.synth.extractive import QA, name_sections
-from doctune.synth.languages import language_name
+from doctune.synth.languages import LANGUAGES, language_name
 from doctune.synth.replay import replay_texts
 from doctune.synth.teachers import EndpointTeacher, generate, make_teacher
 from doctune.tracking import StageRun
@@ -78,6 +79,12 @@ def apply_filters(
         types.setdefault(qa.qtype, Counter())["generated"] += 1
     steps = [
         ("language", lambda items: filters.language_filter(items, lambda cid: lang_of.get(cid, "und"), cfg.languages)),
+        (
+            "answer_language",
+            lambda items: filters.answer_language_filter(
+                items, lambda cid: lang_of.get(cid, "und"), language_probabilities, set(LANGUAGES)
+            ),
+        ),
         ("not_self_contained", filters.self_contained_filter),
         ("answer_form", filters.answer_form_filter),
         ("exact_duplicate", filters.exact_dedup),
