@@ -81,7 +81,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="doctune-gate-bench-") as tmp:
         folder = resolve_model("bundled:smollm2-135m-instruct", Path(tmp))
         transformers_runtime = TransformersRuntime(folder, batch_size=args.batch_size)
-        sequences = reply_sequences(transformers_runtime.tokenizer, chats, ABSTENTION)
+        sequences = reply_sequences(transformers_runtime.tokenizer, chats, [ABSTENTION] * len(chats))
         prompt_tokens = sum(start for _, start in sequences) / len(sequences)
         try:
             runs = {"transformers fp32": compare(transformers_runtime, sequences, chats, args.max_new_tokens)}

@@ -278,7 +278,8 @@ def test_a_question_with_context_is_declined_where_its_abstention_score_reaches_
 
 
 def test_a_request_declines_in_the_language_of_its_passages():
-    from doctune.serve import abstention_sentences, reply_language
+    from doctune.langid import passages_language
+    from doctune.serve import abstention_sentences, context_language
 
     sentences = {"en": "Not in the documents.", "de": "Steht nicht in den Unterlagen."}
     assert abstention_sentences({registry.ABSTENTION_SENTENCES_TAG: json.dumps(sentences)}) == sentences
@@ -286,12 +287,14 @@ def test_a_request_declines_in_the_language_of_its_passages():
     assert abstention_sentences({registry.LEGACY_ABSTENTION_SENTENCE_TAG: "No."}) == {"en": "No."}
     with pytest.raises(ServeError, match="JSON object of language"):
         abstention_sentences({registry.ABSTENTION_SENTENCES_TAG: "Not in the documents."})
-    # Retrieved passages: their chunks' recorded language (most of them), whatever the question's words.
-    cited = [{"lang": "de"}, {"lang": "de"}, {"lang": "en"}]
-    assert reply_language("Context:\n[1] ...\n\nQuestion: What is the pump's pressure?", cited) == "de"
-    # Context the client sent: detected from its text.
+    # Context the client sent: each passage detected, the most common language, as the gate picks it for its items.
     german = "Die Pumpe fördert das Wasser mit einem Druck von zwei bar in den Behälter, der über dem Keller steht."
-    assert reply_language(rag_user_message("Wie hoch ist der Druck?", [german]), None) == "de"
+    english = "The pump moves the water at a pressure of two bar into the tank that stands above the cellar floor."
+    long_english = english * 30  # one long passage does not outvote two short ones
+    assert context_language(rag_user_message("Wie hoch ist der Druck?", [long_english, german, german])) == "de"
+    assert context_language(rag_user_message("What is the pressure?", [english, german])) == "en"  # a tie: the first
+    # Retrieved chunks (and the gate's items): the recorded language where a chunk carries one, else its text's.
+    assert passages_language(["de", None, "und", "en"], [english, german, german, german]) == "de"
 
 
 def test_a_question_without_context_gets_the_indexed_passages_and_their_citations(make_config):

@@ -181,7 +181,13 @@ def test_a_fact_subject_ends_where_its_verb_begins_and_names_a_thing():
     ]
     assert subjects("en", "The upgrade command also removes the packages that are no longer needed.") == ["the upgrade command"]
     # A subject cut inside its clause, or one that is a place in a listing, names nothing a reader can look up.
-    assert subjects("es", "Una de las cosas que puede hacer el desarrollador es leer la documentación.") == []
+    # A relative clause is read to its end; a noun, a variable name or a name in capitals is no word between.
+    assert subjects("es", "Una de las cosas que puede hacer el desarrollador es leer la documentación.") == [
+        "una de las cosas que puede hacer el desarrollador"
+    ]
+    assert subjects("en", "The read only flag is set on the mount point by the installer.") == ["the read only flag"]
+    assert subjects("fr", "La variable y contient la hauteur de la fenêtre en pixels.") == ["la variable y"]
+    assert subjects("es", "El soporte de Mac OS X es limitado en esta versión del programa.") == ["el soporte de Mac OS X"]
     assert subjects("es", "La línea 3 describe cómo de importante es el paquete para el sistema.") == []
     assert subjects("en", "The naming convention which can be found in the policy manual is used by every package.") == []
     assert subjects("es", "Las breves descripciones dadas anteriormente deben ser revisadas por el desarrollador.") == []
@@ -200,8 +206,14 @@ def test_an_answer_in_another_language_than_its_question_is_dropped():
         _qa("¿Qué es dh_make?", "Véase dh_make(1).", "es3"),  # too short to tell: kept
         _qa("What does the FHS say about /opt?", "Add-on application software packages are installed in /opt.", "en1"),
     ]
-    lang_of = {"es1": "es", "es2": "es", "es3": "es", "en1": "en"}
-    kept = filters.answer_language_filter(items, lang_of.get, language_probabilities, set(LANGUAGES))
+    # Names and field names are no prose in another language: the detector is sure of English, they hold no "the".
+    items.append(
+        _qa("¿Qué campos tiene el archivo control?", "Source, Section, Priority, Maintainer, Build-Depends, Homepage", "es4")
+    )
+    items.append(_qa("Welche Dokumente nennt das Handbuch?", "Debian Free Software Guidelines (DFSG), Social Contract", "de1"))
+    lang_of = {"es1": "es", "es2": "es", "es3": "es", "es4": "es", "en1": "en", "de1": "de"}
+    function_words = {code: lang.function_words for code, lang in LANGUAGES.items()}
+    kept = filters.answer_language_filter(items, lang_of.get, language_probabilities, function_words)
     assert kept == items[1:]
 
 

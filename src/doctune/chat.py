@@ -7,6 +7,8 @@ records.ABSTENTIONS_FILE) and reused verbatim by training, the gate and serving.
 
 from __future__ import annotations
 
+import re
+
 ROLES = ("system", "user", "assistant")
 CUT_MARK = "\n…\n"
 
@@ -49,6 +51,14 @@ def rag_user_message(question: str, passages: list[str]) -> str:
     """A user turn that carries retrieved context, numbered in the order given."""
     context = "\n\n".join(f"[{i}] {text}" for i, text in enumerate(passages, start=1))
     return f"{CONTEXT_HEADER}{context}\n\nQuestion: {question}"
+
+
+def context_passages(user_text: str) -> list[str]:
+    """The passages of a RAG user turn as rag_user_message writes it, in prompt order, without their numbers."""
+    if not carries_context(user_text):
+        return []
+    context = user_text[len(CONTEXT_HEADER) :].rsplit("\n\nQuestion: ", 1)[0]
+    return [re.sub(r"^\[\d+\] ", "", part) for part in re.split(r"\n\n(?=\[\d+\] )", context) if part.strip()]
 
 
 def carries_context(user_text: str) -> bool:

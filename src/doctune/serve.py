@@ -12,7 +12,7 @@ The gate's abstention threshold is applied (`serve.apply_abstention_threshold`):
 with retrieved context ("Context:" first in its user turn, as the model was trained and gated) is scored first, the
 mean log-probability of the abstention sentence as the reply, the gate's own score; where it reaches the version's
 threshold the server answers with that sentence instead of generating. The sentence is in the language of the
-passages (the retrieved chunks' recorded language, else the one detected in the context sent), as the gate picks
+passages (the retrieved chunks' recorded language, else the one detected in each passage sent), as the gate picks
 it. Requests without context are not scored: the threshold was calibrated on RAG prompts only.
 
 Retrieval (`serve.retrieve`): where the version was gated with the retriever stage's index, a question sent
@@ -41,12 +41,21 @@ from pathlib import Path
 from mlflow.exceptions import MlflowException
 
 from doctune.artifacts import ArtifactRef
-from doctune.chat import ABSTENTION, abstention_in, carries_context, edge_order, rag_user_message, reply_sequences
+from doctune.chat import (
+    ABSTENTION,
+    abstention_in,
+    carries_context,
+    context_passages,
+    edge_order,
+    rag_user_message,
+    reply_sequences,
+)
 from doctune.citations import chunk_label, chunk_passage, cited_numbers
 from doctune.config import RunConfig
 from doctune.flywheel import SELF_CONSISTENCY
 from doctune.gate import registry
-from doctune.langid import detect_language, passages_language
+from doctune.langid import passages_language
+from doctune.langid import warm_up as warm_up_language_detection
 from doctune.records import CHUNKS_FILE, EMBEDDINGS_FILE, INDEX_FILE, read_parquet
 from doctune.redact import scrub
 from doctune.tracking import Tracker
@@ -142,13 +151,11 @@ def abstention_sentences(tags: dict[str, str]) -> dict[str, str]:
     return {"en": tags.get(registry.LEGACY_ABSTENTION_SENTENCE_TAG) or ABSTENTION}
 
 
-def reply_language(user_text: str, citations: list[dict] | None) -> str:
-    """The language to decline in: the retrieved passages' (as the gate picks it for its items), else that of the
-    context the client sent."""
-    langs = [c.get("lang") for c in citations or []]
-    if langs and all(lang and lang != "und" for lang in langs):
-        return passages_language(langs, [""] * len(langs))
-    return detect_language(user_text)
+def context_language(user_text: str) -> str:
+    """The language of the passages a client sent in its RAG user turn, picked as the gate picks it for its items:
+    each passage's detected language, the most common (the first passage's on a tie)."""
+    passages = context_passages(user_text)
+    return passages_language([None] * len(passages), passages)
 
 
 class Retriever:
@@ -178,8 +185,9 @@ class Retriever:
         self.name, self.top_k, self.labelled = meta["retriever"], top_k, labelled
         self.lock = threading.Lock()  # the embedder and BM25 are not shared across threads
 
-    def context(self, question: str) -> tuple[str, list[dict]]:
-        """The RAG user turn for a question, and its passages as citations in the order the prompt numbers them."""
+    def context(self, question: str) -> tuple[str, list[dict], str]:
+        """The RAG user turn for a question, its passages as citations in the order the prompt numbers them, and
+        their language (as the gate picks it: the chunks' recorded language, else detected, the most common)."""
         with self.lock:
             top, scores = self.index.search([question], self.top_k)
         ranked = [(self.chunks[int(i)], float(score)) for i, score in zip(top[0], scores[0])]
@@ -189,7 +197,8 @@ class Retriever:
             for n, (chunk, score) in enumerate(ordered, start=1)
         ]  # fmt: skip
         shown = [chunk_passage(chunk) if self.labelled else chunk["text"] for chunk, _ in ordered]
-        return rag_user_message(question, shown), citations
+        lang = passages_language([chunk.get("lang") for chunk, _ in ordered], [chunk["text"] for chunk, _ in ordered])
+        return rag_user_message(question, shown), citations, lang
 
 
 class Decliner:
@@ -204,6 +213,7 @@ class Decliner:
 
         self.threshold = threshold_number(deployment.abstention_threshold)
         self.sentences = deployment.abstentions
+        warm_up_language_detection()  # before requests on several threads ask langdetect at once
         if not (deployment.model_folder / "tokenizer_config.json").is_file():
             raise ServeError(
                 f"version {deployment.version} has an abstention threshold but its merged model holds no tokenizer to "
@@ -422,16 +432,16 @@ class Server:
         request_id = uuid.uuid4().hex
         started = time.perf_counter()
         verdict: dict = {}
-        citations = None
+        citations, lang = None, None
         try:
             last = _last_user(body["messages"])
             if backend.retriever is not None and last is not None and not carries_context(body["messages"][last]["content"]):
-                user, citations = backend.retriever.context(body["messages"][last]["content"])
+                user, citations, lang = backend.retriever.context(body["messages"][last]["content"])
                 messages = list(body["messages"])
                 messages[last] = {**messages[last], "content": user}
                 body = {**body, "messages": messages}
             if backend.decliner is not None and _rag_request(body["messages"]):
-                lang = reply_language(body["messages"][_last_user(body["messages"])]["content"], citations)
+                lang = lang or context_language(body["messages"][_last_user(body["messages"])]["content"])
                 score = backend.decliner.score(body["messages"], lang)
                 declined = score >= backend.decliner.threshold
                 verdict = {"abstention_score": round(score, 6), "declined": declined, "reply_lang": lang}

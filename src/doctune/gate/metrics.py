@@ -77,6 +77,8 @@ def rouge_l(prediction: str, reference: str) -> float:
 def abstains(prediction: str, sentences: Iterable[str]) -> bool:
     """Whether a reply declines to answer: one of the trained abstention sentences (any language) or a common
     paraphrase of one."""
+    if isinstance(sentences, str):
+        raise TypeError("abstains takes the abstention sentences, not one string")
     text, normalized = " ".join(prediction.lower().split()), normalize(prediction)
     return any(normalize(s) in normalized for s in sentences) or any(marker in text for marker in ABSTENTION_MARKERS)
 

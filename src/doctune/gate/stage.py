@@ -84,7 +84,7 @@ def build_sets(config: RunConfig, inputs: dict[str, ArtifactRef], tracker: Stage
     heldout_path = tracker.fetch(inputs["heldout"]) / HELDOUT_FILE
     return EvalSets(
         system_prompt=read_text_file(golden_dir, SYSTEM_PROMPT_FILE) or "",
-        abstentions=read_abstentions(unanswerable_dir) or ABSTENTIONS,
+        abstentions=read_abstentions(unanswerable_dir) or {"en": unanswerable[0]["answer"] or ABSTENTIONS["en"]},
         golden=golden,
         unanswerable=unanswerable,
         production=production,

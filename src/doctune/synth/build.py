@@ -183,7 +183,8 @@ class Builder:
         return kept
 
     def abstention(self, ids: list[int]) -> str:
-        """The abstention sentence in the language of the passages a prompt shows (as the gate and serving pick it)."""
+        """The abstention sentence in the language of the passages a prompt shows, `ids` in prompt order (as the
+        gate and serving pick it)."""
         shown = [self.chunks[i] for i in ids]
         return abstention_in(passages_language([c.get("lang") for c in shown], [c["text"] for c in shown]))
 
@@ -231,7 +232,7 @@ class Builder:
                 ids = [self.chunks[i]["chunk_id"] for i in distractors]
                 user = rag_user_message(qa.question, edge_order(self.passages(distractors)))
                 meta = {**base, "form": "abstention", "context_chunk_ids": edge_order(ids), "withheld_answer": qa.answer}
-                abstaining.append(self.chat(user, self.abstention(distractors), meta))
+                abstaining.append(self.chat(user, self.abstention(edge_order(distractors)), meta))
         wanted = round(cfg.abstention_share / (1 - cfg.abstention_share) * len(answerable))
         abstaining.sort(key=lambda r: unit_fraction(cfg.seed, f"abstain|{r['meta']['question']}|{r['meta']['chunk_id']}"))
         return answerable, abstaining[:wanted]
@@ -318,7 +319,7 @@ class Builder:
                 if distractors:
                     ids = [self.chunks[i]["chunk_id"] for i in distractors]
                     unanswerable.append(
-                        {"question": qa.question, "answer": self.abstention(distractors), "chunk_ids": [qa.chunk_id],
+                        {"question": qa.question, "answer": self.abstention(edge_order(distractors)), "chunk_ids": [qa.chunk_id],
                          "answerable": False,
                          "meta": {**meta, "context_chunk_ids": edge_order(ids), "withheld_answer": qa.answer}}
                     )  # fmt: skip

@@ -489,10 +489,12 @@ def leans_on_context(sentence: str, lang: Language) -> bool:
 
 
 def _ends_subject(word: str, verbs: set[str], lang: Language) -> bool:
-    """Whether a subject ends before `word`: a verb, or a word that comes between a subject and its verb (an elided
-    one too: "n'est", "s'applique")."""
+    """Whether a subject ends before `word`: a verb, or a word in lower case that comes between a subject and its
+    verb (an elided one too: "n'est", "s'applique"; not "Mac OS")."""
     lower = word.lower().replace("’", "'")
-    return lower in verbs or lower in lang.preverbal or ("'" in lower and lower.split("'")[0] + "'" in lang.preverbal)
+    if lower in verbs:
+        return True
+    return word.islower() and (lower in lang.preverbal or ("'" in lower and lower.split("'")[0] + "'" in lang.preverbal))
 
 
 def _facts(c: _Chunk) -> list[QA]:
@@ -505,9 +507,16 @@ def _facts(c: _Chunk) -> list[QA]:
         words = fold(c.text[start:end]).split()
         if len(words) < 6 or words[0].lower() not in lang.articles:
             continue
-        cut = next((j for j in range(2, min(10, len(words) - 2)) if _ends_subject(words[j], verbs, lang)), None)
-        if cut is None or words[cut - 1].lower().strip(",;:") in lang.dangling:
-            continue  # no verb, or a subject cut inside its clause ("una de las cosas que")
+        cut = next(
+            (
+                j
+                for j in range(2, min(10, len(words) - 2))
+                if _ends_subject(words[j], verbs, lang) and words[j - 1].lower().strip(",;:") not in lang.dangling
+            ),
+            None,
+        )  # fmt: skip  (not inside a clause: "una de las cosas que *puede* hacer el desarrollador es")
+        if cut is None:
+            continue
         subject = " ".join(words[:cut]).rstrip(",;:")
         if _MARKUP.search(subject) or not names_something(" ".join(words[1:cut]), lang) or "," in subject:
             continue

@@ -106,19 +106,26 @@ def language_filter(items: list[QA], chunk_lang: Callable[[str], str], languages
 
 
 def answer_language_filter(
-    items: list[QA], chunk_lang: Callable[[str], str], probabilities: Callable[[str], dict[str, float]], known: set[str]
+    items: list[QA],
+    chunk_lang: Callable[[str], str],
+    probabilities: Callable[[str], dict[str, float]],
+    function_words: dict[str, frozenset[str]],
 ) -> list[QA]:
     """Drop answers in another language than their question, which is asked in its document's: a Spanish manual's
-    untranslated English paragraph. Only where the detector is sure (p >= 0.9) of another language the teacher
-    writes, on an answer of five words or more: code and names fool it on less."""
+    untranslated English paragraph. Only prose is judged: the detector must be sure (p >= 0.9) of another language
+    the teacher writes (a key of `function_words`), on an answer of five words or more that holds at least two of
+    that language's function words and more of them than of its question's. Names and lists of field names
+    ("Source, Section, Priority, Maintainer") fool the detector and hold none."""
     kept = []
     for qa in items:
-        lang = chunk_lang(qa.chunk_id)
-        if lang in known and len(words(qa.answer)) >= 5:
+        lang, answer = chunk_lang(qa.chunk_id), words(qa.answer)
+        if lang in function_words and len(answer) >= 5:
             found = probabilities(qa.answer)
             top = max(found, key=found.get, default=lang)
-            if top != lang and top in known and found[top] >= 0.9 and found.get(lang, 0.0) < 0.1:
-                continue
+            if top != lang and top in function_words and found[top] >= 0.9 and found.get(lang, 0.0) < 0.1:
+                theirs = sum(w in function_words[top] for w in answer)
+                if theirs >= 2 and theirs > sum(w in function_words[lang] for w in answer):
+                    continue
         kept.append(qa)
     return kept
 

@@ -40,6 +40,12 @@ class Language:
     # Nouns that, with a number, name a place in the text rather than a thing ("line 3", "step 2", "Abbildung 4").
     positional: tuple[str, ...] = ()
 
+    @property
+    def function_words(self) -> frozenset[str]:
+        """Words of running prose in this language (articles, auxiliaries, prepositions, relatives), lower case."""
+        single = [w for w in (*self.copulas, *self.value_verbs) if " " not in w]
+        return frozenset(w.lower() for w in (*self.articles, *self.auxiliaries, *self.dangling, *single))
+
     def contract(self, text: str) -> str:
         for pattern, replacement in self.contractions:
             text = re.sub(pattern, replacement, text)
@@ -144,7 +150,7 @@ ENGLISH = Language(
         "moreover",
     ),
     demonstratives=("this", "these", "those", "here", "such", "above", "below", "following", "previous", "aforementioned"),
-    preverbal=("also", "only", "often", "usually", "always", "never", "still", "just", "generally", "typically", "then"),
+    preverbal=("also", "often", "usually", "always", "never", "generally", "typically"),  # not "only": "the read only flag"
     dangling=(
         "that",
         "which",
@@ -436,7 +442,7 @@ FRENCH = Language(
         "c'est",
     ),
     demonstratives=("ce", "cet", "cette", "ces", "ceci", "cela", "ici", "ci-dessus", "ci-dessous"),
-    preverbal=("ne", "n'", "se", "s'", "y", "lui", "leur", "nous", "vous", "me", "m'", "te", "t'"),
+    preverbal=("ne", "n'", "se", "s'", "lui", "leur", "nous", "vous", "me", "m'", "te", "t'"),  # not "y": "la variable y"
     dangling=(
         "que",
         "qu'",
@@ -991,14 +997,12 @@ SPANISH = Language(
         "les",
         "lo",
         "también",
-        "sólo",
-        "solo",
         "siempre",
         "nunca",
         "ya",
         "normalmente",
         "todavía",
-    ),
+    ),  # not "solo": "de solo lectura"
     dangling=(
         "que",
         "quien",

@@ -82,7 +82,10 @@ def apply_filters(
         (
             "answer_language",
             lambda items: filters.answer_language_filter(
-                items, lambda cid: lang_of.get(cid, "und"), language_probabilities, set(LANGUAGES)
+                items,
+                lambda cid: lang_of.get(cid, "und"),
+                language_probabilities,
+                {code: lang.function_words for code, lang in LANGUAGES.items()},
             ),
         ),
         ("not_self_contained", filters.self_contained_filter),
