@@ -682,7 +682,7 @@ def test_endpoint_teacher_against_a_live_llama_cpp_server(start_server, make_con
     pdfs.mkdir()
     with pymupdf.open(corpus / "camlidl-1.04.doc.pdf") as doc:  # eight pages keep the test to a few requests
         doc.select([1, 2, 3, 4, 5, 6, 7, 8])
-        doc.save(pdfs / "camlidl-excerpt.pdf")
+        doc.save(pdfs / "camlidl-excerpt.pdf", no_new_id=True)  # the same bytes, doc id and split every session
     config = make_config(pdfs)
     tracker = Tracker(config)
     parent = tracker.open_pipeline_run("endpoint-test")
