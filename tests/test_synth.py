@@ -17,7 +17,16 @@ from doctune.endpoint import EndpointError
 from doctune.records import read_parquet
 from doctune.stages import execute_stage
 from doctune.synth import filters
-from doctune.synth.build import Builder, alter, assign_splits, judged, rehearsal_records, replay_records, subject_named
+from doctune.synth.build import (
+    Builder,
+    alter,
+    assign_splits,
+    judged,
+    rehearsal_records,
+    replay_records,
+    section_in_context,
+    subject_named,
+)
 from doctune.synth.extractive import QA, extractive_questions, fold, leans_on_context, name_sections
 from doctune.synth.languages import LANGUAGES, TYPES
 from doctune.synth.replay import ReplayText
@@ -305,6 +314,35 @@ def test_an_open_question_whose_subject_the_context_names_is_no_abstention_case(
     depth = qa("numeric", 0, subject="the default maximal depth of the table of contents")
     assert not subject_named(depth, ["The default maximal depth of the table of contents is set per style."])
     assert not subject_named(QA("Q about groups?", "a", "c-1", "topic"), ["groups"])  # an LLM teacher's item: no fields
+
+
+def test_a_title_question_over_a_passage_of_its_own_section_is_no_abstention_case():
+    def chunk(section: str, parent: str = "", doc: str = "fhs") -> dict:
+        return {"doc_id": doc, "section": section, "section_parent": parent, "text": "..."}
+
+    def asking(qtype: str, template: int, title: str, lang: str = "en", **fields) -> QA:
+        question = LANGUAGES[lang].templates[qtype][template].format(title=title, **fields)
+        return QA(question, "withheld.", "c-1", qtype, template, meta={"fields": {"title": title, **fields}, "lang": lang})
+
+    media = "3.11. /media : Mount point for removable media"
+    source = chunk("3.11.1. Purpose", media)
+    purpose = asking("section", 0, "/media : Mount point for removable media › Purpose")
+    # Named with its parent: the parent's other subsections are about the same subject.
+    mnt = chunk("3.12.1. Purpose", "3.12. /mnt : Mount point")
+    assert section_in_context(purpose, source, [mnt, chunk("3.11.2. Specific Options", media)])
+    assert section_in_context(purpose, source, [chunk(media, "Chapter 3. The Root Filesystem")])  # the parent's lead
+    assert section_in_context(purpose, source, [chunk("3.11.1. Purpose", media)])  # another chunk of the section
+    assert not section_in_context(purpose, source, [mnt])
+    assert not section_in_context(purpose, source, [chunk("3.11.2. Specific Options", media, doc="other")])
+    # Named alone: its siblings are other subjects ("Archivo control" beside "Archivo compat"), its subsections not.
+    parent = "5. Otros ficheros en el directorio debian"
+    compat = asking("section", 0, "Archivo compat", lang="es")
+    source = chunk("5.2. Archivo compat", parent, doc="guia")
+    assert not section_in_context(compat, source, [chunk("5.3. Archivo control", parent, doc="guia")])
+    assert section_in_context(compat, source, [chunk("5.2.1. Niveles", "5.2. Archivo compat", doc="guia")])
+    # A fact question asks about its subject, whatever section the context is from.
+    fact = asking("fact", 4, "Archivo compat", lang="en", subject="the compatibility level")
+    assert not section_in_context(fact, source, [chunk("5.2. Archivo compat", parent, doc="guia")])
 
 
 def test_a_structured_reply_is_cut_after_the_json_object_it_starts_with():

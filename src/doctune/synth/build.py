@@ -21,7 +21,7 @@ from doctune.config import SynthConfig
 from doctune.flywheel import Examples
 from doctune.langid import passages_language
 from doctune.retrieval import ChunkIndex
-from doctune.synth.extractive import QA, fold
+from doctune.synth.extractive import QA, SECTION_PATH, fold, section_key
 from doctune.synth.filters import words
 from doctune.synth.languages import language
 from doctune.synth.replay import ReplayText
@@ -139,15 +139,36 @@ def subject_named(qa: QA, passages: list[str]) -> bool:
     acronym, "C++ API") is never named, so its item stays an abstention case."""
     key = OPEN_TYPES.get(qa.qtype)
     fields = qa.meta.get("fields", {}) if isinstance(qa.meta, dict) else {}
-    if key is None or not fields.get(key) or qa.template < 0:
+    if key is None or not fields.get(key) or not _asks_about(qa, key):
         return False
-    lang = language(qa.meta.get("lang", ""))
-    phrasings = lang.templates.get(qa.qtype, []) if lang else []
-    if qa.template >= len(phrasings) or "{" + key + "}" not in phrasings[qa.template]:
-        return False  # this phrasing does not ask about it (a fact question may name only its section)
     stems = {_stem(w) for w in re.findall(r"[^\W\d_]{5,}", fold(str(fields[key])).lower())}
     patterns = [re.compile(rf"\b{re.escape(stem)}") for stem in stems]
     return bool(patterns) and any(all(p.search(fold(text).lower()) for p in patterns) for text in passages)
+
+
+def section_in_context(qa: QA, source: dict, passages: list[dict]) -> bool:
+    """Whether a passage lies in the section a title question asks about ("What does the section X say?"): X
+    itself, a subsection of X, or, where the question names X with its parent heading ("/media : Mount point for
+    removable media › Purpose": "Purpose" alone names no subject), the parent or another of its subsections. Such
+    a passage says what X is about, if not with the withheld span, so the question is no abstention case; its
+    words need not be the title's ("Home directories" over a chunk of "Requirements")."""
+    fields = qa.meta.get("fields", {}) if isinstance(qa.meta, dict) else {}
+    title, section = fields.get("title") or "", source.get("section") or ""
+    if OPEN_TYPES.get(qa.qtype) != "title" or not title or not section or not _asks_about(qa, "title"):
+        return False
+    family = {section}
+    parent = source.get("section_parent") or ""
+    if parent and SECTION_PATH in title and section_key(parent) in fold(title).lower():
+        family.add(parent)
+    same_doc = [p for p in passages if p.get("doc_id") == source.get("doc_id")]
+    return any((p.get("section") or "") in family or (p.get("section_parent") or "") in family for p in same_doc)
+
+
+def _asks_about(qa: QA, key: str) -> bool:
+    """Whether the question's phrasing asks about `key` (a fact question may name its section only to place it)."""
+    lang = language(qa.meta.get("lang", ""))
+    phrasings = lang.templates.get(qa.qtype, []) if lang else []
+    return 0 <= qa.template < len(phrasings) and "{" + key + "}" in phrasings[qa.template]
 
 
 class Builder:
@@ -181,6 +202,12 @@ class Builder:
         kept = ranked[: self.top_k - 1]
         kept.insert(int(unit_fraction(self.config.seed, f"gold|{key}") * (len(kept) + 1)), gold)
         return kept
+
+    def answered_in_context(self, qa: QA, context: list[int]) -> bool:
+        """Whether an open question's context answers it without the withheld chunk: then it is no abstention case."""
+        passages = [self.chunks[i] for i in context]
+        source = self.chunks[self.by_id[qa.chunk_id]]
+        return subject_named(qa, [p["text"] for p in passages]) or section_in_context(qa, source, passages)
 
     def abstention(self, ids: list[int]) -> str:
         """The abstention sentence in the language of the passages a prompt shows, `ids` in prompt order (as the
@@ -226,7 +253,7 @@ class Builder:
                 answerable.append(self.chat(user, cite(qa.answer, cited), meta))
             else:
                 answerable.append(self.chat(qa.question, qa.answer, {**base, "form": "closed_book"}))
-            if distractors and subject_named(qa, [self.chunks[i]["text"] for i in distractors]):
+            if distractors and self.answered_in_context(qa, distractors):
                 self.counts["sft_abstention_subject_in_context"] += 1
             elif distractors and not held & set(distractors):
                 ids = [self.chunks[i]["chunk_id"] for i in distractors]
@@ -313,7 +340,7 @@ class Builder:
             meta = {"qtype": qa.qtype, "evidence": qa.evidence, "doc_id": chunk["doc_id"], "lang": chunk.get("lang", "und")}
             meta["source"] = chunk.get("source", "")
             drawn = unit_fraction(self.config.seed, f"unanswerable|{qa.question}|{qa.chunk_id}") < self.config.unanswerable_share
-            if drawn and distractors and subject_named(qa, [self.chunks[i]["text"] for i in distractors]):
+            if drawn and distractors and self.answered_in_context(qa, distractors):
                 self.counts["unanswerable_subject_in_context"] += 1  # answerable after all: golden
             elif drawn:
                 if distractors:

@@ -108,7 +108,8 @@ def section_title(chunk: dict, lang: Language) -> str:
 SECTION_PATH = " › "  # "/bin : Essential user command binaries › Purpose"
 
 
-def _bare(section: str) -> str:
+def section_key(section: str) -> str:
+    """A heading as questions compare it: numbering off, folded, lower case."""
     return fold(_NUMBERING.sub("", fold(section or ""))).lower()
 
 
@@ -129,21 +130,21 @@ def name_sections(chunks: list[dict]) -> list[dict]:
 
     first: dict[tuple, dict] = {}  # one chunk per distinct section
     for c in chunks:
-        if _bare(c.get("section", "")):
+        if section_key(c.get("section", "")):
             first.setdefault(key(c), c)
-    alike = Counter(_bare(k[1]) for k in first)
+    alike = Counter(section_key(k[1]) for k in first)
     shown: Counter = Counter()  # (title, qualifier as a reader sees it) over the distinct sections
     for k, c in first.items():
         lang = language(c.get("lang") or "en")
-        if lang and alike[_bare(k[1])] > 1:
-            shown.update({(_bare(k[1]), i, q.lower()) for i, q in enumerate(qualifiers(c, lang)) if q})
+        if lang and alike[section_key(k[1])] > 1:
+            shown.update({(section_key(k[1]), i, q.lower()) for i, q in enumerate(qualifiers(c, lang)) if q})
     out = []
     for c in chunks:
         lang = language(c.get("lang") or "en")
         own = section_title(c, lang) if lang else ""
         named = own
-        if own and alike[_bare(c["section"])] > 1:
-            unique = [q for i, q in enumerate(qualifiers(c, lang)) if q and shown[(_bare(c["section"]), i, q.lower())] == 1]
+        if own and alike[section_key(c["section"])] > 1:
+            unique = [q for i, q in enumerate(qualifiers(c, lang)) if q and shown[(section_key(c["section"]), i, q.lower())] == 1]
             named = f"{unique[0]}{SECTION_PATH}{own}" if unique else ""
         out.append({**c, "section_named": named})
     return out
