@@ -135,14 +135,16 @@ def subject_named(qa: QA, passages: list[str]) -> bool:
     over a context that discusses the teacher): then the context does answer it, if not with the withheld span,
     and it is no abstention case. Questions about a specific fact (a definition, a value, an entry, steps) stay
     abstention cases when their subject is in context and the fact is not: the hard negatives. Named: every word
-    of five letters or more of the subject found at a word start by its stem; a subject without such a word (an
-    acronym, "C++ API") is never named, so its item stays an abstention case."""
+    of five letters or more of the subject found at a word start by its stem, or, where it has none, every word of
+    four ("help", "mask"); a subject without such a word (an acronym, "C++ API") is never named, so its item stays
+    an abstention case."""
     key = OPEN_TYPES.get(qa.qtype)
     fields = qa.meta.get("fields", {}) if isinstance(qa.meta, dict) else {}
     if key is None or not fields.get(key) or not _asks_about(qa, key):
         return False
-    stems = {_stem(w) for w in re.findall(r"[^\W\d_]{5,}", fold(str(fields[key])).lower())}
-    patterns = [re.compile(rf"\b{re.escape(stem)}") for stem in stems]
+    words = set(re.findall(r"[^\W\d_]{4,}", fold(str(fields[key])).lower()))
+    long = {w for w in words if len(w) > 4}
+    patterns = [re.compile(rf"\b{re.escape(_stem(w))}") for w in long or words]
     return bool(patterns) and any(all(p.search(fold(text).lower()) for p in patterns) for text in passages)
 
 
