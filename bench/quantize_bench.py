@@ -3,7 +3,9 @@
 The fp32 model stands where the merged model stands in the pipeline (a merge yields the same architecture and
 size). Held-out text is the CPT hold-out of the synthetic CPT dataset of the corpus (ingest and synth run first,
 or are reused from .doctune). Each GGUF variant runs in llama.cpp (llama-cpp-python), NF4 and fp32 in
-transformers; tokens/s is greedy generation on CPU. Writes bench/results/quantize.json and quantize.md.
+transformers; tokens/s is greedy generation on CPU. The K-quants are weighted by an importance matrix of the CPT
+domain text, as the quantize stage makes them; q4_k_m is also made without one, to show what it buys. Writes
+bench/results/quantize.json and quantize.md.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ from train_bench import datasets
 
 from doctune.config import load_config
 from doctune.models import resolve_model
-from doctune.quantize.stage import BASELINE, heldout_blocks, quantize_variants
+from doctune.quantize.stage import BASELINE, domain_texts, heldout_blocks, make_variant, quantize_variants
 
 REPO = Path(__file__).resolve().parents[1]
+PLAIN_K_QUANT = "gguf-q4_k_m, no imatrix"
 
 
 def main() -> None:
@@ -44,11 +47,19 @@ def main() -> None:
     blocks = heldout_blocks(
         tracker.fetch(outputs["heldout"]), AutoTokenizer.from_pretrained(model_dir), q.block_size, q.eval_blocks
     )
+    domain = domain_texts(tracker.fetch(outputs["cpt"]))
     with tempfile.TemporaryDirectory(prefix="bench-quantize-") as tmp:
-        report = quantize_variants(config, model_dir, config.model.base_model, blocks, Path(tmp))
+        report = quantize_variants(config, model_dir, config.model.base_model, blocks, Path(tmp), domain)
+        if "gguf-q4_k_m" in report["variants"]:  # the same K-quant without the domain importance matrix
+            report["variants"][PLAIN_K_QUANT] = make_variant(
+                "gguf-q4_k_m", Path(tmp) / "q4_k_m-plain", model_dir, config.model.base_model, None, config, blocks,
+                report["prompt"], report[BASELINE],
+            )  # fmt: skip
     for row in [report[BASELINE], *report["variants"].values()]:
         row.pop("reply", None)
-    report |= {"model": config.model.base_model, "cpus": os.cpu_count(), "targets": {"gguf-q8_0 perplexity_ratio": "<= 1.02"}}
+    targets = {"gguf-q8_0 perplexity_ratio": "<= 1.02", "gguf-q4_k_m perplexity_ratio": "<= 1.05",
+               "gguf-q4_k_m perplexity vs q4_0 and vs q4_k_m without imatrix": "< 1"}  # fmt: skip
+    report |= {"model": config.model.base_model, "cpus": os.cpu_count(), "targets": targets}
     base = report[BASELINE]
     lines = [
         f"Quantization benchmark: bundled SmolLM2-135M-Instruct, {report['eval_blocks']} held-out blocks of "
@@ -67,7 +78,8 @@ def main() -> None:
         ),
         *(f"| {name} | failed: {error} | | | | | | | |" for name, error in report["failed"].items()),
         "",
-        "Target: gguf-q8_0 perplexity ratio <= 1.02 (the gate's default for quantized variants).",
+        "Targets: gguf-q8_0 perplexity ratio <= 1.02 (the gate's default for quantized variants); gguf-q4_k_m (with"
+        " the domain importance matrix) <= 1.05, and below q4_0 and q4_k_m without the matrix.",
     ]
     write_results(args.out, "quantize", report, lines)
 

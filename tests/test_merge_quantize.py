@@ -27,7 +27,7 @@ def logits_of(model, tokenizer) -> torch.Tensor:
 def sft_model(make_config, datasets):  # noqa: F811
     """A LoRA SFT model with a clearly trained adapter, logged as the pipeline logs it."""
     config = make_config(**overrides("sft", max_steps=3, learning_rate=3e-2), **{"synth.replay.share": 0.0})
-    tracker, parent, data = log_datasets(config, {"sft": datasets["sft"], "heldout": datasets["heldout"]})
+    tracker, parent, data = log_datasets(config, {k: datasets[k] for k in ("sft", "heldout", "cpt")})
     sft = execute_stage("sft", config, tracker, parent, {"sft": data["sft"]})
     return config, tracker, parent, data, sft.outputs["model"]
 
@@ -86,7 +86,8 @@ def test_quantize_writes_checked_variants_and_reports_the_ones_it_cannot(sft_mod
             )
         }
     )
-    result = execute_stage("quantize", config, tracker, parent, {"model": merged, "heldout": data["heldout"]})
+    inputs = {"model": merged, "heldout": data["heldout"], "cpt": data["cpt"]}
+    result = execute_stage("quantize", config, tracker, parent, inputs)
     assert set(result.outputs) == {"gguf-f16", "gguf-q4_k_m", "gguf-q8_0", "nf4", "report"}
     report = json.loads((tracker.fetch(result.outputs["report"]) / REPORT_FILE).read_text())
     assert "GGUF type q4_k for LlamaForCausalLM: cannot be written by the gguf package" in report["failed"]["gguf-q4_k"]
@@ -94,6 +95,9 @@ def test_quantize_writes_checked_variants_and_reports_the_ones_it_cannot(sft_mod
     # A K-quant comes from llama.cpp's own quantizer, with what each tensor became (fallbacks where rows are short).
     k_quant = report["variants"]["gguf-q4_k_m"]
     assert k_quant["quantizer"].startswith("llama.cpp") and sum(k_quant["tensor_types"].values()) > 0
+    # ... weighted by an importance matrix of the CPT domain text: 7 linear layers in each of the 2 blocks.
+    assert k_quant["importance_matrix"] and report["importance_matrix"]["tensors"] == 14
+    assert report["importance_matrix"]["tokens"] > 0 and not report["variants"]["gguf-q8_0"].get("importance_matrix")
     assert (tracker.fetch(result.outputs["gguf-q4_k_m"]) / "model-q4_k_m.gguf").is_file()
     f16 = report["variants"]["gguf-f16"]
     assert f16["perplexity_ratio"] == pytest.approx(1.0, abs=2e-3)
@@ -117,6 +121,35 @@ def test_quantize_writes_checked_variants_and_reports_the_ones_it_cannot(sft_mod
 
     nf4 = tracker.fetch(result.outputs["nf4"])
     assert json.loads((nf4 / "config.json").read_text())["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
+
+
+def test_the_importance_matrix_changes_how_llama_cpp_rounds_the_weights(tiny_model_dir, tmp_path):
+    import gguf
+    import numpy as np
+
+    from doctune.quantize.gguf_export import requantize
+    from doctune.quantize.importance import importance_matrix
+
+    texts = ["The option -x3 of camlidl sets the stub level.", "Each group holds several questions, shuffled."] * 20
+    imatrix = importance_matrix(tiny_model_dir, texts, block_size=32, max_blocks=8)
+    assert imatrix.blocks == 8 and imatrix.tokens == 8 * 32
+    for layer in (0, 1):
+        for kind, width in (("attn_q", 64), ("attn_k", 64), ("attn_v", 64), ("attn_output", 64), ("ffn_gate", 64),
+                            ("ffn_up", 64), ("ffn_down", 128)):  # fmt: skip
+            values = imatrix.values[f"blk.{layer}.{kind}.weight"]
+            assert values.shape == (width,) and np.isfinite(values).all() and (values > 0).all()
+    # q, k and v read the same normed input, so they share one column weighting, as in llama.cpp's imatrix tool.
+    np.testing.assert_array_equal(imatrix.values["blk.0.attn_q.weight"], imatrix.values["blk.0.attn_v.weight"])
+
+    f16 = tmp_path / "f16.gguf"
+    write_gguf(tiny_model_dir, f16, "f16")
+    plain, weighted = tmp_path / "plain.gguf", tmp_path / "weighted.gguf"
+    requantize(f16, plain, "q4_k_m", 1)
+    assert requantize(f16, weighted, "q4_k_m", 1, imatrix=imatrix.values)["importance_matrix"]
+    tensors = lambda path: {t.name: bytes(t.data) for t in gguf.GGUFReader(str(path)).tensors}  # noqa: E731
+    plain_tensors, weighted_tensors = tensors(plain), tensors(weighted)
+    changed = [name for name in plain_tensors if plain_tensors[name] != weighted_tensors[name]]
+    assert changed and all(name in imatrix.values for name in changed)  # weighted tensors, and only those, differ
 
 
 def test_an_architecture_without_a_gguf_writer_is_named_with_the_type(tmp_path):

@@ -128,7 +128,8 @@ STAGES: dict[str, StageSpec] = {
         name="quantize",
         module="doctune.quantize.stage",
         sections=("model", "quantize"),
-        inputs={"model": ("merge", "model"), "heldout": ("synth", "heldout")},
+        inputs={"model": ("merge", "model"), "heldout": ("synth", "heldout"), "cpt": ("synth", "cpt")},
+        optional_inputs=frozenset({"cpt"}),  # the importance matrix's text: without it the K-quants are unweighted
         params={"model": "merge", "datasets": "synth"},
         kfp_outputs={"quantize_report": ("report", "dataset"), "quantize_metrics": ("", "metrics")},
     ),

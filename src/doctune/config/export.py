@@ -39,6 +39,12 @@ class QuantizeConfig(Section):
         description="gguf-<type> for llama.cpp/Ollama: f16, bf16, q8_0, q5_0, q4_0 (doctune's writer) or the K-quants "
         "q4_k_m, q5_k_m, q6_k, ... (llama.cpp's quantizer, from f16); nf4 (bitsandbytes) for GPUs",
     )
+    imatrix_blocks: int = Field(
+        64,
+        ge=0,
+        description="blocks of synth's CPT domain text (block_size tokens each) the K-quants' importance matrix is "
+        "computed on: llama.cpp's quantizer keeps the weights these documents use most precise; 0: no importance matrix",
+    )
     eval_blocks: int = Field(64, ge=1, description="held-out domain blocks scored by every variant")
     block_size: int = Field(256, ge=16, description="tokens per perplexity block")
     generate_tokens: int = Field(32, ge=1, description="greedy tokens generated per check (and timed)")

@@ -68,6 +68,20 @@ def ggml_type(name: str, architecture: str):
     return qtype
 
 
+def gguf_tensor_names(config):
+    """Map of a transformers model's tensor names to GGUF's ("model.layers.0.self_attn.q_proj.weight" ->
+    "blk.0.attn_q.weight"), from gguf's own name map for the model's architecture."""
+    import gguf
+
+    architecture = (config.architectures or ["?"])[0]
+    if architecture not in ARCHITECTURES:
+        raise GgufExportError(
+            f"architecture {architecture} is not supported by doctune's GGUF writer (supported: {', '.join(ARCHITECTURES)})"
+        )
+    model_arch = gguf.MODEL_ARCH[ARCHITECTURES[architecture].gguf_name]
+    return gguf.get_tensor_name_map(model_arch, config.num_hidden_layers)
+
+
 def permute(weights: np.ndarray, n_head: int, n_head_kv: int | None = None) -> np.ndarray:
     """llama.cpp's convert_hf_to_gguf permutation of q/k rows (inverse of transformers' GGUF loader)."""
     if n_head_kv is not None and n_head != n_head_kv:
@@ -140,11 +154,10 @@ def write_gguf(model_dir: Path, target: Path, type_name: str, pre_tokenizer: str
 
     config = AutoConfig.from_pretrained(model_dir)
     architecture = (config.architectures or ["?"])[0]
-    if architecture not in ARCHITECTURES:
-        raise GgufExportError(
-            f"GGUF type {type_name}: architecture {architecture} is not supported by doctune's GGUF writer "
-            f"(supported: {', '.join(ARCHITECTURES)})"
-        )
+    try:
+        names = gguf_tensor_names(config)
+    except GgufExportError as error:
+        raise GgufExportError(f"GGUF type {type_name}: {error}") from None
     arch = ARCHITECTURES[architecture]
     target_type = ggml_type(type_name, architecture)
     file_type = getattr(gguf.LlamaFileType, "ALL_F32" if target_type.name == "F32" else f"MOSTLY_{target_type.name}", None)
@@ -152,7 +165,6 @@ def write_gguf(model_dir: Path, target: Path, type_name: str, pre_tokenizer: str
         raise GgufExportError(f"GGUF type {type_name} for {architecture}: llama.cpp has no file type for it")
     low_bit = target_type.name not in FLOAT_TYPES and target_type.name != "Q8_0"
     model_arch = gguf.MODEL_ARCH[arch.gguf_name]
-    names = gguf.get_tensor_name_map(model_arch, config.num_hidden_layers)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     n_head, n_kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
@@ -228,10 +240,11 @@ def llama_cpp_file_type(type_name: str) -> int | None:
     return getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{type_name.upper()}", None)
 
 
-def requantize(source: Path, target: Path, type_name: str, threads: int) -> dict:
+def requantize(source: Path, target: Path, type_name: str, threads: int, imatrix: dict[str, np.ndarray] | None = None) -> dict:
     """A GGUF of `type_name` made from the f16 GGUF `source` by llama.cpp's own quantizer (the K-quants, which the gguf
-    package cannot write). Tensors whose rows do not split into 256-value K blocks fall back to another type, as
-    llama.cpp's quantizer decides (it logs which)."""
+    package cannot write), weighting each weight's rounding error by `imatrix` (GGUF tensor name -> mean squared input
+    activation per column) where given. Tensors whose rows do not split into 256-value K blocks fall back to another
+    type, as llama.cpp's quantizer decides (it logs which)."""
     import ctypes
 
     import llama_cpp
@@ -241,6 +254,13 @@ def requantize(source: Path, target: Path, type_name: str, threads: int) -> dict
         raise GgufExportError(f"GGUF type {type_name}: llama.cpp has no file type of that name")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype, params.nthread = file_type, threads
+    if imatrix:  # llama.cpp reads the entries up to one without a name
+        arrays = {name: np.ascontiguousarray(values, dtype=np.float32) for name, values in imatrix.items()}
+        entries = (llama_cpp.llama_model_imatrix_data * (len(arrays) + 1))()
+        for entry, (name, values) in zip(entries, arrays.items()):
+            entry.name, entry.size = name.encode(), values.size
+            entry.data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        params.imatrix = entries
     code = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params))
     if code != 0 or not target.is_file():
         raise GgufExportError(f"GGUF type {type_name}: llama.cpp's quantizer failed (code {code}) on {source.name}")
@@ -249,7 +269,8 @@ def requantize(source: Path, target: Path, type_name: str, threads: int) -> dict
     counts: dict[str, int] = {}
     for tensor in gguf.GGUFReader(str(target)).tensors:  # what each tensor became, fallbacks included
         counts[tensor.tensor_type.name.lower()] = counts.get(tensor.tensor_type.name.lower(), 0) + 1
-    return {"type": type_name, "tensor_types": counts, "quantizer": f"llama.cpp (llama-cpp-python {llama_cpp.__version__})"}
+    quantizer = f"llama.cpp (llama-cpp-python {llama_cpp.__version__})"
+    return {"type": type_name, "tensor_types": counts, "quantizer": quantizer, "importance_matrix": bool(imatrix)}
 
 
 def pre_tokenizer_of_gguf(path: Path) -> str | None:

@@ -1,9 +1,10 @@
 """Quantize: deployable variants of the merged model, each loaded and run in the runtime that serves it.
 
 GGUF files (llama.cpp, Ollama) are written by doctune's GGUF writer, or for the K-quants (q4_k_m, q5_k_m, q6_k, ...)
-by llama.cpp's own quantizer from an f16 file, and checked with llama-cpp-python; bitsandbytes NF4 checkpoints by reloading them
-with transformers. Every variant, and the merged fp32 model as baseline, gets the same measurements: size on disk,
-load time, greedy tokens/s on a chat prompt, perplexity on held-out domain text and its ratio to the merged model.
+by llama.cpp's own quantizer from an f16 file with an importance matrix of the domain's CPT text, and checked with
+llama-cpp-python; bitsandbytes NF4 checkpoints by reloading them with transformers. Every variant, and the merged
+fp32 model as baseline, gets the same measurements: size on disk, load time, greedy tokens/s on a chat prompt,
+perplexity on held-out domain text and its ratio to the merged model.
 A variant that cannot be produced is recorded with its error; the others are still made.
 """
 
@@ -27,7 +28,8 @@ from doctune.quantize.gguf_export import (
     writable_name,
     write_gguf,
 )
-from doctune.records import HELDOUT_FILE, QUANTIZE_REPORT_FILE, SYSTEM_PROMPT_FILE, read_jsonl, read_text_file
+from doctune.quantize.importance import ImportanceMatrix, importance_matrix
+from doctune.records import HELDOUT_FILE, QUANTIZE_REPORT_FILE, SYSTEM_PROMPT_FILE, TRAIN_FILE, read_jsonl, read_text_file
 from doctune.runtimes import open_runtime
 from doctune.textblocks import perplexity_blocks
 from doctune.tracking import StageRun
@@ -51,6 +53,13 @@ def heldout_blocks(heldout_dir: Path, tokenizer, block_size: int, count: int) ->
             "gives two or more domain texts and synth.heldout_fraction > 0"
         )
     return blocks
+
+
+def domain_texts(cpt_dir: Path) -> list[str]:
+    """The domain text of synth's CPT dataset (its replayed general text left out): what the importance matrix
+    is computed on. Not the held-out text, which the variants are scored on."""
+    records = read_jsonl(cpt_dir / TRAIN_FILE, [])
+    return [r["text"] for r in records if isinstance(r.get("text"), str) and r.get("source", "domain") == "domain"]
 
 
 def folder_size(path: Path) -> int:
@@ -100,7 +109,13 @@ def gguf_pre_tokenizer(base_spec: str) -> str | None:
 # -- the stage ----------------------------------------------------------------------------
 
 
-def produce(variant: str, merged: Path, target: Path, base_spec: str) -> dict:
+def needs_quantizer(variant: str) -> bool:
+    """Whether a variant is made by llama.cpp's quantizer (the K-quants), not written by doctune's GGUF writer."""
+    type_name = variant.removeprefix("gguf-")
+    return variant != "nf4" and not writable_name(type_name) and llama_cpp_file_type(type_name) is not None
+
+
+def produce(variant: str, merged: Path, target: Path, base_spec: str, imatrix: ImportanceMatrix | None = None) -> dict:
     """Write one variant into `target`; returns what was written."""
     target.mkdir(parents=True)
     if variant == "nf4":
@@ -108,38 +123,63 @@ def produce(variant: str, merged: Path, target: Path, base_spec: str) -> dict:
         return {"format": "bitsandbytes nf4, double quant"}
     type_name = variant.removeprefix("gguf-")
     pre_tokenizer = gguf_pre_tokenizer(base_spec)
-    if writable_name(type_name) or llama_cpp_file_type(type_name) is None:
+    if not needs_quantizer(variant):
         return write_gguf(merged, target / f"model-{type_name}.gguf", type_name, pre_tokenizer=pre_tokenizer)
     # K-quants and the like: llama.cpp's own quantizer, from an f16 file that does not stay in the variant.
     with tempfile.TemporaryDirectory(prefix="doctune-f16-") as scratch:
         f16 = Path(scratch) / "model-f16.gguf"
         written = write_gguf(merged, f16, "f16", pre_tokenizer=pre_tokenizer)
-        done = requantize(f16, target / f"model-{type_name}.gguf", type_name, usable_cpus())
+        values = imatrix.values if imatrix is not None else None
+        done = requantize(f16, target / f"model-{type_name}.gguf", type_name, usable_cpus(), imatrix=values)
     return {**written, **done}
 
 
-def quantize_variants(config: RunConfig, merged: Path, base_spec: str, blocks: list[list[int]], root: Path) -> dict:
-    """Produce and measure every configured variant into root/<variant>; returns the report (failures included)."""
-    messages = conversation(config.quantize.prompt, read_text_file(merged, SYSTEM_PROMPT_FILE))
+def quantize_variants(
+    config: RunConfig, merged: Path, base_spec: str, blocks: list[list[int]], root: Path, domain: list[str] | None = None
+) -> dict:
+    """Produce and measure every configured variant into root/<variant>; returns the report (failures included).
+    The K-quants are weighted by an importance matrix of the `domain` text where there is one."""
+    q = config.quantize
+    messages = conversation(q.prompt, read_text_file(merged, SYSTEM_PROMPT_FILE))
     weights = sum(folder_size(p) for p in merged.glob("*.safetensors"))
     baseline = {"size_bytes": weights, **measure(merged, config, blocks, messages)}
     report = {"eval_blocks": len(blocks), "block_size": len(blocks[0]), "prompt": messages, BASELINE: baseline}
     report |= {"variants": {}, "failed": {}}
-    for variant in config.quantize.variants:
+    imatrix = None
+    if any(needs_quantizer(v) for v in q.variants):
+        if not q.imatrix_blocks:
+            report["importance_matrix"] = {"skipped": "quantize.imatrix_blocks is 0"}
+        elif not domain:
+            report["importance_matrix"] = {"skipped": "no CPT domain text among the stage's inputs"}
+        else:
+            try:
+                imatrix = importance_matrix(merged, domain, q.block_size, q.imatrix_blocks)
+                report["importance_matrix"] = {"text": "synth's CPT domain text", **imatrix.summary()}
+            except Exception as error:  # the variants are still made, unweighted, and the report says why
+                report["importance_matrix"] = {"failed": f"{type(error).__name__}: {error}"}
+    for variant in q.variants:
         folder = root / variant
         try:
-            written = produce(variant, merged, folder, base_spec)
-            result = {"size_bytes": folder_size(folder), **written, **measure(folder, config, blocks, messages)}
+            made = make_variant(variant, folder, merged, base_spec, imatrix, config, blocks, messages, baseline)
+            report["variants"][variant] = made
         except Exception as error:  # one variant failing must not cost the others
             report["failed"][variant] = f"{type(error).__name__}: {error}"
             shutil.rmtree(folder, ignore_errors=True)
-            continue
-        result["perplexity_ratio"] = result["perplexity"] / baseline["perplexity"]
-        result["size_ratio"] = result["size_bytes"] / weights
-        result["speedup"] = result["tokens_per_s"] / baseline["tokens_per_s"]
-        (folder / REPORT_FILE).write_text(json.dumps(result, indent=1))
-        report["variants"][variant] = result
     return report
+
+
+def make_variant(
+    variant: str, folder: Path, merged: Path, base_spec: str, imatrix: ImportanceMatrix | None, config: RunConfig,
+    blocks: list[list[int]], messages: list[dict], baseline: dict,
+) -> dict:  # fmt: skip
+    """One variant produced into `folder` and measured as the merged `baseline` was."""
+    written = produce(variant, merged, folder, base_spec, imatrix)
+    result = {"size_bytes": folder_size(folder), **written, **measure(folder, config, blocks, messages)}
+    result["perplexity_ratio"] = result["perplexity"] / baseline["perplexity"]
+    result["size_ratio"] = result["size_bytes"] / baseline["size_bytes"]
+    result["speedup"] = result["tokens_per_s"] / baseline["tokens_per_s"]
+    (folder / REPORT_FILE).write_text(json.dumps(result, indent=1))
+    return result
 
 
 def run(config: RunConfig, inputs: dict[str, ArtifactRef], tracker: StageRun) -> dict[str, ArtifactRef]:
@@ -149,8 +189,9 @@ def run(config: RunConfig, inputs: dict[str, ArtifactRef], tracker: StageRun) ->
     base_spec = read_meta(merged).get("base_model", config.model.base_model)
     q = config.quantize
     blocks = heldout_blocks(tracker.fetch(inputs["heldout"]), AutoTokenizer.from_pretrained(merged), q.block_size, q.eval_blocks)
+    domain = domain_texts(tracker.fetch(inputs["cpt"])) if "cpt" in inputs else None
     with tempfile.TemporaryDirectory(prefix="doctune-quantize-") as tmp:
-        report = quantize_variants(config, merged, base_spec, blocks, Path(tmp))
+        report = quantize_variants(config, merged, base_spec, blocks, Path(tmp), domain)
         tracker.log_metrics(report_metrics(report))
         if report["failed"]:
             tracker.set_tags({f"doctune.quantize.failed.{v}": e[:500] for v, e in report["failed"].items()})
