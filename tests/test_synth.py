@@ -314,10 +314,13 @@ def test_an_open_question_whose_subject_the_context_names_is_no_abstention_case(
     depth = qa("numeric", 0, subject="the default maximal depth of the table of contents")
     assert not subject_named(depth, ["The default maximal depth of the table of contents is set per style."])
     assert not subject_named(QA("Q about groups?", "a", "c-1", "topic"), ["groups"])  # an LLM teacher's item: no fields
-    # A subject of short words is found by its four-letter ones: "help" in "Type help to list the commands".
+    # A subject of short words is found as a phrase: "help" in "Type help to list the commands".
     helping = qa("topic", 0, title="help")
     assert subject_named(helping, ["Online Help. Type help to get a list of commands."])
-    assert not subject_named(helping, ["A whelp."])
+    assert not subject_named(helping, ["A whelp.", "The helpers."])
+    assert not subject_named(qa("topic", 0, title="draw y axis"), ["9.3.9.35 draw x axis: draws an axis."])
+    assert not subject_named(qa("fact", 2, subject="the f.h file"), ["ls: list files."])
+    assert subject_named(qa("fact", 2, subject="the f.h file"), ["The f.h file is generated."])
     assert subject_named(qa("fact", 2, subject="the directory name"), ["Directory names are lower case."])  # "name" not needed
     assert not subject_named(qa("topic", 0, title="C++ API"), ["The C++ API of the library."])  # no word to find
 

@@ -135,16 +135,20 @@ def subject_named(qa: QA, passages: list[str]) -> bool:
     over a context that discusses the teacher): then the context does answer it, if not with the withheld span,
     and it is no abstention case. Questions about a specific fact (a definition, a value, an entry, steps) stay
     abstention cases when their subject is in context and the fact is not: the hard negatives. Named: every word
-    of five letters or more of the subject found at a word start by its stem, or, where it has none, every word of
-    four ("help", "mask"); a subject without such a word (an acronym, "C++ API") is never named, so its item stays
-    an abstention case."""
+    of five letters or more of the subject found at a word start by its stem, or, where it has none, the subject
+    itself, its article left out ("help", "mask", not "draw y axis" in "draw x axis"); a subject without a word of
+    four letters or more (an acronym, "C++ API") is never named, so its item stays an abstention case."""
     key = OPEN_TYPES.get(qa.qtype)
     fields = qa.meta.get("fields", {}) if isinstance(qa.meta, dict) else {}
     if key is None or not fields.get(key) or not _asks_about(qa, key):
         return False
-    words = set(re.findall(r"[^\W\d_]{4,}", fold(str(fields[key])).lower()))
-    long = {w for w in words if len(w) > 4}
-    patterns = [re.compile(rf"\b{re.escape(_stem(w))}") for w in long or words]
+    subject = fold(str(fields[key])).lower()
+    stems = {_stem(w) for w in re.findall(r"[^\W\d_]{5,}", subject)}
+    patterns = [re.compile(rf"\b{re.escape(stem)}") for stem in stems]
+    lang = language(qa.meta.get("lang", ""))
+    words = [w for w in subject.split() if not (lang and w in lang.articles)]
+    if not patterns and re.search(r"[^\W\d_]{4}", " ".join(words)):  # short words only: the phrase itself
+        patterns = [re.compile(rf"(?<!\w){re.escape(' '.join(words))}(?!\w)")]
     return bool(patterns) and any(all(p.search(fold(text).lower()) for p in patterns) for text in passages)
 
 
@@ -152,8 +156,8 @@ def section_in_context(qa: QA, source: dict, passages: list[dict]) -> bool:
     """Whether a passage lies in the section a title question asks about ("What does the section X say?"): X
     itself, a subsection of X, or, where the question names X with its parent heading ("/media : Mount point for
     removable media › Purpose": "Purpose" alone names no subject), the parent or another of its subsections. Such
-    a passage says what X is about, if not with the withheld span, so the question is no abstention case; its
-    words need not be the title's ("Home directories" over a chunk of "Requirements")."""
+    a passage says what X is about, if not with the withheld span, so the question is no abstention case, even
+    where it does not repeat the title's words."""
     fields = qa.meta.get("fields", {}) if isinstance(qa.meta, dict) else {}
     title, section = fields.get("title") or "", source.get("section") or ""
     if OPEN_TYPES.get(qa.qtype) != "title" or not title or not section or not _asks_about(qa, "title"):
