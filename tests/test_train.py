@@ -187,6 +187,83 @@ def test_the_fused_lm_head_projects_only_labeled_positions_with_the_same_loss_an
         torch.testing.assert_close(labeled_grads[name], grad, atol=1e-6, rtol=1e-4)
 
 
+def test_lora_inputs_skip_the_fp32_cast_with_the_same_loss_and_gradients(tiny_model_dir):
+    """Under bf16 autocast the adapter's products run in bf16 either way: leaving out PEFT's cast of each adapter's
+    input to fp32 (and of its gradient back) changes no number, and drops those copies."""
+    from peft import LoraConfig, get_peft_model
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from transformers import AutoModelForCausalLM
+
+    from doctune.train.core import adapter_inputs_in_compute_dtype
+
+    class CountCasts(TorchDispatchMode):
+        casts = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.casts += func.overloadpacket.__name__ == "_to_copy"
+            return func(*args, **(kwargs or {}))
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"))
+    adapters = [m for m in model.modules() if hasattr(m, "lora_A")]
+    assert {m.lora_A["default"].weight.dtype for m in adapters} == {torch.float32}  # fp32 for the optimizer
+    ids = torch.randint(5, 200, (2, 32), generator=torch.Generator().manual_seed(0))
+
+    def loss_and_grads():
+        model.zero_grad()
+        counter = CountCasts()
+        with counter, torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return loss.detach(), grads, counter.casts
+
+    loss, grads, casts = loss_and_grads()
+    assert adapter_inputs_in_compute_dtype(model) == len(adapters)
+    uncast_loss, uncast_grads, uncast_casts = loss_and_grads()
+    assert torch.equal(uncast_loss, loss)
+    assert all(torch.equal(uncast_grads[name], grad) for name, grad in grads.items())
+    assert uncast_casts <= casts - 2 * len(adapters)  # at least the input's cast and its gradient's, per adapter
+
+
+def test_a_bf16_lora_job_trains_with_uncast_adapter_inputs_and_reports_its_kernels(tiny_model_dir, tmp_path):
+    from datasets import Dataset
+    from transformers import TrainerCallback
+
+    from doctune.config import SftConfig
+    from doctune.train.core import TrainJob
+    from doctune.train.launch import run_job
+
+    ids = torch.randint(5, 200, (8, 64), generator=torch.Generator().manual_seed(0)).tolist()
+    Dataset.from_dict({"input_ids": ids, "labels": ids}).save_to_disk(str(tmp_path / "data" / "train"))
+    settings = SftConfig(method="lora", precision="bf16", batch_size=4, gradient_accumulation_steps=1, max_length=64,
+                         max_steps=2, save_steps=100, eval_steps=100)  # fmt: skip
+    job = TrainJob(
+        stage="sft", settings=settings.model_dump(mode="json"), model_dir=str(tiny_model_dir),
+        tokenizer_dir=str(tiny_model_dir), data_dir=str(tmp_path / "data"), checkpoint_dir=str(tmp_path / "checkpoints"),
+        output_dir=str(tmp_path / "out"), learning_rate=2e-4,
+    )  # fmt: skip
+    seen = []
+
+    class Adapters(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            seen.extend(m.cast_input_dtype_enabled for m in model.modules() if hasattr(m, "lora_A"))
+
+    result = run_job(job, callbacks=[Adapters()])
+    assert seen and not any(seen)
+    assert result["precision"] == "bf16" and result["global_step"] == 2
+    assert result["kernels"] == ("liger" if torch.cuda.is_available() else "none")  # auto: liger needs CUDA
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU answer")
+def test_kernels_liger_without_a_gpu_is_refused_before_training(make_config, datasets):
+    config = make_config(**overrides("sft", kernels="liger"))
+    tracker, parent, data = log_datasets(config, {"sft": datasets["sft"]})
+    with pytest.raises(TrainingError, match="kernels: liger needs a CUDA GPU"):
+        execute_stage("sft", config, tracker, parent, {"sft": data["sft"]})
+    assert not (config.project.workdir / "cache" / "train").exists()  # nothing started
+
+
 # -- stages --------------------------------------------------------------------------
 
 

@@ -118,6 +118,11 @@ class TrainingConfig(Section):
         description="auto: bf16 where the GPU supports it, else fp16 on GPU; on CPU bf16 autocast for LoRA with AMX, else fp32",
     )
     gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass: less memory")
+    kernels: Literal["auto", "liger", "none"] = Field(
+        "auto",
+        description="fused RMSNorm, SwiGLU and RoPE (liger-kernel) for text models: auto = on a CUDA GPU when "
+        "liger-kernel is installed (the CUDA image, extra gpu); liger = required; none = PyTorch's own",
+    )
     save_steps: int = Field(100, ge=1, description="checkpoint every N optimizer steps (a restarted stage resumes)")
     save_total_limit: int = Field(2, ge=1, description="checkpoints kept (the best one is kept besides)")
     logging_steps: int = Field(10, ge=1, description="loss, learning rate and throughput logged every N steps")

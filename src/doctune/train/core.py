@@ -5,6 +5,7 @@ QLoRA, full), training arguments, DeepSpeed ZeRO-3 settings, and the MLflow metr
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -113,6 +114,60 @@ def check_qlora() -> None:
             f"method qlora needs bitsandbytes 4-bit (NF4) kernels on {device}, which are not available here "
             f"({type(exc).__name__}: {exc}); use method lora or full"
         ) from exc
+
+
+def fused_kernels(requested: str) -> str:
+    """Which layer kernels training uses: "liger" (liger-kernel's fused RMSNorm, SwiGLU and RoPE) or "none"
+    (PyTorch's own). `auto` takes liger where it runs: a CUDA GPU with liger-kernel installed (the CUDA image)."""
+    if requested == "none":
+        return "none"
+    import torch
+
+    missing = None
+    if not torch.cuda.is_available():
+        missing = "a CUDA GPU (its Triton kernels run on GPUs only)"
+    elif importlib.util.find_spec("liger_kernel") is None:
+        missing = "the liger-kernel package (pip install 'doctune[gpu]'; the CUDA image has it)"
+    if missing is None:
+        return "liger"
+    if requested == "liger":
+        raise TrainingError(f"kernels: liger needs {missing}; set kernels: auto or none")
+    return "none"
+
+
+def apply_fused_kernels(model, requested: str) -> str:
+    """The kernels `fused_kernels` picks, put in place: liger-kernel's RMSNorm, SwiGLU and RoPE instead of the
+    model's own. Returns what the model runs: "none" where liger has no kernels for its type (an error when asked
+    for liger by name).
+
+    The loss stays with the trainers: TRL's fused LM head for SFT and DPO (liger's fused linear cross-entropy would
+    replace the forward TRL patches), transformers' for CPT."""
+    if fused_kernels(requested) == "none":
+        return "none"
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN, _apply_liger_kernel_to_instance
+
+    model_type = model.config.model_type
+    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        if requested == "liger":
+            raise TrainingError(f"kernels: liger has no kernels for model type {model_type}; set kernels: auto or none")
+        return "none"
+    kernels = dict(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False)
+    _apply_liger_kernel_to_instance(model=model, **kernels)
+    return "liger"
+
+
+def adapter_inputs_in_compute_dtype(model) -> int:
+    """Stop PEFT casting each adapter's input to the adapter's fp32 weights; returns the layers changed.
+
+    Under bf16/fp16 autocast the adapter's matrix products run in the compute dtype whatever the input's dtype, so
+    the cast only writes an fp32 copy of every adapted layer's input (and its gradient) that autocast casts straight
+    back: the same numbers, more memory traffic. The adapter weights stay fp32 for the optimizer."""
+    changed = 0
+    for module in model.modules():
+        if getattr(module, "cast_input_dtype_enabled", False) and hasattr(module, "lora_A"):
+            module.cast_input_dtype_enabled = False
+            changed += 1
+    return changed
 
 
 def lora_targets(model, targets) -> list[str] | str:
@@ -256,7 +311,9 @@ def training_arguments(job: TrainJob, prec: str, args_class, **extra):
         ds: dict | str = os.environ[DEEPSPEED_CONFIG_ENV]
     elif use_deepspeed:
         ds = deepspeed_config(s, prec)
-    optim = "paged_adamw_8bit" if s["method"] == "qlora" and torch.cuda.is_available() else "adamw_torch"
+    cuda = torch.cuda.is_available()
+    # On a GPU: the fused AdamW kernel (one launch for all tensors), paged 8-bit states for QLoRA's memory budget.
+    optim = ("paged_adamw_8bit" if s["method"] == "qlora" else "adamw_torch_fused") if cuda else "adamw_torch"
     arguments = dict(
         output_dir=job.checkpoint_dir,
         learning_rate=job.learning_rate,
@@ -280,7 +337,7 @@ def training_arguments(job: TrainJob, prec: str, args_class, **extra):
         seed=s["seed"],
         data_seed=s["seed"],
         optim=optim,
-        use_cpu=not torch.cuda.is_available(),
+        use_cpu=not cuda,
         deepspeed=ds if use_deepspeed else None,
         include_num_input_tokens_seen="non_padding",
         report_to=[],
@@ -304,18 +361,21 @@ def peak_memory_mb() -> float:
 
 
 def mlflow_callback(job: TrainJob):
-    """Trainer callback logging loss, learning rate, grad norm, tokens/s and peak memory to the stage run."""
+    """Trainer callback logging loss, learning rate, grad norm, tokens/s and peak memory to the stage run; None for
+    a job with no stage run (a benchmark's), which then needs no MLflow."""
+    if not job.run_id:
+        return None
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
     from transformers import TrainerCallback
 
     class MlflowMetrics(TrainerCallback):
         def __init__(self):
-            self.client = MlflowClient(job.tracking_uri) if job.run_id else None
+            self.client = MlflowClient(job.tracking_uri)
             self.last = (time.monotonic(), 0)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if not state.is_world_process_zero or self.client is None or not logs:
+            if not state.is_world_process_zero or not logs:
                 return
             now = int(time.time() * 1000)
             prefix = f"{job.stage}."

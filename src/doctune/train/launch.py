@@ -24,6 +24,8 @@ from doctune.train.core import (
     RESULT_FILE,
     TrainingError,
     TrainJob,
+    adapter_inputs_in_compute_dtype,
+    apply_fused_kernels,
     deepspeed_config,
     load_model,
     mlflow_callback,
@@ -51,16 +53,23 @@ def run_job(job: TrainJob, callbacks: list | None = None) -> dict:
         from doctune.vision import load_processor
 
         tokenizer = load_processor(job.tokenizer_dir)
+        if job.settings["kernels"] == "liger":
+            raise TrainingError("kernels: liger applies to text models; page SFT runs PyTorch's own (kernels: auto)")
         model, peft_config = load_model(job, prec, len(tokenizer.tokenizer))
+        kernels = "none"
     else:
         tokenizer = AutoTokenizer.from_pretrained(job.tokenizer_dir)
         model, peft_config = load_model(job, prec, len(tokenizer))
+        kernels = apply_fused_kernels(model, job.settings["kernels"])
     data = Path(job.data_dir)
     train = load_from_disk(str(data / "train"))
     evaluation = load_from_disk(str(data / "eval")) if (data / "eval").is_dir() else None
     trainer = recipes.TRAINERS[job.stage](job, prec, model, peft_config, tokenizer, train, evaluation)
+    if prec in ("bf16", "fp16"):  # the trainer runs the model under autocast
+        adapter_inputs_in_compute_dtype(trainer.model)
     for callback in [mlflow_callback(job), *(callbacks or [])]:
-        trainer.add_callback(callback)
+        if callback is not None:
+            trainer.add_callback(callback)
 
     resume = last_checkpoint(job.checkpoint_dir)
     before_file = Path(job.checkpoint_dir) / "before.json"
@@ -97,6 +106,7 @@ def run_job(job: TrainJob, callbacks: list | None = None) -> dict:
         "train_seconds": seconds,
         "tokens_seen": int(trainer.state.num_input_tokens_seen or 0),
         "precision": prec,
+        "kernels": kernels,
         "processes": job.processes,
         "peak_memory_mb": peak_memory_mb(),
         "best_checkpoint": trainer.state.best_model_checkpoint,

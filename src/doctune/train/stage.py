@@ -28,7 +28,15 @@ from doctune.train.artifacts import (
     materialize,
     write_meta,
 )
-from doctune.train.core import RESULT_FILE, TrainingError, TrainJob, check_qlora, default_learning_rate, process_count
+from doctune.train.core import (
+    RESULT_FILE,
+    TrainingError,
+    TrainJob,
+    check_qlora,
+    default_learning_rate,
+    fused_kernels,
+    process_count,
+)
 from doctune.train.launch import launch
 from doctune.vision import is_vision_model
 
@@ -119,6 +127,8 @@ def train_stage(
     settings: TrainingConfig = getattr(config, stage)
     if settings.method == "qlora":
         check_qlora()  # before any model is loaded or data prepared
+    if settings.nodes == 1:  # a training job's pods, not this one, hold the GPUs otherwise
+        fused_kernels(settings.kernels)  # kernels: liger where it cannot run fails here, before any work
     model_input = inputs.get("model")
     model_dir = materialize(model_input, config, tracker.fetch)
     key = checkpoint_key(stage, settings, inputs, config)
