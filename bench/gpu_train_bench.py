@@ -1,24 +1,38 @@
-"""GPU training benchmark: LoRA and full fine-tuning tokens/s and model FLOPs utilisation (MFU) of a 1B-class
+"""GPU training benchmark: tokens/s and model FLOPs utilisation (MFU) of LoRA, QLoRA and full fine-tuning of a 1B-class
 Llama built from its config (Llama-3.2-1B's shapes, random weights) in bf16, on one CUDA GPU.
 
-Each method trains as doctune's SFT does on a GPU: weights in bf16, LoRA r=16 on every linear layer of the blocks
-(adapter in fp32 under bf16 autocast; dropout 0.05, doctune's default, and 0, since dropout copies every adapter
-input) or every weight with fused AdamW; SDPA attention, no gradient
-checkpointing, full rows of random tokens (packed rows have no padding either). The loop is plain PyTorch, so it
-measures the model's step, not a trainer's bookkeeping.
+Two kinds of rows, batch 4 x 2048 tokens, every position labelled:
+- step: a plain PyTorch training step (bf16 weights, bf16 autocast, fused AdamW, SDPA attention, no gradient
+  checkpointing), one variant at a time: PEFT's LoRA as it comes (r=16 on every linear layer of the blocks, fp32
+  adapter whose input PEFT casts to fp32, dropout 0.05) and with that cast left out (`adapter_inputs_in_compute_dtype`)
+  and dropout 0; liger-kernel's RMSNorm, SwiGLU and RoPE (`apply_fused_kernels`), and its fused linear cross-entropy.
+  A variant computes the same function: its first loss matches the plain model's on the same weights and batch.
+- sft: doctune's own SFT training job (`doctune.train.launch.run_job`: TRL's SFTTrainer with doctune's settings,
+  packing, TRL's fused LM head), full, LoRA and QLoRA, with `kernels: none` and `auto` (liger where it runs). The
+  step time is measured by a callback from the fourth optimizer step on, so loading and kernel compilation stay out.
 
 Model FLOPs per token are counted from the shapes (matrix products only, PaLM's convention): forward
 2 x (block weights + LM head) + 4 x layers x sequence x hidden for attention scores and values; a full step is
-3x the forward (weight and input gradients), a LoRA step 2x (input gradients only: the base is frozen).
+3x the forward (weight and input gradients), an adapter step 2x (input gradients only: the base is frozen).
 MFU is achieved model FLOP/s over the GPU's dense bf16 peak. Without CUDA it exits with a message and writes
-nothing. Writes bench/results/gpu_train.json and gpu_train.md.
+nothing; `--tiny` runs every row on a small model (on the CPU where there is no GPU) to check the code paths. Each
+row runs in a Python of its own: liger-kernel replaces transformers' Llama classes process-wide, so in one process every
+row after a liger row would run liger's kernels too.
+Writes bench/results/gpu_train.json and gpu_train.md; `--profile DIR` also writes the top kernels of two steps of
+the plain LoRA and full rows there.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import re
+import subprocess
 import sys
+import tempfile
 import time
+import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,6 +42,25 @@ LLAMA_1B = dict(
     vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
     num_key_value_heads=8, max_position_embeddings=8192, tie_word_embeddings=True, rope_theta=500000.0,
 )  # fmt: skip
+LLAMA_TINY = dict(
+    vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+)  # fmt: skip
+# (name, method, LoRA dropout, adapter input cast, liger layer kernels, liger fused linear cross-entropy,
+#  position ids passed as packed rows pass them)
+STEP_VARIANTS = [
+    ("full", "full", 0.0, False, False, False, False),
+    ("full, liger layers", "full", 0.0, False, True, False, False),
+    ("full, liger layers + fused CE", "full", 0.0, False, True, True, False),
+    ("full, position ids", "full", 0.0, False, False, False, True),
+    ("lora (PEFT as it comes: input cast, dropout 0.05)", "lora", 0.05, True, False, False, False),
+    ("lora, no input cast, dropout 0.05", "lora", 0.05, False, False, False, False),
+    ("lora, no input cast, dropout 0.05, position ids", "lora", 0.05, False, False, False, True),
+    ("lora, no input cast, dropout 0", "lora", 0.0, False, False, False, False),
+    ("lora, no input cast, dropout 0, liger layers", "lora", 0.0, False, True, False, False),
+]
+# (method, kernels) through doctune's SFT job
+SFT_VARIANTS = [("full", "none"), ("full", "auto"), ("lora", "none"), ("lora", "auto"), ("qlora", "auto")]
 
 
 def forward_flops_per_token(config, seq_len: int) -> float:
@@ -48,56 +81,262 @@ def peak_flops(device_name: str, override: float | None) -> float:
     raise SystemExit(f"no known bf16 peak for {device_name!r}: give --peak-tflops")
 
 
-def measure(method: str, config, batch: int, seq_len: int, steps: int, warmup: int, lora_dropout: float = 0.05) -> dict:
+def synchronize() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def peak_memory_gib() -> float | None:
+    import torch
+
+    return round(torch.cuda.max_memory_allocated() / 2**30, 1) if torch.cuda.is_available() else None
+
+
+def reset_peak_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def step_row(variant: tuple, config, args, device: str, profile_dir: Path | None) -> dict:
+    """One plain PyTorch variant: `args.steps` timed steps after `args.warmup`."""
     import torch
     from transformers import LlamaForCausalLM
 
+    from doctune.train.core import adapter_inputs_in_compute_dtype
+
+    name, method, dropout, input_cast, liger_layers, fused_ce, position_ids = variant
     torch.manual_seed(0)
     default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)  # built in bf16 on the GPU (no fp32 copy on the host)
+    torch.set_default_dtype(torch.bfloat16)  # built in bf16 on the device (no fp32 copy on the host)
     try:
-        with torch.device("cuda"):
+        with torch.device(device):
             model = LlamaForCausalLM(config)
     finally:
         torch.set_default_dtype(default)
+    if liger_layers or fused_ce:
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        apply_liger_kernel_to_llama(
+            rope=liger_layers, rms_norm=liger_layers, swiglu=liger_layers, cross_entropy=False,
+            fused_linear_cross_entropy=fused_ce, model=model,
+        )  # fmt: skip
     if method == "lora":
         from peft import LoraConfig, get_peft_model
 
         # PEFT's "all-linear", doctune's default: every linear layer of the blocks, not the LM head.
-        lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=lora_dropout, target_modules="all-linear")
-        model = get_peft_model(model, lora)
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules="all-linear"))
+        if not input_cast:
+            adapter_inputs_in_compute_dtype(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-5, fused=True)
-    ids = torch.randint(0, config.vocab_size, (batch, seq_len), device="cuda")
+    generator = torch.Generator(device).manual_seed(1)
+    ids = torch.randint(0, config.vocab_size, (args.batch, args.seq_len), device=device, generator=generator)
+    extra = {"position_ids": torch.arange(args.seq_len, device=device).repeat(args.batch, 1)} if position_ids else {}
     model.train()
 
     def step() -> float:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=ids).loss
+        with torch.autocast(device, dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids, **extra).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss.item()
 
-    for _ in range(warmup):
-        step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    losses = [step() for _ in range(args.warmup)]
+    synchronize()
+    reset_peak_memory()
     started = time.perf_counter()
-    losses = [step() for _ in range(steps)]
-    torch.cuda.synchronize()
-    seconds = (time.perf_counter() - started) / steps
-    tokens_per_s = batch * seq_len / seconds
-    flops_per_token = forward_flops_per_token(config, seq_len) * (3 if method == "full" else 2)
-    result = {
-        "method": method if method == "full" else f"lora (dropout {lora_dropout:g})",
-        "batch": batch, "seq_len": seq_len, "steps": steps, "step_seconds": round(seconds, 4),
-        "tokens_per_s": round(tokens_per_s), "model_tflops_per_s": round(tokens_per_s * flops_per_token / 1e12, 1),
-        "params": sum(p.numel() for p in model.parameters()), "trainable": sum(p.numel() for p in trainable),
-        "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1), "loss_first_last": [losses[0], losses[-1]],
+    losses += [step() for _ in range(args.steps)]
+    synchronize()
+    seconds = (time.perf_counter() - started) / args.steps
+    if profile_dir is not None:
+        with profiled(profile_dir, name):
+            step(), step()
+    row = {
+        "kind": "step", "method": name, "steps": args.steps, "step_seconds": round(seconds, 4),
+        "tokens_per_s": round(args.batch * args.seq_len / seconds), "first_loss": round(losses[0], 4),
+        "last_loss": round(losses[-1], 4), "trainable": sum(p.numel() for p in trainable),
+        "peak_memory_gib": peak_memory_gib(), "flops_factor": 3 if method == "full" else 2,
     }  # fmt: skip
-    return result
+    return row
+
+
+@contextlib.contextmanager
+def profiled(folder: Path, name: str):
+    """The operators and kernels of what runs inside, by device time and by host time, into `folder`."""
+    import torch
+    from torch.profiler import ProfilerActivity
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    started = time.perf_counter()
+    with torch.profiler.profile(activities=activities) as prof:
+        yield
+        synchronize()
+    wall = time.perf_counter() - started
+    table = prof.key_averages()
+    device_sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    text = [
+        f"{name}: {wall:.3f} s wall under the profiler",
+        table.table(sort_by=device_sort, row_limit=40, max_name_column_width=70),
+        table.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=70),
+    ]
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:60]
+    (folder / f"profile-{slug}.txt").write_text("\n\n".join(text))
+
+
+class ProfileSteps:
+    """Profiles two optimizer steps from `first` on (a TrainerCallback's hooks)."""
+
+    def __init__(self, first: int, folder: Path, name: str):
+        from transformers import TrainerCallback
+
+        class Callback(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kwargs):
+                if state.global_step == first:
+                    self.context = profiled(folder, name)
+                    self.context.__enter__()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                if state.global_step == first + 2:
+                    self.context.__exit__(None, None, None)
+
+        self.callback = Callback()
+
+
+class StepTimer:
+    """Times optimizer steps `first` to `last` (a TrainerCallback's hooks), synchronizing the device around them."""
+
+    def __init__(self, first: int, last: int):
+        from transformers import TrainerCallback
+
+        timer = self
+
+        class Callback(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kwargs):
+                if state.global_step == first:
+                    synchronize()
+                    timer.started = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                if state.global_step <= last:
+                    synchronize()
+                    timer.ended, timer.steps = time.perf_counter(), state.global_step - first
+
+        self.callback = Callback()
+        self.started = self.ended = 0.0
+        self.steps = 0
+
+    @property
+    def step_seconds(self) -> float:
+        return (self.ended - self.started) / self.steps
+
+
+def write_model(config, folder: Path) -> Path:
+    """A random-init model in bf16 with a word-level tokenizer whose vocabulary fits inside the model's."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i + 3 for i in range(61)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    tokenizer.pad_token = tokenizer.unk_token
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def sft_row(method: str, kernels: str, model_dir: Path, config, args, work: Path) -> dict:
+    """doctune's SFT job on `args.warmup + args.steps` optimizer steps of full 2048-token rows."""
+    import torch
+    from datasets import Dataset
+
+    from doctune.config import SftConfig
+    from doctune.train.core import TrainJob, default_learning_rate
+    from doctune.train.launch import run_job
+
+    folder = Path(tempfile.mkdtemp(prefix=f"sft-{method}-{kernels}-", dir=work))
+    steps = args.warmup + args.steps + (2 if args.profile else 0)
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, config.vocab_size, (steps * args.batch, args.seq_len), generator=generator).tolist()
+    Dataset.from_dict({"input_ids": ids, "labels": ids}).save_to_disk(str(folder / "data" / "train"))
+    settings = SftConfig(
+        method=method, kernels=kernels, batch_size=args.batch, gradient_accumulation_steps=1, max_length=args.seq_len,
+        max_steps=steps, warmup_ratio=0.0, save_steps=10**6, eval_steps=10**6, logging_steps=10**6,
+        precision="bf16" if torch.cuda.is_available() else "fp32",
+    )  # fmt: skip
+    job = TrainJob(
+        stage="sft", settings=settings.model_dump(mode="json"), model_dir=str(model_dir), tokenizer_dir=str(model_dir),
+        data_dir=str(folder / "data"), checkpoint_dir=str(folder / "checkpoints"), output_dir=str(folder / "out"),
+        learning_rate=default_learning_rate("sft", method),
+    )  # fmt: skip
+    timer = StepTimer(first=args.warmup, last=args.warmup + args.steps)
+    callbacks = [timer.callback]
+    if args.profile:  # two more steps, after the timed ones
+        callbacks.append(ProfileSteps(args.warmup + args.steps, args.profile, f"sft {method} kernels {kernels}").callback)
+    reset_peak_memory()
+    result = run_job(job, callbacks=callbacks)
+    seconds = timer.step_seconds
+    return {
+        "kind": "sft", "method": f"sft {method}, kernels {kernels} -> {result['kernels']}", "steps": timer.steps,
+        "step_seconds": round(seconds, 4), "tokens_per_s": round(args.batch * args.seq_len / seconds),
+        "first_loss": round(result["loss_history"][0], 4) if result["loss_history"] else None,
+        "last_loss": None, "trainable": None, "peak_memory_gib": peak_memory_gib(),
+        "flops_factor": 3 if method == "full" else 2, "padding_fraction": result["padding_fraction"],
+    }  # fmt: skip
+
+
+def row_names() -> list[tuple[str, str]]:
+    """(kind, name) of every row, in the order they run."""
+    return [("step", v[0]) for v in STEP_VARIANTS] + [("sft", f"sft {m}, kernels {k}") for m, k in SFT_VARIANTS]
+
+
+def make_row(kind: str, name: str, config, args, device: str, model_dir: Path | None) -> dict:
+    if kind == "step":
+        variant = next(v for v in STEP_VARIANTS if v[0] == name)
+        if (variant[4] or variant[5]) and not liger_runs():
+            raise RuntimeError("needs liger-kernel on a CUDA GPU")
+        return step_row(variant, config, args, device, args.profile)
+    method, kernels = next((m, k) for m, k in SFT_VARIANTS if f"sft {m}, kernels {k}" == name)
+    with tempfile.TemporaryDirectory(prefix="gpu-train-bench-") as tmp:
+        return sft_row(method, kernels, model_dir, config, args, Path(tmp))
+
+
+def liger_runs() -> bool:
+    import importlib.util
+
+    import torch
+
+    return torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None
+
+
+class RowFailed(RuntimeError):
+    """A row's own process failed; the message is its error."""
+
+
+def row_in_own_process(kind: str, name: str, argv: list[str], model_dir: Path | None) -> dict:
+    """One row in a fresh Python: liger-kernel patches transformers' Llama classes process-wide, so a row made after
+    a liger row in the same process would run liger's kernels whatever it asks for."""
+    with tempfile.TemporaryDirectory(prefix="gpu-train-row-") as tmp:
+        out = Path(tmp) / "row.json"
+        command = [sys.executable, __file__, *argv, "--row", f"{kind}:{name}", "--row-out", str(out)]
+        if model_dir is not None:
+            command += ["--model-dir", str(model_dir)]
+        code = subprocess.run(command).returncode
+        if not out.is_file():
+            raise RuntimeError(f"the row's process exited with {code} and wrote no result")
+        row = json.loads(out.read_text())
+    if "error" in row:
+        raise RowFailed(row["error"])
+    return row
 
 
 def main() -> None:
@@ -108,11 +347,22 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, if not known")
+    parser.add_argument("--tiny", action="store_true", help="a small model, on the CPU without a GPU: checks the code")
+    parser.add_argument("--only", choices=["step", "sft"], default=None, help="one kind of row")
+    parser.add_argument("--match", default=None, help="only rows whose name holds one of these (';'-separated)")
+    parser.add_argument("--profile", type=Path, default=None, help="write each row's top operators and kernels here")
+    parser.add_argument("--log", type=Path, default=None, help="append each row as a JSON line here as it is made")
+    parser.add_argument("--in-process", action="store_true", help="all rows in this process (no liger rows then)")
+    parser.add_argument("--row", default=None, help=argparse.SUPPRESS)  # kind:name, in a row's own process
+    parser.add_argument("--row-out", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", type=Path, default=None, help=argparse.SUPPRESS)
+    argv = sys.argv[1:]
     args = parser.parse_args()
 
     import torch
 
-    if not torch.cuda.is_available():
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.tiny:
         print("gpu_train_bench: no CUDA device here; it runs on a GPU machine (results kept from the last GPU run)")
         return
     import transformers
@@ -121,30 +371,84 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from results_io import write_results
 
-    config = LlamaConfig(**LLAMA_1B, attn_implementation="sdpa")
-    device = torch.cuda.get_device_name()
-    peak = peak_flops(device, args.peak_tflops)
-    runs = []
-    for method, dropout in (("lora", 0.05), ("lora", 0.0), ("full", 0.0)):
-        run = measure(method, config, args.batch, args.seq_len, args.steps, args.warmup, dropout)
-        run["mfu"] = round(run["model_tflops_per_s"] * 1e12 / peak, 3)
-        runs.append(run)
-        torch.cuda.empty_cache()  # the first model is garbage once measure() returns
+    if args.tiny:
+        args.seq_len = min(args.seq_len, 128)
+    config = LlamaConfig(**(LLAMA_TINY if args.tiny else LLAMA_1B), attn_implementation="sdpa")
+    device = "cuda" if cuda else "cpu"
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
+    if args.row:  # a row's own process
+        kind, name = args.row.split(":", 1)
+        try:
+            row = make_row(kind, name, config, args, device, args.model_dir)
+        except Exception as exc:
+            traceback.print_exc()
+            row = {"error": f"{type(exc).__name__}: {exc}"}
+        args.row_out.write_text(json.dumps(row))
+        return
+
+    device_name = torch.cuda.get_device_name() if cuda else "cpu"
+    peak = peak_flops(device_name, args.peak_tflops) if cuda else None
+    selected = [
+        (kind, name) for kind, name in row_names()
+        if args.only in (None, kind) and (not args.match or any(part in name for part in args.match.split(";")))
+    ]  # fmt: skip
+    if args.in_process and liger_runs():  # liger's process-wide patches would reach every later row
+        selected = [(kind, name) for kind, name in selected if "liger" not in name and not name.endswith("auto")]
+    rows, failed = [], []
+    with tempfile.TemporaryDirectory(prefix="gpu-train-bench-") as tmp:
+        model_dir = write_model(config, Path(tmp) / "model") if any(k == "sft" for k, _ in selected) else None
+        for kind, name in selected:
+            try:
+                if args.in_process:
+                    row = make_row(kind, name, config, args, device, model_dir)
+                else:
+                    row = row_in_own_process(kind, name, argv, model_dir)
+            except Exception as exc:  # one failing row must not cost the others' numbers
+                failed.append({"method": name, "error": str(exc) if isinstance(exc, RowFailed) else repr(exc)})
+                traceback.print_exc()
+                continue
+            flops = forward_flops_per_token(config, args.seq_len) * row.pop("flops_factor")
+            row["model_tflops_per_s"] = round(row["tokens_per_s"] * flops / 1e12, 1)
+            row["mfu"] = round(row["model_tflops_per_s"] * 1e12 / peak, 3) if peak else None
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            if args.log:
+                with open(args.log, "a") as handle:
+                    handle.write(json.dumps(row) + "\n")
+            reset_peak_memory()
+
+    import peft
+
     result = {
-        "device": device, "peak_bf16_tflops": peak / 1e12, "torch": torch.__version__,
-        "transformers": transformers.__version__, "model": LLAMA_1B, "runs": runs,
+        "device": device_name, "peak_bf16_tflops": peak / 1e12 if peak else None, "torch": torch.__version__,
+        "transformers": transformers.__version__, "peft": peft.__version__, "model": LLAMA_TINY if args.tiny else LLAMA_1B,
+        "batch": args.batch, "seq_len": args.seq_len, "runs": rows, "failed": failed,
         "forward_flops_per_token": forward_flops_per_token(config, args.seq_len),
     }  # fmt: skip
+    for package in ("trl", "liger_kernel", "bitsandbytes"):
+        try:
+            result[package] = __import__("importlib.metadata").metadata.version(package.replace("_", "-"))
+        except Exception:
+            result[package] = None
     lines = [
-        f"GPU training benchmark: {device}, Llama 1B-class from config ({runs[0]['params'] / 1e9:.2f}B parameters), "
-        f"bf16, batch {args.batch} x {args.seq_len} tokens, mean of {args.steps} steps after {args.warmup}.",
+        f"GPU training benchmark: {device_name}, Llama {'tiny' if args.tiny else '1B-class'} from config, bf16, batch "
+        f"{args.batch} x {args.seq_len} tokens, mean of {args.steps} steps after {args.warmup}; torch {torch.__version__}, "
+        f"transformers {transformers.__version__}, peft {peft.__version__}, trl {result['trl']}, "
+        f"liger-kernel {result['liger_kernel']}, bitsandbytes {result['bitsandbytes']}.",
         "",
-        "| method | trainable | step s | tokens/s | model TFLOP/s | MFU | peak GiB |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| kind | method | step s | tokens/s | model TFLOP/s | MFU | first loss | peak GiB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in runs:
-        lines.append(f"| {r['method']} | {r['trainable'] / 1e6:.1f}M | {r['step_seconds']} | {r['tokens_per_s']} | "
-                     f"{r['model_tflops_per_s']} | {r['mfu']:.1%} | {r['peak_memory_gib']} |")  # fmt: skip
+    for r in rows:
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
+        lines.append(f"| {r['kind']} | {r['method']} | {r['step_seconds']} | {r['tokens_per_s']} | "
+                     f"{r['model_tflops_per_s']} | {mfu} | {r['first_loss']} | {r['peak_memory_gib']} |")  # fmt: skip
+    for f in failed:
+        lines.append(f"| failed | {f['method']} | {f['error'][:200]} | | | | | |")
+    if args.tiny:  # a code check, not a measurement: the kept GPU results stay
+        print("\n".join(lines))
+        return
     write_results(args.out, "gpu_train", result, lines)
 
 

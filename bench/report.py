@@ -70,8 +70,10 @@ BENCHMARKS = {
              "passes, the baseline), for the bundled model in transformers and its GGUF in llama.cpp, on {items} "
              "prompts of two corpus passages; the replies and scores of both ways are compared."),
     "gpu_train": ("GPU training", "gpu_train_bench.py",
-                  "LoRA and full fine-tuning tokens/s and model FLOPs utilisation (MFU, against the GPU's dense bf16 "
-                  "peak) of a 1B-class Llama built from its config, in bf16, with plain PyTorch steps."),
+                  "LoRA, QLoRA and full fine-tuning tokens/s and model FLOPs utilisation (MFU, against the GPU's dense "
+                  "bf16 peak) of a 1B-class Llama built from its config, in bf16: plain PyTorch steps (PEFT's adapter "
+                  "input cast, LoRA dropout, liger-kernel's layers and fused cross-entropy, one at a time) and doctune's "
+                  "own SFT job (TRL) with `kernels: none` and `auto`."),
     "vlm_train": ("VLM training (GPU)", "vlm_train_bench.py",
                   "page SFT tokens/s (image tokens included) and peak GPU memory of a Qwen3-VL-8B-shaped model built "
                   "from its config (random weights) with LoRA in bf16 and QLoRA (NF4 language model), as doctune's page "
@@ -157,13 +159,24 @@ def rows() -> list[dict]:
                 f"({run['same_replies']} of {run['items']} replies the same)", run["speedup"], "> 1", run["speedup"] > 1,
                 "gate_bench.py")  # fmt: skip
     if gpu := load("gpu_train"):
-        runs = {r["method"]: r for r in gpu["runs"]}
-        lora, full, where = runs["lora (dropout 0.05)"], runs["full"], f"{gpu['device']}, 1B-class, bf16"
-        add(f"LoRA vs full SFT tokens/s ({where})", round(lora["tokens_per_s"] / full["tokens_per_s"], 2), "", None,
-            "gpu_train_bench.py")  # fmt: skip
-        for run in (lora, full):
-            add(f"{run['method']} SFT model FLOPs utilisation ({where}; {run['tokens_per_s']} tokens/s)", run["mfu"], "",
-                None, "gpu_train_bench.py")  # fmt: skip
+        runs, where = {r["method"]: r for r in gpu["runs"]}, f"{gpu['device']}, 1B-class, bf16"
+        sft_full, sft_lora = runs.get("sft full, kernels auto -> liger"), runs.get("sft lora, kernels auto -> liger")
+        if sft_full:
+            add(f"full fine-tune MFU through doctune's SFT job, kernels auto: liger ({where}; {sft_full['tokens_per_s']} "
+                "tokens/s)", sft_full["mfu"], ">= 0.45", sft_full["mfu"] >= 0.45, "gpu_train_bench.py")  # fmt: skip
+        if sft_full and sft_lora:
+            ratio = round(sft_lora["tokens_per_s"] / sft_full["tokens_per_s"], 2)
+            add(f"LoRA vs full tokens/s through doctune's SFT job, both with liger ({where})", ratio, ">= 1.3",
+                ratio >= 1.3, "gpu_train_bench.py")  # fmt: skip
+        pairs = (
+            ("full, liger layers", "full", "plain full step, liger's RMSNorm, SwiGLU and RoPE vs PyTorch's, step time"),
+            ("lora, no input cast, dropout 0.05", "lora (PEFT as it comes: input cast, dropout 0.05)",
+             "plain LoRA step, PEFT's fp32 cast of adapter inputs left out vs kept, step time"),
+        )  # fmt: skip
+        for new, old, label in pairs:
+            if new in runs and old in runs:
+                ratio = round(runs[new]["step_seconds"] / runs[old]["step_seconds"], 2)
+                add(f"{label} ({where})", ratio, "< 1", ratio < 1, "gpu_train_bench.py")
     if (vlm := load("vlm_train")) and vlm["shape"] == "qwen3-vl-8b":
         for run in vlm["runs"]:
             if "error" in run or run["peak_memory_gb"] is None:

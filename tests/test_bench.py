@@ -44,6 +44,27 @@ def test_the_gpu_benchmark_says_it_needs_cuda_and_writes_nothing_without_it(tmp_
     assert "no CUDA device" in capsys.readouterr().out and not list(tmp_path.iterdir())
 
 
+def test_the_gpu_benchmark_runs_every_row_of_a_tiny_model_on_cpu(tmp_path, monkeypatch, capsys):
+    """The GPU benchmark's code paths on a tiny Llama: plain steps (every variant computes the same function, so the
+    same first loss) and doctune's SFT job; each row in a process of its own, or all in one; nothing written."""
+    bench = load_gpu_bench()
+    argv = ["gpu_train_bench.py", "--tiny", "--steps", "1", "--warmup", "1", "--out", str(tmp_path / "out")]
+    monkeypatch.setattr("sys.argv", [*argv, "--in-process"])
+    bench.main()
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith('{"kind"')]
+    steps = [r for r in rows if r["kind"] == "step"]
+    assert len(steps) == sum("liger" not in v[0] for v in bench.STEP_VARIANTS)  # liger's need CUDA
+    assert len({r["first_loss"] for r in steps}) == 1 and all(r["tokens_per_s"] > 0 for r in rows)
+    assert [r["method"] for r in rows if r["kind"] == "sft"] == [
+        f"sft {method}, kernels {kernels} -> none" for method, kernels in bench.SFT_VARIANTS
+    ]
+    monkeypatch.setattr("sys.argv", [*argv, "--match", "lora (PEFT;sft full, kernels none"])
+    bench.main()
+    own = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith('{"kind"')]
+    assert [r["method"] for r in own] == ["lora (PEFT as it comes: input cast, dropout 0.05)", "sft full, kernels none -> none"]
+    assert not (tmp_path / "out").exists()
+
+
 def load_vlm_bench():
     path = Path(__file__).resolve().parents[1] / "bench" / "vlm_train_bench.py"
     spec = importlib.util.spec_from_file_location("vlm_train_bench", path)
