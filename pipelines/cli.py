@@ -285,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve the champion (or another alias) through llama.cpp, logging requests")
     serve.add_argument("--alias", help="registry alias to serve and follow (default: serve.alias, champion)")
     serve.add_argument("--version", help="serve this registered version; the alias is not followed (default: serve.version)")
-    serve.add_argument("--variant", help="GGUF variant to serve (default: serve.variant, gguf-q8_0)")
+    serve.add_argument("--variant", help="GGUF variant to serve (default: serve.variant, gated: the one the gate ruled on)")
     serve.add_argument("--host", help="listen address (default: serve.host, 127.0.0.1)")
     serve.add_argument("--port", type=int, help="listen port (default: serve.port, 8000)")
     _config_args(serve)

@@ -19,7 +19,7 @@ from doctune.gate.metrics import (
     rouge_l,
     token_f1,
 )
-from doctune.gate.rules import decide
+from doctune.gate.rules import decide, gated_variants
 from doctune.gate.stage import REPORT_FILE, read_decision
 from doctune.stages import execute_stage, promote_component, reject_component
 from doctune.tracking import Tracker
@@ -95,6 +95,31 @@ def test_rules_name_every_failure(make_config):
             "perplexity_ratio:gguf-q8_0", "perplexity_ratio:nf4",
             "not_significantly_worse:golden_f1"} <= set(bad["failed"])  # fmt: skip
     assert "insufficient_evidence" not in bad["failed"]  # 400 items per set detect the margins
+
+
+def test_q4_k_m_ships_where_it_keeps_the_perplexity_else_its_fallback_q8_0(make_config):
+    config = make_config()
+    g = config.gate
+    assert (g.variants, g.variant_fallbacks) == (["gguf-q4_k_m"], {"gguf-q4_k_m": "gguf-q8_0"})
+    max_ratio = g.rules.max_quantized_ppl_ratio
+
+    def choose(**ratios):
+        return gated_variants(g.variants, g.variant_fallbacks, {k.replace("_", "-", 1): v for k, v in ratios.items()}, max_ratio)
+
+    assert choose(gguf_q4_k_m=1.01, gguf_q8_0=1.004) == (["gguf-q4_k_m"], {})
+    gated, replaced = choose(gguf_q4_k_m=1.024, gguf_q8_0=1.004)
+    assert gated == ["gguf-q8_0"] and replaced == {"gguf-q8_0": f"in place of gguf-q4_k_m: perplexity ratio 1.0240 > {max_ratio}"}
+    assert choose(gguf_q8_0=1.004) == (["gguf-q8_0"], {"gguf-q8_0": "in place of gguf-q4_k_m: not produced"})
+    # Neither within the ratio: the variant asked for is gated, and its rule fails (no silent downgrade to nothing).
+    gated, replaced = choose(gguf_q4_k_m=1.03, gguf_q8_0=1.05)
+    assert gated == ["gguf-q4_k_m"] and not replaced
+    outcome = decide({"candidate": scores(0.5), "champion": scores(0.4), "base": scores(0.3)}, {"gguf-q4_k_m": 1.03}, g.rules)
+    assert "perplexity_ratio:gguf-q4_k_m" in outcome["failed"]
+    # Chains are followed; a loop is refused when the config is read.
+    chain = gated_variants(["a"], {"a": "b", "b": "c"}, {"a": 1.5, "b": None, "c": 1.0}, 1.02)
+    assert chain == (["c"], {"c": "in place of a: perplexity ratio 1.5000 > 1.02; in place of b: not produced"})
+    with pytest.raises(ValueError, match="variant_fallbacks loop: a -> b -> a"):
+        make_config(**{"gate.variant_fallbacks": "{a: b, b: a}"})
 
 
 def test_beating_the_base_takes_a_significant_margin(make_config):
@@ -180,6 +205,8 @@ def test_first_run_is_compared_with_the_base_promoted_and_rolled_back(candidate,
     assert first["champion_label"].startswith("none yet") and "champion" not in first["models"]
     assert {"candidate", "candidate gguf-q8_0", "base"} <= set(first["models"])
     assert first["decision"] == "promote", first["failed"]
+    ratio_rule = next(r for r in first["rules"] if r["name"] == "perplexity_ratio:gguf-q8_0")  # q4_k_m was not made here
+    assert "in place of gguf-q4_k_m: not produced" in ratio_rule["detail"]
     # Every per-item metric with its interval and item count; the sets' power and closed book vs RAG reported.
     golden_n = len(first["items"]["golden"])
     f1 = first["models"]["candidate"]["intervals"]["golden_f1"]

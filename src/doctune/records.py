@@ -186,6 +186,19 @@ def eval_item(record: dict) -> EvalItem:
     return EvalItem(question, answer, list(context), list(sources))
 
 
+def text_records(path: Path, skipped: list[dict]) -> list[dict]:
+    """{text, source} records of a CPT or held-out file (source "domain" where unset); records without text are
+    listed in `skipped` with the reason."""
+    records = []
+    for record in read_jsonl(path, skipped):
+        text = record.get("text")
+        if not isinstance(text, str) or not text.strip():
+            skip(skipped, path, record, "field 'text' is missing or empty")
+            continue
+        records.append({"text": text, "source": record.get("source", "domain")})
+    return records
+
+
 def read_records(path: Path, parse, skipped: list[dict]) -> list:
     """Every record of a JSONL file that `parse` accepts; the others are listed in `skipped` with the reason."""
     out = []

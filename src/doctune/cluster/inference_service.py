@@ -413,7 +413,7 @@ def _example(server: str) -> tuple[RunConfig, ServedModel]:
         "project": {"workdir": str(mount / "workdir" / "doctune")}, "ingest": {"pdfs": str(mount / "corpus")},
         "tracking": {"uri": "http://mlflow.kubeflow.svc.cluster.local:5000"}, "deploy": {"server": server},
     })  # fmt: skip
-    variant = config.serve.variant
+    variant = config.gate.variants[0]  # what serve.variant `gated` resolves to when the gate keeps it
     example = ServedModel(
         registered_model=config.project.name,
         version="1",

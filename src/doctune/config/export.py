@@ -34,7 +34,7 @@ class QuantizeConfig(Section):
     """Quantized variants of the merged model, each scored on held-out text and a timed generation."""
 
     variants: list[str] = Field(
-        default_factory=lambda: ["gguf-f16", "gguf-q8_0", "gguf-q4_0", "nf4"],
+        default_factory=lambda: ["gguf-f16", "gguf-q8_0", "gguf-q4_k_m", "gguf-q4_0", "nf4"],
         min_length=1,
         description="gguf-<type> for llama.cpp/Ollama: f16, bf16, q8_0, q5_0, q4_0 (doctune's writer) or the K-quants "
         "q4_k_m, q5_k_m, q6_k, ... (llama.cpp's quantizer, from f16); nf4 (bitsandbytes) for GPUs",

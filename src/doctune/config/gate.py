@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from doctune.config.base import Section
 from doctune.config.synth import EndpointConfig
@@ -84,9 +84,15 @@ class GateConfig(Section):
     """Candidate (merged + variants), champion (or base) and base scored on the same golden, unanswerable and text sets."""
 
     variants: list[str] = Field(
-        default_factory=lambda: ["gguf-q8_0"],
+        default_factory=lambda: ["gguf-q4_k_m"],
         description="quantized variants that ship with a promoted version: evaluated like the merged model, held to "
-        "max_quantized_ppl_ratio (the others are reported only)",
+        "max_quantized_ppl_ratio (the others are reported only); one not produced, or above the ratio, gives way to "
+        "its fallback",
+    )
+    variant_fallbacks: dict[str, str] = Field(
+        default_factory=lambda: {"gguf-q4_k_m": "gguf-q8_0"},
+        description="gated variant -> the variant gated in its place when it was not produced or its perplexity is "
+        "above max_quantized_ppl_ratio (followed as a chain; the report says why); {}: none",
     )
     max_golden: int = Field(
         512,
@@ -131,3 +137,13 @@ class GateConfig(Section):
     seed: int = Field(13, description="seed of the calibration/test split (a hash of each question and its position)")
     judge: JudgeConfig = Field(default_factory=JudgeConfig, description="pairwise LLM judge of candidate vs champion")
     rules: GateRules = Field(default_factory=GateRules, description="what a candidate must meet to be promoted")
+
+    @model_validator(mode="after")
+    def _fallbacks_end(self) -> GateConfig:
+        for start in self.variant_fallbacks:
+            seen, variant = [start], start
+            while (variant := self.variant_fallbacks.get(variant)) is not None:
+                if variant in seen:
+                    raise ValueError(f"variant_fallbacks loop: {' -> '.join([*seen, variant])}")
+                seen.append(variant)
+        return self

@@ -22,7 +22,11 @@ class ServeConfig(Section):
         description="serve this registered version and do not follow the alias (what a cluster's InferenceService "
         "pins: `doctune deploy` moves it); null: serve and follow serve.alias",
     )
-    variant: str = Field("gguf-q8_0", description="quantized variant of the version to serve (a gguf-* variant)")
+    variant: str = Field(
+        "gated",
+        description="quantized variant of the version to serve (a gguf-* variant); gated: the one the eval gate held to "
+        "its rules (q4_k_m, or q8_0 where q4_k_m lost too much)",
+    )
     host: str = Field("127.0.0.1", description="address the server listens on")
     port: int = Field(
         8000, ge=0, le=65535, description="port of the OpenAI-compatible endpoint (/v1/chat/completions); 0: any free one"

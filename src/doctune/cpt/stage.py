@@ -7,24 +7,11 @@ from pathlib import Path
 
 from doctune.artifacts import ArtifactRef
 from doctune.config import RunConfig
-from doctune.records import HELDOUT_FILE, TRAIN_FILE, read_jsonl, skip
+from doctune.records import HELDOUT_FILE, TRAIN_FILE, text_records
 from doctune.textblocks import pack
 from doctune.tracking import StageRun
 from doctune.train.core import TrainingError
 from doctune.train.stage import save_split, train_file, train_stage
-
-
-def load_texts(path: Path) -> tuple[list[dict], list[dict]]:
-    """{text, source} records of a CPT or held-out file; records without text are listed as skipped."""
-    skipped: list[dict] = []
-    records = []
-    for record in read_jsonl(path, skipped):
-        text = record.get("text")
-        if not isinstance(text, str) or not text.strip():
-            skip(skipped, path, record, "field 'text' is missing or empty")
-            continue
-        records.append({"text": text, "source": record.get("source", "domain")})
-    return records, skipped
 
 
 def prepare(config: RunConfig, dataset_dir: Path, heldout_dir: Path | None):
@@ -32,13 +19,13 @@ def prepare(config: RunConfig, dataset_dir: Path, heldout_dir: Path | None):
     path = train_file(dataset_dir, "CPT")
 
     def prepare_data(tokenizer, data_dir: Path) -> dict:
-        records, skipped = load_texts(path)
+        skipped: list[dict] = []
+        records = text_records(path, skipped)
         if not records:
             raise TrainingError(f"CPT dataset {path}: no usable text records ({len(skipped)} skipped: {skipped[:3]})")
         evaluation: list[str] = []
         if heldout_dir is not None and (heldout_dir / HELDOUT_FILE).is_file():
-            held, held_skipped = load_texts(heldout_dir / HELDOUT_FILE)
-            evaluation, skipped = [r["text"] for r in held], skipped + held_skipped
+            evaluation = [r["text"] for r in text_records(heldout_dir / HELDOUT_FILE, skipped)]
         train_blocks, dropped = pack([r["text"] for r in records], tokenizer, cfg.block_size)
         if not train_blocks:
             raise TrainingError(

@@ -30,6 +30,16 @@ PASSAGE_LABELS_TAG = f"{TAG}passage_labels"  # "true": trained and gated on `[n]
 TASK_TAG = f"{TAG}task"  # documents or page_extraction (the run config's task); untagged versions are documents
 
 
+GATED = "gated"  # serve.variant: the first variant the gate held to its rules
+
+
+def variants_of(version) -> tuple[dict[str, dict], str | None]:
+    """A registry version's variant refs (name -> ArtifactRef dict, in the gate's order) and the first of them (the
+    variant `serve.variant: gated` names), None when it has none."""
+    variants = json.loads(version.tags.get(VARIANTS_TAG, "{}"))
+    return variants, next(iter(variants), None)
+
+
 class RegistryError(RuntimeError):
     """A registry action that cannot be done (no such version, nothing to roll back to)."""
 

@@ -31,17 +31,44 @@ class Rule:
     detail: str
 
 
+def gated_variants(
+    requested: list[str], fallbacks: dict[str, str], ratios: dict[str, float | None], max_ratio: float
+) -> tuple[list[str], dict[str, str]]:
+    """The variants the gate holds to its rules: each requested one, or the first of its fallback chain that was
+    produced and is within `max_ratio` of the merged model's perplexity (the requested one when none is: its rule
+    then fails). `ratios`: perplexity ratio of each variant produced. Returns the gated variants and, for each that
+    stands in for another, why."""
+    gated, replaced = [], {}
+    for variant in requested:
+        chain = [variant]
+        while (fallback := fallbacks.get(chain[-1])) is not None and fallback not in chain:
+            chain.append(fallback)
+        passing = [v for v in chain if ratios.get(v) is not None and ratios[v] <= max_ratio]
+        chosen = passing[0] if passing else variant
+        if chosen != variant:
+
+            def why(v: str) -> str:
+                return "not produced" if ratios.get(v) is None else f"perplexity ratio {ratios[v]:.4f} > {max_ratio}"
+
+            replaced[chosen] = "; ".join(f"in place of {v}: {why(v)}" for v in chain[: chain.index(chosen)])
+        if chosen not in gated:
+            gated.append(chosen)
+    return gated, replaced
+
+
 def decide(
     scores: dict[str, dict],
     variant_ratios: dict[str, float | None],
     rules: GateRules,
     bounds: dict[str, AbstentionBound] | None = None,
     judged: dict | None = None,
+    replaced: dict[str, str] | None = None,
 ) -> dict:
     """`scores`: evaluate_model results for "candidate", "champion" and "base" (champion may be the base);
     `variant_ratios`: perplexity ratio to the merged model of each gated variant (None: it was not produced);
     `bounds`: per candidate model (merged, gated variants), its abstention threshold tested on its split;
-    `judged`: the pairwise judge's verdicts (None: no judge configured)."""
+    `judged`: the pairwise judge's verdicts (None: no judge configured); `replaced`: why a gated variant stands in
+    for another (gated_variants)."""
     cand, champ, base = (scores[k]["metrics"] for k in ("candidate", "champion", "base"))
     # A base model below the structured-output bar (a 135M model is) sets it: tuning must not lose what it had.
     format_bar = min(rules.min_format_compliance, base["format_compliance"])
@@ -82,8 +109,11 @@ def decide(
                            "paired randomization p (candidate better than base) < alpha"))  # fmt: skip
     for variant, ratio in variant_ratios.items():
         ok = ratio is not None and ratio <= rules.max_quantized_ppl_ratio
+        detail = "not produced" if ratio is None else "<= x merged"
+        if variant in (replaced or {}):
+            detail += f" ({replaced[variant]})"
         checks.append(Rule(f"perplexity_ratio:{variant}", ok, float("nan") if ratio is None else ratio,
-                           rules.max_quantized_ppl_ratio, "not produced" if ratio is None else "<= x merged"))  # fmt: skip
+                           rules.max_quantized_ppl_ratio, detail))  # fmt: skip
     for key, label in (("golden_f1", "golden F1"), ("abstained", "abstention"), ("source_cited", "citation recall")):
         p = paired_randomization_p(
             scores["candidate"]["per_example"][key], scores["champion"]["per_example"][key], rules.permutations

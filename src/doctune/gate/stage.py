@@ -36,7 +36,7 @@ from doctune.gate.evaluate import (
 from doctune.gate.judge import JudgeError, judge
 from doctune.gate.metrics import group_scores, interval, metric_intervals, paired_difference
 from doctune.gate.report import loss_curves, markdown, metric_bars, to_html
-from doctune.gate.rules import decide
+from doctune.gate.rules import decide, gated_variants
 from doctune.models import resolve_model
 from doctune.records import (
     CHUNKS_FILE,
@@ -48,9 +48,9 @@ from doctune.records import (
     SYSTEM_PROMPT_FILE,
     UNANSWERABLE_FILE,
     read_abstentions,
-    read_jsonl,
     read_parquet,
     read_text_file,
+    text_records,
     write_jsonl,
 )
 from doctune.tracking import TAG, StageRun, library_versions
@@ -89,7 +89,7 @@ def build_sets(config: RunConfig, inputs: dict[str, ArtifactRef], tracker: Stage
         unanswerable=unanswerable,
         production=production,
         probes=shipped_probes(),
-        heldout_texts=[r["text"] for r in read_jsonl(heldout_path, skipped) if isinstance(r.get("text"), str)],
+        heldout_texts=[r["text"] for r in text_records(heldout_path, skipped)],
         general_texts=shipped_general_text(),
         block_size=g.block_size,
         max_blocks=g.perplexity_blocks,
@@ -145,6 +145,7 @@ class Scores:
     precision: str
     base_spec: str
     lineage: list[dict]
+    replaced: dict[str, str]  # gated variant standing in for another (gate.variant_fallbacks) -> why
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
@@ -200,8 +201,10 @@ def score(config: RunConfig, inputs: dict[str, ArtifactRef], tracker: StageRun, 
         return cached_scores(config, sets, folder, tokenizer_folder, prec)
 
     models = {"candidate": evaluate(merged)}
+    produced = {v: quantized["variants"][v].get("perplexity_ratio") for v in quantize_outputs if v in quantized["variants"]}
+    gated, replaced = gated_variants(g.variants, g.variant_fallbacks, produced, g.rules.max_quantized_ppl_ratio)
     variant_ratios, variant_refs = {}, {}
-    for variant in g.variants:
+    for variant in gated:
         if variant not in quantize_outputs:
             variant_ratios[variant] = None  # not produced: the rule fails, naming it
             continue
@@ -217,7 +220,7 @@ def score(config: RunConfig, inputs: dict[str, ArtifactRef], tracker: StageRun, 
         champion_label = f"version {current[0]} (model {current[1].digest[7:19]})"
     return Scores(
         models, variant_ratios, variant_refs, quantized["variants"], current, champion_label, prec, base_spec,
-        meta.get("lineage", []),
+        meta.get("lineage", []), replaced,
     )  # fmt: skip
 
 
@@ -368,7 +371,7 @@ def run(config: RunConfig, inputs: dict[str, ArtifactRef], tracker: StageRun) ->
             verdicts = judge(g.judge, sets, *answers, scores.champion_label, resamples)
         except JudgeError as exc:
             raise GateError(str(exc)) from None
-    outcome = decide(scores.models, scores.variant_ratios, g.rules, bounds, verdicts)
+    outcome = decide(scores.models, scores.variant_ratios, g.rules, bounds, verdicts, scores.replaced)
     retrieval = retrieval_quality(config, inputs, tracker)
     version = register(inputs, tracker, scores, outcome, bounds, sets.abstentions)
 

@@ -29,7 +29,7 @@ from doctune.quantize.gguf_export import (
     write_gguf,
 )
 from doctune.quantize.importance import ImportanceMatrix, importance_matrix
-from doctune.records import HELDOUT_FILE, QUANTIZE_REPORT_FILE, SYSTEM_PROMPT_FILE, TRAIN_FILE, read_jsonl, read_text_file
+from doctune.records import HELDOUT_FILE, QUANTIZE_REPORT_FILE, SYSTEM_PROMPT_FILE, TRAIN_FILE, read_text_file, text_records
 from doctune.runtimes import open_runtime
 from doctune.textblocks import perplexity_blocks
 from doctune.tracking import StageRun
@@ -45,7 +45,7 @@ class QuantizeError(RuntimeError):
 
 def heldout_blocks(heldout_dir: Path, tokenizer, block_size: int, count: int) -> list[list[int]]:
     """Blocks of the held-out domain text synth wrote (no training stage saw it)."""
-    texts = [r["text"] for r in read_jsonl(heldout_dir / HELDOUT_FILE, []) if isinstance(r.get("text"), str)]
+    texts = [r["text"] for r in text_records(heldout_dir / HELDOUT_FILE, [])]
     blocks = perplexity_blocks(texts, tokenizer, block_size, count)
     if not blocks:
         raise QuantizeError(
@@ -58,8 +58,7 @@ def heldout_blocks(heldout_dir: Path, tokenizer, block_size: int, count: int) ->
 def domain_texts(cpt_dir: Path) -> list[str]:
     """The domain text of synth's CPT dataset (its replayed general text left out): what the importance matrix
     is computed on. Not the held-out text, which the variants are scored on."""
-    records = read_jsonl(cpt_dir / TRAIN_FILE, [])
-    return [r["text"] for r in records if isinstance(r.get("text"), str) and r.get("source", "domain") == "domain"]
+    return [r["text"] for r in text_records(cpt_dir / TRAIN_FILE, []) if r["source"] == "domain"]
 
 
 def folder_size(path: Path) -> int:
