@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,21 +47,67 @@ LLAMA_TINY = dict(
     vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
     num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
 )  # fmt: skip
-# (name, method, LoRA dropout, adapter input cast, liger layer kernels, liger fused linear cross-entropy,
-#  position ids passed as packed rows pass them)
+
+
+@dataclass(frozen=True)
+class StepVariant:
+    """A plain PyTorch step with one change at a time."""
+
+    name: str
+    method: str  # full or lora
+    dropout: float = 0.0  # LoRA dropout
+    input_cast: bool = False  # PEFT's cast of each adapter's input to the adapter's fp32
+    liger: bool = False  # liger-kernel's RMSNorm, SwiGLU and RoPE
+    fused_ce: bool = False  # liger-kernel's fused linear cross-entropy
+    position_ids: bool = False  # passed as packed rows pass them
+    compile: bool = False  # torch.compile of the model
+
+    @property
+    def needs_cuda(self) -> bool:
+        """liger's kernels are Triton's; compiling the 1B model on CPU only checks code that runs on the GPU."""
+        return self.liger or self.fused_ce or self.compile
+
+
 STEP_VARIANTS = [
-    ("full", "full", 0.0, False, False, False, False),
-    ("full, liger layers", "full", 0.0, False, True, False, False),
-    ("full, liger layers + fused CE", "full", 0.0, False, True, True, False),
-    ("full, position ids", "full", 0.0, False, False, False, True),
-    ("lora (PEFT as it comes: input cast, dropout 0.05)", "lora", 0.05, True, False, False, False),
-    ("lora, no input cast, dropout 0.05", "lora", 0.05, False, False, False, False),
-    ("lora, no input cast, dropout 0.05, position ids", "lora", 0.05, False, False, False, True),
-    ("lora, no input cast, dropout 0", "lora", 0.0, False, False, False, False),
-    ("lora, no input cast, dropout 0, liger layers", "lora", 0.0, False, True, False, False),
+    StepVariant("full", "full"),
+    StepVariant("full, liger layers", "full", liger=True),
+    StepVariant("full, liger layers + fused CE", "full", liger=True, fused_ce=True),
+    StepVariant("full, position ids", "full", position_ids=True),
+    StepVariant("lora (PEFT as it comes: input cast, dropout 0.05)", "lora", dropout=0.05, input_cast=True),
+    StepVariant("lora, no input cast, dropout 0.05", "lora", dropout=0.05),
+    StepVariant("lora, no input cast, dropout 0.05, position ids", "lora", dropout=0.05, position_ids=True),
+    StepVariant("lora, no input cast, dropout 0", "lora"),
+    StepVariant("lora, no input cast, dropout 0, liger layers", "lora", liger=True),
+    StepVariant("lora, no input cast, dropout 0, torch.compile", "lora", compile=True),
+    StepVariant("full, torch.compile", "full", compile=True),
 ]
-# (method, kernels) through doctune's SFT job
-SFT_VARIANTS = [("full", "none"), ("full", "auto"), ("lora", "none"), ("lora", "auto"), ("qlora", "auto")]
+
+
+@dataclass(frozen=True)
+class SftVariant:
+    """doctune's SFT job with these settings."""
+
+    method: str
+    kernels: str
+    extra: tuple[tuple[str, object], ...] = ()  # further SFTConfig arguments
+
+    @property
+    def name(self) -> str:
+        return f"sft {self.method}, kernels {self.kernels}" + "".join(f", {k} {v}" for k, v in self.extra)
+
+    @property
+    def needs_cuda(self) -> bool:
+        return dict(self.extra).get("torch_compile", False)
+
+
+SFT_VARIANTS = [
+    SftVariant("full", "none"),
+    SftVariant("full", "auto"),
+    SftVariant("lora", "none"),
+    SftVariant("lora", "auto"),
+    SftVariant("lora", "auto", (("torch_compile", True),)),
+    SftVariant("qlora", "auto"),
+]
 
 
 def forward_flops_per_token(config, seq_len: int) -> float:
@@ -102,14 +149,14 @@ def reset_peak_memory() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def step_row(variant: tuple, config, args, device: str, profile_dir: Path | None) -> dict:
+def step_row(variant: StepVariant, config, args, device: str, profile_dir: Path | None) -> dict:
     """One plain PyTorch variant: `args.steps` timed steps after `args.warmup`."""
     import torch
     from transformers import LlamaForCausalLM
 
     from doctune.train.core import adapter_inputs_in_compute_dtype
 
-    name, method, dropout, input_cast, liger_layers, fused_ce, position_ids = variant
+    name, method = variant.name, variant.method
     torch.manual_seed(0)
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)  # built in bf16 on the device (no fp32 copy on the host)
@@ -118,30 +165,32 @@ def step_row(variant: tuple, config, args, device: str, profile_dir: Path | None
             model = LlamaForCausalLM(config)
     finally:
         torch.set_default_dtype(default)
-    if liger_layers or fused_ce:
+    if variant.liger or variant.fused_ce:
         from liger_kernel.transformers import apply_liger_kernel_to_llama
 
         apply_liger_kernel_to_llama(
-            rope=liger_layers, rms_norm=liger_layers, swiglu=liger_layers, cross_entropy=False,
-            fused_linear_cross_entropy=fused_ce, model=model,
+            rope=variant.liger, rms_norm=variant.liger, swiglu=variant.liger, cross_entropy=False,
+            fused_linear_cross_entropy=variant.fused_ce, model=model,
         )  # fmt: skip
     if method == "lora":
         from peft import LoraConfig, get_peft_model
 
         # PEFT's "all-linear", doctune's default: every linear layer of the blocks, not the LM head.
-        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules="all-linear"))
-        if not input_cast:
+        lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=variant.dropout, target_modules="all-linear")
+        model = get_peft_model(model, lora)
+        if not variant.input_cast:
             adapter_inputs_in_compute_dtype(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-5, fused=True)
     generator = torch.Generator(device).manual_seed(1)
     ids = torch.randint(0, config.vocab_size, (args.batch, args.seq_len), device=device, generator=generator)
-    extra = {"position_ids": torch.arange(args.seq_len, device=device).repeat(args.batch, 1)} if position_ids else {}
+    extra = {"position_ids": torch.arange(args.seq_len, device=device).repeat(args.batch, 1)} if variant.position_ids else {}
+    forward = torch.compile(model) if variant.compile else model
     model.train()
 
     def step() -> float:
         with torch.autocast(device, dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=ids, **extra).loss
+            loss = forward(input_ids=ids, labels=ids, **extra).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
@@ -254,8 +303,9 @@ def write_model(config, folder: Path) -> Path:
     return folder
 
 
-def sft_row(method: str, kernels: str, model_dir: Path, config, args, work: Path) -> dict:
+def sft_row(variant: SftVariant, model_dir: Path, config, args, work: Path) -> dict:
     """doctune's SFT job on `args.warmup + args.steps` optimizer steps of full 2048-token rows."""
+    method, kernels = variant.method, variant.kernels
     import torch
     from datasets import Dataset
 
@@ -271,7 +321,7 @@ def sft_row(method: str, kernels: str, model_dir: Path, config, args, work: Path
     settings = SftConfig(
         method=method, kernels=kernels, batch_size=args.batch, gradient_accumulation_steps=1, max_length=args.seq_len,
         max_steps=steps, warmup_ratio=0.0, save_steps=10**6, eval_steps=10**6, logging_steps=10**6,
-        precision="bf16" if torch.cuda.is_available() else "fp32",
+        precision="bf16" if torch.cuda.is_available() else "fp32", **dict(variant.extra),
     )  # fmt: skip
     job = TrainJob(
         stage="sft", settings=settings.model_dump(mode="json"), model_dir=str(model_dir), tokenizer_dir=str(model_dir),
@@ -281,12 +331,12 @@ def sft_row(method: str, kernels: str, model_dir: Path, config, args, work: Path
     timer = StepTimer(first=args.warmup, last=args.warmup + args.steps)
     callbacks = [timer.callback]
     if args.profile:  # two more steps, after the timed ones
-        callbacks.append(ProfileSteps(args.warmup + args.steps, args.profile, f"sft {method} kernels {kernels}").callback)
+        callbacks.append(ProfileSteps(args.warmup + args.steps, args.profile, variant.name).callback)
     reset_peak_memory()
     result = run_job(job, callbacks=callbacks)
     seconds = timer.step_seconds
     return {
-        "kind": "sft", "method": f"sft {method}, kernels {kernels} -> {result['kernels']}", "steps": timer.steps,
+        "kind": "sft", "method": f"{variant.name} -> {result['kernels']}", "steps": timer.steps,
         "step_seconds": round(seconds, 4), "tokens_per_s": round(args.batch * args.seq_len / seconds),
         "first_loss": round(result["loss_history"][0], 4) if result["loss_history"] else None,
         "last_loss": None, "trainable": None, "peak_memory_gib": peak_memory_gib(),
@@ -296,18 +346,21 @@ def sft_row(method: str, kernels: str, model_dir: Path, config, args, work: Path
 
 def row_names() -> list[tuple[str, str]]:
     """(kind, name) of every row, in the order they run."""
-    return [("step", v[0]) for v in STEP_VARIANTS] + [("sft", f"sft {m}, kernels {k}") for m, k in SFT_VARIANTS]
+    return [("step", v.name) for v in STEP_VARIANTS] + [("sft", v.name) for v in SFT_VARIANTS]
 
 
 def make_row(kind: str, name: str, config, args, device: str, model_dir: Path | None) -> dict:
     if kind == "step":
-        variant = next(v for v in STEP_VARIANTS if v[0] == name)
-        if (variant[4] or variant[5]) and not liger_runs():
-            raise RuntimeError("needs liger-kernel on a CUDA GPU")
+        variant = next(v for v in STEP_VARIANTS if v.name == name)
+        uses_liger = variant.liger or variant.fused_ce
+        if (variant.needs_cuda and device != "cuda") or (uses_liger and not liger_runs()):
+            raise RuntimeError("needs a CUDA GPU" + (" and liger-kernel" if uses_liger else ""))
         return step_row(variant, config, args, device, args.profile)
-    method, kernels = next((m, k) for m, k in SFT_VARIANTS if f"sft {m}, kernels {k}" == name)
+    sft = next(v for v in SFT_VARIANTS if v.name == name)
+    if sft.needs_cuda and device != "cuda":
+        raise RuntimeError("needs a CUDA GPU")
     with tempfile.TemporaryDirectory(prefix="gpu-train-bench-") as tmp:
-        return sft_row(method, kernels, model_dir, config, args, Path(tmp))
+        return sft_row(sft, model_dir, config, args, Path(tmp))
 
 
 def liger_runs() -> bool:
@@ -394,7 +447,7 @@ def main() -> None:
         if args.only in (None, kind) and (not args.match or any(part in name for part in args.match.split(";")))
     ]  # fmt: skip
     if args.in_process and liger_runs():  # liger's process-wide patches would reach every later row
-        selected = [(kind, name) for kind, name in selected if "liger" not in name and not name.endswith("auto")]
+        selected = [(kind, name) for kind, name in selected if "liger" not in name and "kernels auto" not in name]
     rows, failed = [], []
     with tempfile.TemporaryDirectory(prefix="gpu-train-bench-") as tmp:
         model_dir = write_model(config, Path(tmp) / "model") if any(k == "sft" for k, _ in selected) else None
