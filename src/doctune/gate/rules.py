@@ -38,6 +38,10 @@ def gated_variants(
     produced and is within `max_ratio` of the merged model's perplexity (the requested one when none is: its rule
     then fails). `ratios`: perplexity ratio of each variant produced. Returns the gated variants and, for each that
     stands in for another, why."""
+
+    def why(v: str) -> str:
+        return "not produced" if ratios.get(v) is None else f"perplexity ratio {ratios[v]:.4f} > {max_ratio}"
+
     gated, replaced = [], {}
     for variant in requested:
         chain = [variant]
@@ -46,10 +50,6 @@ def gated_variants(
         passing = [v for v in chain if ratios.get(v) is not None and ratios[v] <= max_ratio]
         chosen = passing[0] if passing else variant
         if chosen != variant:
-
-            def why(v: str) -> str:
-                return "not produced" if ratios.get(v) is None else f"perplexity ratio {ratios[v]:.4f} > {max_ratio}"
-
             replaced[chosen] = "; ".join(f"in place of {v}: {why(v)}" for v in chain[: chain.index(chosen)])
         if chosen not in gated:
             gated.append(chosen)
