@@ -255,6 +255,12 @@ def test_a_bf16_lora_job_trains_with_uncast_adapter_inputs_and_reports_its_kerne
     assert result["kernels"] == ("liger" if torch.cuda.is_available() else "none")  # auto: liger needs CUDA
 
 
+def test_page_sft_refuses_kernels_liger_when_the_config_is_read(make_config):
+    with pytest.raises(Exception, match="page_sft.kernels"):
+        make_config(**{"page_sft.kernels": "liger"})
+    assert make_config().page_sft.kernels == "auto"
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU answer")
 def test_kernels_liger_without_a_gpu_is_refused_before_training(make_config, datasets):
     config = make_config(**overrides("sft", kernels="liger"))

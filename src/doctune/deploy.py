@@ -91,8 +91,7 @@ def served_model(tracker: Tracker, config: RunConfig, version: str | None = None
     """The champion's (or `version`'s) serve.variant, located in the artifact store and checked; with deploy.server
     llama-cpp, the URI KServe's storage initializer reads it at."""
     found = _version(tracker, version)
-    variants, gated = registry.variants_of(found)
-    variant = gated if config.serve.variant == registry.GATED and gated is not None else config.serve.variant
+    variants, variant = registry.variants_of(found, config.serve.variant)
     if variant not in variants:
         have = ", ".join(sorted(variants)) or "none"
         raise DeployError(f"version {found.version} has no variant {variant!r} (it has: {have}); set serve.variant")

@@ -112,9 +112,7 @@ def resolve(tracker: Tracker, alias: str, variant: str, retrieve: bool = True, p
             f"registered model {registry.model_name(tracker)!r} has no version aliased {alias!r}: run the pipeline "
             "until a candidate is promoted, or `doctune promote <version>`"
         )
-    variants, gated = registry.variants_of(version)
-    if variant == registry.GATED and gated is not None:
-        variant = gated
+    variants, variant = registry.variants_of(version, variant)
     if variant not in variants:
         have = ", ".join(sorted(variants)) or "none"
         raise ServeError(f"version {version.version} ({alias}) has no variant {variant!r} (it has: {have}); set serve.variant")

@@ -113,6 +113,9 @@ class PageSftConfig(TrainingConfig):
     max_length: int = Field(
         4096, ge=64, description="tokens per example, image tokens included; a page that needs more is skipped and reported"
     )
+    kernels: Literal["auto", "none"] = Field(
+        "auto", description="PyTorch's own layers either way: liger-kernel's fused layers are for the text models"
+    )
 
 
 class PageQuantizeConfig(Section):

@@ -33,11 +33,11 @@ TASK_TAG = f"{TAG}task"  # documents or page_extraction (the run config's task);
 GATED = "gated"  # serve.variant: the first variant the gate held to its rules
 
 
-def variants_of(version) -> tuple[dict[str, dict], str | None]:
-    """A registry version's variant refs (name -> ArtifactRef dict, in the gate's order) and the first of them (the
-    variant `serve.variant: gated` names), None when it has none."""
+def variants_of(version, requested: str) -> tuple[dict[str, dict], str]:
+    """A registry version's variant refs (name -> ArtifactRef dict, in the gate's order) and the name `requested`
+    stands for: `gated` is the first of them where the version has one."""
     variants = json.loads(version.tags.get(VARIANTS_TAG, "{}"))
-    return variants, next(iter(variants), None)
+    return variants, next(iter(variants), requested) if requested == GATED else requested
 
 
 class RegistryError(RuntimeError):

@@ -53,8 +53,6 @@ def run_job(job: TrainJob, callbacks: list | None = None) -> dict:
         from doctune.vision import load_processor
 
         tokenizer = load_processor(job.tokenizer_dir)
-        if job.settings["kernels"] == "liger":
-            raise TrainingError("kernels: liger applies to text models; page SFT runs PyTorch's own (kernels: auto)")
         model, peft_config = load_model(job, prec, len(tokenizer.tokenizer))
         kernels = "none"
     else:
